@@ -1,0 +1,325 @@
+"""Masked reductions, the SFT loss, and the policy-gradient losses of the CS336 handout.
+
+Pure tensor math: no I/O, no model. Glossary: B sequences in a micro-batch, T token
+positions (response tokens are marked by ``response_mask``).
+
+Loss normalisation over the sequence is a named choice, each its own small function:
+
+- :func:`sequence_mean_loss` (``"masked_mean"``, the handout's GRPO default): average the
+  per-token loss over each sequence's own response tokens, then over sequences. Short and
+  long responses weigh the same per sequence, so each token of a long response counts less.
+- :func:`constant_normalized_loss` (``"masked_normalize"``, as in Dr. GRPO): sum over each
+  sequence's response tokens and divide by one constant (e.g. the maximum generation
+  length), then average over sequences. Every token counts the same, with no length bias.
+- :func:`token_mean_loss` (``"token_mean"``): divide the sum over all response tokens by a
+  token count: the whole optimizer batch's count when given (exact global token mean
+  across micro-batches), else the micro-batch's own.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+LossType = Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip"]
+LengthNormalization = Literal["masked_mean", "masked_normalize", "token_mean"]
+LOSS_TYPES: tuple[str, ...] = ("no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip")
+LENGTH_NORMALIZATIONS: tuple[str, ...] = ("masked_mean", "masked_normalize", "token_mean")
+
+
+# ---------------------------------------------------------------------------------------
+# Masked reductions
+# ---------------------------------------------------------------------------------------
+
+
+def _masked(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``tensor`` where ``mask`` is true, 0 elsewhere (also where tensor is inf or NaN)."""
+    return torch.where(mask.bool(), tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
+
+
+def masked_normalize(
+    tensor: torch.Tensor,
+    mask: torch.Tensor,
+    normalize_constant: float = 1.0,
+    dim: int | None = None,
+) -> torch.Tensor:
+    """Sum of ``tensor`` where ``mask`` is true, along ``dim`` (all elements when None),
+    divided by ``normalize_constant``.
+
+    sum_{i in dim, mask_i} tensor_i / normalize_constant
+
+    Masked-out elements contribute exactly 0, even when they hold inf or NaN.
+    """
+    total = _masked(tensor, mask).sum() if dim is None else _masked(tensor, mask).sum(dim=dim)
+    return total / normalize_constant
+
+
+def masked_mean(tensor: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``tensor`` over the elements where ``mask`` is true, along ``dim`` (all when None).
+
+    sum_{mask} tensor / count(mask)
+
+    A slice with no true element gives NaN (0 / 0), as ``Tensor.mean`` of an empty tensor
+    does; the training steps guard against empty responses, this function does not.
+    """
+    if dim is None:
+        return _masked(tensor, mask).sum() / mask.sum()
+    return _masked(tensor, mask).sum(dim=dim) / mask.sum(dim=dim)
+
+
+# ---------------------------------------------------------------------------------------
+# Sequence-length normalisation of a per-token loss: each returns the micro-batch loss
+# (a scalar) before division by the number of gradient-accumulation steps.
+# ---------------------------------------------------------------------------------------
+
+
+def sequence_mean_loss(per_token_loss: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """mean_b [ sum_t m_bt l_bt / sum_t m_bt ]; a sequence with no response token adds 0.
+
+    Args: per_token_loss (B, T); response_mask (B, T) bool.
+    """
+    counts = response_mask.sum(dim=-1).clamp(min=1)  # (B,) empty responses count as 1 -> 0/1 = 0
+    per_sequence = _masked(per_token_loss, response_mask).sum(dim=-1) / counts  # (B,)
+    return per_sequence.mean()
+
+
+def constant_normalized_loss(
+    per_token_loss: torch.Tensor, response_mask: torch.Tensor, normalize_constant: float
+) -> torch.Tensor:
+    """mean_b [ sum_t m_bt l_bt / C ] with one constant C for every sequence (Dr. GRPO).
+
+    Args: per_token_loss (B, T); response_mask (B, T) bool; normalize_constant C > 0.
+    """
+    return masked_normalize(per_token_loss, response_mask, normalize_constant, dim=-1).mean()  # (B,) -> ()
+
+
+def token_mean_loss(
+    per_token_loss: torch.Tensor, response_mask: torch.Tensor, num_tokens: float | None = None
+) -> torch.Tensor:
+    """sum_bt m_bt l_bt / N, with N = ``num_tokens`` or, when None, this micro-batch's count.
+
+    Args: per_token_loss (B, T); response_mask (B, T) bool; num_tokens N: the number of
+    response tokens in the whole optimizer batch, for an exact global token mean.
+    """
+    count = response_mask.sum().clamp(min=1) if num_tokens is None else num_tokens
+    return _masked(per_token_loss, response_mask).sum() / count
+
+
+# ---------------------------------------------------------------------------------------
+# SFT
+# ---------------------------------------------------------------------------------------
+
+
+def sft_microbatch_train_step(
+    policy_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    gradient_accumulation_steps: int,
+    normalize_constant: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Negative log-likelihood of the response tokens for one micro-batch; calls backward().
+
+    loss = -mean_b [ sum_t m_bt log pi(y_bt) / normalize_constant ] / gradient_accumulation_steps
+
+    Gradients accumulate in ``.grad`` across calls (the caller zeroes them after the
+    optimizer step), so N micro-batches give the gradient of one batch N times larger.
+
+    Args:
+        policy_log_probs: (B, T) log-probs of the labels, requires grad.
+        response_mask: (B, T) bool, True on response tokens.
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        normalize_constant: divides each sequence's summed log-likelihood.
+    Returns:
+        (loss, metadata): the scaled scalar loss that was back-propagated (detached), and
+        {"nll": unscaled loss, "num_response_tokens": response token count} (detached).
+    """
+    _check_accumulation(gradient_accumulation_steps)
+    per_sequence = masked_normalize(policy_log_probs, response_mask, normalize_constant, dim=-1)  # (B,)
+    nll = -per_sequence.mean()  # ()
+    loss = nll / gradient_accumulation_steps
+    loss.backward()
+    return loss.detach(), {"nll": nll.detach(), "num_response_tokens": response_mask.sum().detach()}
+
+
+# ---------------------------------------------------------------------------------------
+# Policy-gradient per-token losses
+# ---------------------------------------------------------------------------------------
+
+
+def compute_naive_policy_gradient_loss(
+    raw_rewards_or_advantages: torch.Tensor, policy_log_probs: torch.Tensor
+) -> torch.Tensor:
+    """Per-token REINFORCE loss -A_b * log pi(y_bt).
+
+    Args:
+        raw_rewards_or_advantages: (B, 1) reward or advantage of each sequence.
+        policy_log_probs: (B, T).
+    Returns:
+        (B, T) per-token loss (A broadcast over T).
+    """
+    return -raw_rewards_or_advantages * policy_log_probs  # (B, 1) * (B, T) -> (B, T)
+
+
+def compute_grpo_clip_loss(
+    advantages: torch.Tensor,
+    policy_log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    cliprange: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token GRPO-Clip (PPO-style clipped surrogate) loss.
+
+    ratio = pi / pi_old = exp(log pi - log pi_old)
+    loss  = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)
+
+    Args:
+        advantages: (B, 1).
+        policy_log_probs, old_log_probs: (B, T).
+        cliprange: eps.
+    Returns:
+        (loss (B, T), metadata) with metadata["clipped"] (B, T) bool, True where the
+        clipped term is strictly smaller (the token gets no gradient), and
+        metadata["ratio"] (B, T), both detached.
+    """
+    ratio = torch.exp(policy_log_probs - old_log_probs)  # (B, T)
+    unclipped = ratio * advantages  # (B, T)
+    clipped = torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange) * advantages  # (B, T)
+    loss = -torch.minimum(unclipped, clipped)  # (B, T)
+    return loss, {"clipped": (clipped < unclipped).detach(), "ratio": ratio.detach()}
+
+
+def compute_grpo_no_clip_loss(
+    advantages: torch.Tensor, policy_log_probs: torch.Tensor, old_log_probs: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token unclipped importance-weighted loss -(pi / pi_old) * A (the GRPO-No-Clip ablation).
+
+    Args: advantages (B, 1); policy_log_probs, old_log_probs (B, T).
+    Returns: (loss (B, T), {"ratio": (B, T) detached}).
+    """
+    ratio = torch.exp(policy_log_probs - old_log_probs)  # (B, T)
+    return -ratio * advantages, {"ratio": ratio.detach()}
+
+
+def compute_policy_gradient_loss(
+    policy_log_probs: torch.Tensor,
+    loss_type: str,
+    raw_rewards: torch.Tensor | None = None,
+    advantages: torch.Tensor | None = None,
+    old_log_probs: torch.Tensor | None = None,
+    cliprange: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Dispatch to the per-token loss named by ``loss_type``.
+
+    - "no_baseline": -r * log pi, needs ``raw_rewards`` (B, 1).
+    - "reinforce_with_baseline": -A * log pi, needs ``advantages`` (B, 1).
+    - "grpo_clip": clipped surrogate, needs ``advantages``, ``old_log_probs``, ``cliprange``.
+    - "grpo_no_clip": -(pi / pi_old) * A, needs ``advantages`` and ``old_log_probs``.
+
+    Returns (per-token loss (B, T), metadata). A missing required argument raises
+    ValueError naming it.
+    """
+
+    def need(name: str, value: object) -> None:
+        if value is None:
+            raise ValueError(f"loss_type={loss_type!r} needs {name}, but {name} is None")
+
+    if loss_type == "no_baseline":
+        need("raw_rewards", raw_rewards)
+        return compute_naive_policy_gradient_loss(raw_rewards, policy_log_probs), {}
+    if loss_type == "reinforce_with_baseline":
+        need("advantages", advantages)
+        return compute_naive_policy_gradient_loss(advantages, policy_log_probs), {}
+    if loss_type == "grpo_clip":
+        need("advantages", advantages)
+        need("old_log_probs", old_log_probs)
+        need("cliprange", cliprange)
+        return compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs, cliprange)
+    if loss_type == "grpo_no_clip":
+        need("advantages", advantages)
+        need("old_log_probs", old_log_probs)
+        return compute_grpo_no_clip_loss(advantages, policy_log_probs, old_log_probs)
+    raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+
+
+def grpo_microbatch_train_step(
+    policy_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    gradient_accumulation_steps: int,
+    loss_type: str,
+    raw_rewards: torch.Tensor | None = None,
+    advantages: torch.Tensor | None = None,
+    old_log_probs: torch.Tensor | None = None,
+    cliprange: float | None = None,
+    *,
+    length_normalization: str = "masked_mean",
+    normalize_constant: float | None = None,
+    num_tokens: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Policy-gradient loss for one micro-batch; calls backward().
+
+    loss = normalise(per_token_loss, response_mask) / gradient_accumulation_steps
+
+    With the defaults, normalise = :func:`sequence_mean_loss` (masked mean over each
+    sequence, then mean over the batch), exactly the handout's step, except that a sequence
+    with no response token contributes 0 instead of NaN.
+
+    Args:
+        policy_log_probs: (B, T) requires grad.
+        response_mask: (B, T) bool.
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        loss_type, raw_rewards (B, 1), advantages (B, 1), old_log_probs (B, T), cliprange:
+            see :func:`compute_policy_gradient_loss`.
+        length_normalization: "masked_mean" (default), "masked_normalize" (sum / the
+            constant ``normalize_constant``, as Dr. GRPO; e.g. the maximum generation
+            length) or "token_mean" (sum / ``num_tokens``, the optimizer batch's response
+            token count; when ``num_tokens`` is given the result is not divided by
+            ``gradient_accumulation_steps``, because it is already a share of the batch).
+    Returns:
+        (loss, metadata): the back-propagated scalar (detached); metadata holds detached
+        tensors: "loss_unscaled", "num_response_tokens", and for ratio-based losses
+        "ratio_mean" (over response tokens) and, for grpo_clip, "clip_fraction".
+    """
+    _check_accumulation(gradient_accumulation_steps)
+    per_token_loss, loss_meta = compute_policy_gradient_loss(
+        policy_log_probs, loss_type, raw_rewards, advantages, old_log_probs, cliprange
+    )  # (B, T)
+    scale = gradient_accumulation_steps
+    if length_normalization == "masked_mean":
+        unscaled = sequence_mean_loss(per_token_loss, response_mask)
+    elif length_normalization == "masked_normalize":
+        if normalize_constant is None or normalize_constant <= 0:
+            raise ValueError(
+                "length_normalization='masked_normalize' needs a positive normalize_constant "
+                f"(e.g. the maximum generation length), got {normalize_constant!r}"
+            )
+        unscaled = constant_normalized_loss(per_token_loss, response_mask, normalize_constant)
+    elif length_normalization == "token_mean":
+        unscaled = token_mean_loss(per_token_loss, response_mask, num_tokens)
+        if num_tokens is not None:
+            scale = 1
+    else:
+        raise ValueError(
+            f"unknown length_normalization {length_normalization!r}; expected one of {', '.join(LENGTH_NORMALIZATIONS)}"
+        )
+    loss = unscaled / scale
+    loss.backward()
+
+    metadata: dict[str, torch.Tensor] = {
+        "loss_unscaled": unscaled.detach(),
+        "num_response_tokens": response_mask.sum().detach(),
+    }
+    mask = response_mask.bool()
+    if "ratio" in loss_meta:
+        metadata["ratio_mean"] = _safe_masked_mean(loss_meta["ratio"], mask)
+    if "clipped" in loss_meta:
+        metadata["clip_fraction"] = _safe_masked_mean(loss_meta["clipped"].float(), mask)
+    return loss.detach(), metadata
+
+
+def _safe_masked_mean(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean over all elements; 0 when the mask is empty (for logging)."""
+    return _masked(tensor, mask).sum() / mask.sum().clamp(min=1)
+
+
+def _check_accumulation(gradient_accumulation_steps: int) -> None:
+    if int(gradient_accumulation_steps) < 1:
+        raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
