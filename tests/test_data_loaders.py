@@ -221,6 +221,7 @@ def test_autodetect_skips_leading_bad_line_only_with_flag(tmp_path):
 
 def test_detect_kind():
     assert detect_kind({"prompt": "p", "response": "r", "ground_truth": "g"}) == "sft"
+    assert detect_kind({"prompt": "p", "ground_truth": "g"}) == "sft"  # malformed sft line, still sft
     assert detect_kind({"question": "q", "answer": "x\n#### 4"}) == "gsm8k"
     assert detect_kind({"question": "q", "answer": "4"}) == "math"
     assert detect_kind({"problem": "q", "solution": "s"}) == "math"

@@ -25,7 +25,7 @@ Formats (field-name variants in parentheses are accepted, first match wins):
   whole prompt.
 
 ``kind="auto"`` picks the format from the first line that is a JSON object: ``sft`` if it has
-a prompt and a response field, ``gsm8k`` if it has ``question`` and an ``answer`` string
+a ``prompt`` field, ``gsm8k`` if it has ``question`` and an ``answer`` string
 containing ``####``, otherwise ``math``.
 """
 
@@ -314,7 +314,7 @@ _PARSERS: dict[str, Callable[[dict[str, Any]], Example]] = {
 
 def detect_kind(obj: dict[str, Any]) -> str:
     """The format (``"sft"``, ``"gsm8k"`` or ``"math"``) a JSON object looks like."""
-    if _pick(obj, SFT_PROMPT_FIELDS) and _pick(obj, SFT_RESPONSE_FIELDS):
+    if any(name in obj for name in SFT_PROMPT_FIELDS):
         return "sft"
     answer = obj.get("answer")
     if "question" in obj and isinstance(answer, str) and "####" in answer:
