@@ -34,7 +34,7 @@ from .normalize import (
     sympy_eval_allowed,
 )
 
-__all__ = ["NeedsSympy", "reference_equivalent", "cheap_sympy_equal", "sympy_equal"]
+__all__ = ["NeedsSympy", "reference_equivalent", "cheap_sympy_equal", "sympy_equal", "sympy_difference_is_zero"]
 
 SympyEqual = Callable[[str, str], bool]
 
@@ -74,18 +74,12 @@ def cheap_sympy_equal(truth: str, given: str) -> bool:
     return verdict
 
 
-def sympy_equal(truth: str, given: str) -> bool:
-    """The reference's sympy comparison: ``simplify(truth - given) == 0``.
+def sympy_difference_is_zero(truth: str, given: str) -> bool:
+    """``simplify(truth - given) == 0`` with sympy's parser (implicit multiplication on).
 
     Evaluates model-written text, so it must only run inside a sandboxed worker process
     with a hard time limit. Any failure counts as "not equal".
     """
-    expression = f"({truth})-({given})"
-    if not sympy_eval_allowed(expression):
-        return False
-    verdict = _cheap_difference_is_zero(truth, given)
-    if verdict is not None:
-        return verdict
     try:
         import sympy
         from sympy.parsing import sympy_parser
@@ -93,10 +87,21 @@ def sympy_equal(truth: str, given: str) -> bool:
         transformations = sympy_parser.standard_transformations + (
             sympy_parser.implicit_multiplication_application,
         )
-        difference = sympy_parser.parse_expr(expression.replace("^", "**"), transformations=transformations)
+        expression = f"({truth})-({given})".replace("^", "**")
+        difference = sympy_parser.parse_expr(expression, transformations=transformations)
         return bool(sympy.simplify(difference) == 0)
     except Exception:  # noqa: BLE001 - any failure to parse or simplify means "not shown equal"
         return False
+
+
+def sympy_equal(truth: str, given: str) -> bool:
+    """The reference's element comparison: refused forms are unequal, else sympy decides."""
+    if not sympy_eval_allowed(f"({truth})-({given})"):
+        return False
+    verdict = _cheap_difference_is_zero(truth, given)
+    if verdict is not None:
+        return verdict
+    return sympy_difference_is_zero(truth, given)
 
 
 def _sympy_stage(answer: str, truth: str | None, compare: SympyEqual) -> bool:
