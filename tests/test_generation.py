@@ -117,16 +117,20 @@ def test_eos_ends_a_response_and_is_part_of_it(tiny_model, tiny_tokenizer):
         assert eos not in c.token_ids[:-1] and "<|endoftext|>" not in c.text
 
 
-def test_min_tokens_suppresses_eos_and_stop(tiny_model, tiny_tokenizer):
+def test_min_tokens_suppresses_eos(tiny_model, tiny_tokenizer):
     eng = NativeEngine(_eos_heavy_model(tiny_model, tiny_tokenizer), tiny_tokenizer)
     eos = tiny_tokenizer.eos_token_id
     out = eng.generate(PROMPTS, SamplingParams(temperature=1.0, max_tokens=20, min_tokens=6, n=4, seed=0))
     for r in out:
         for c in r.completions:
             assert eos not in c.token_ids[:6] and len(c.token_ids) >= 7
-    # A stop string that would match at once is ignored until min_tokens tokens exist.
+
+
+def test_min_tokens_suppresses_stop_strings(engine):
+    """A stop string that would match at once is ignored until min_tokens tokens exist."""
+    eng = engine
     first = eng.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].completions[0]
-    stop = tiny_tokenizer.decode(first.token_ids[:1])[-1]
+    stop = eng.tokenizer.decode(first.token_ids[:1])[-1]
     early = eng.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=20, stop=(stop,), ignore_eos=True))
     assert len(early[0].completions[0].token_ids) == 1 and early[0].completions[0].finish_reason == "stop"
     out = eng.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=20, min_tokens=5, stop=(stop,), ignore_eos=True))
