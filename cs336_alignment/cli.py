@@ -59,6 +59,45 @@ def tiny_model(
     typer.echo(f"wrote tiny model and tokenizer to {path}")
 
 
+@app.command("eval")
+def eval_command(
+    model: Optional[str] = typer.Option(None, "--model", help="Model directory (or 'tiny')."),
+    data: Optional[str] = typer.Option(None, "--data", help="JSONL file (MATH, GSM8K or sft format) or 'task:arithmetic'."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt template name (r1_zero, question_only) or file."),
+    out: Optional[str] = typer.Option(None, "--out", help="Output directory."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N examples."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Maximum new tokens per response."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with EvalConfig fields."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="More EvalConfig fields as key=value."),
+) -> None:
+    """Zero-shot evaluation: generate, grade, write generations.jsonl and metrics.json."""
+    from .config import load_config
+    from .evaluate import EvalConfig, run_evaluation
+
+    flags = {"model": model, "data": data, "prompt": prompt, "out": out, "limit": limit, "seed": seed, "max_tokens": max_tokens}
+    extra = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    cfg = _load_or_exit(EvalConfig, config, extra + list(overrides or []))
+    metrics = run_evaluation(cfg)
+    keys = ("n_examples", "accuracy", "format_accuracy", "answer_accuracy", "truncated_fraction",
+            "mean_response_length", "mean_token_entropy", "generation_tokens_per_second")
+    for key in keys:
+        value = metrics.get(key)
+        typer.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    typer.echo(f"wrote {Path(cfg.out) / 'generations.jsonl'} and {Path(cfg.out) / 'metrics.json'}")
+
+
+def _load_or_exit(cls, config: Optional[Path], overrides: list[str]):
+    """Load a config; on a config error print the one-line message and exit with status 2."""
+    from .config import ConfigError, load_config
+
+    try:
+        return load_config(cls, config, overrides)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,356 @@
+"""Zero-shot evaluation and in-the-loop generation logging.
+
+``evaluate`` generates with any :class:`~cs336_alignment.generation.Generator`, scores each
+completion with a reward function, and writes
+
+- ``generations.jsonl``: one line per completion: prompt, generation, ground truth, finish
+  reason, token count, the reward dict (and mean token entropy when a policy is given);
+- ``metrics.json``: counts and accuracies, the three format/answer categories, the share
+  truncated at max_tokens, mean response lengths (all / correct / incorrect), entropy.
+
+``log_generations`` computes the same per-example records and summary for the handful of
+prompts a training loop logs at each validation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .generation.types import GenerationResult, Generator, SamplingParams
+from .run_dir import atomic_write_text
+
+RewardFn = Callable[[str, Any], dict[str, float]]
+
+
+@dataclass
+class GenerationRecord:
+    """One scored completion."""
+
+    prompt_index: int  # index of the prompt in the evaluated list
+    sample_index: int  # which of the n samples of that prompt
+    prompt: str
+    generation: str
+    ground_truth: Any
+    finish_reason: str  # "stop" | "eos" | "length"
+    num_tokens: int  # response length in tokens
+    reward: dict[str, float]  # {"format_reward", "answer_reward", "reward", ...}
+    mean_entropy: float | None = None  # mean next-token entropy over the response (nats)
+
+
+def score_results(
+    results: Sequence[GenerationResult],
+    prompts: Sequence[str],
+    ground_truths: Sequence[Any],
+    reward_fn: RewardFn,
+) -> list[GenerationRecord]:
+    """Score every completion; one record per completion, grouped by prompt."""
+    if not (len(results) == len(prompts) == len(ground_truths)):
+        raise ValueError(
+            f"got {len(results)} results, {len(prompts)} prompts and {len(ground_truths)} ground truths; they must match"
+        )
+    records = []
+    for p, (result, prompt, truth) in enumerate(zip(results, prompts, ground_truths)):
+        for s, c in enumerate(result.completions):
+            reward = {k: float(v) for k, v in reward_fn(c.text, truth).items()}
+            records.append(GenerationRecord(p, s, prompt, c.text, truth, c.finish_reason, c.num_tokens, reward))
+    return records
+
+
+@torch.no_grad()
+def response_entropies(
+    policy: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    micro_batch_size: int = 8,
+) -> list[float]:
+    """Mean next-token entropy of ``policy`` over each response's tokens (forward passes, no grad)."""
+    from .logprobs import get_response_log_probs
+    from .tokenization import pack_prompt_and_output_ids
+
+    # Longest first keeps padding low within each micro-batch.
+    order = sorted(range(len(prompt_ids)), key=lambda i: -(len(prompt_ids[i]) + len(response_ids[i])))
+    values: dict[int, float] = {}
+    for start in range(0, len(order), micro_batch_size):
+        idx = order[start : start + micro_batch_size]
+        batch = pack_prompt_and_output_ids([prompt_ids[i] for i in idx], [response_ids[i] for i in idx], pad_id)
+        device = next(policy.parameters()).device
+        scored = get_response_log_probs(
+            policy, batch["input_ids"].to(device), batch["labels"].to(device), return_token_entropy=True
+        )
+        mask = batch["response_mask"].to(device)  # (b, T)
+        ent = scored["token_entropy"]  # (b, T)
+        per_seq = (ent * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (b,)
+        for i, v in zip(idx, per_seq.tolist()):
+            values[i] = v
+    return [values[i] for i in range(len(prompt_ids))]
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize(records: Sequence[GenerationRecord], max_tokens: int | None = None) -> dict[str, Any]:
+    """Counts and means over scored completions (the metrics.json of an evaluation).
+
+    Categories: format 1 & answer 1 (correct), format 1 & answer 0 (formatted but wrong),
+    format 0 & answer 0 (unformatted); format 0 & answer 1 cannot happen with our graders
+    but is counted if a custom reward produces it.
+    """
+    n = len(records)
+    fmt = [r.reward.get("format_reward", 0.0) for r in records]
+    ans = [r.reward.get("answer_reward", r.reward.get("reward", 0.0)) for r in records]
+    rew = [r.reward.get("reward", 0.0) for r in records]
+    correct = [r.num_tokens for r, a in zip(records, ans) if a > 0]
+    incorrect = [r.num_tokens for r, a in zip(records, ans) if a <= 0]
+    entropies = [r.mean_entropy for r in records if r.mean_entropy is not None]
+    truncated = [r for r in records if r.finish_reason == "length"]
+    metrics: dict[str, Any] = {
+        "n_examples": len({r.prompt_index for r in records}),
+        "n_completions": n,
+        "n_format_correct": int(sum(f > 0 for f in fmt)),
+        "n_answer_correct": int(sum(a > 0 for a in ans)),
+        "format_accuracy": sum(f > 0 for f in fmt) / n if n else None,
+        "answer_accuracy": sum(a > 0 for a in ans) / n if n else None,
+        "accuracy": _mean(rew),
+        "count_format1_answer1": int(sum(f > 0 and a > 0 for f, a in zip(fmt, ans))),
+        "count_format1_answer0": int(sum(f > 0 and a <= 0 for f, a in zip(fmt, ans))),
+        "count_format0_answer0": int(sum(f <= 0 and a <= 0 for f, a in zip(fmt, ans))),
+        "count_format0_answer1": int(sum(f <= 0 and a > 0 for f, a in zip(fmt, ans))),
+        "truncated_fraction": len(truncated) / n if n else None,
+        "mean_response_length": _mean([r.num_tokens for r in records]),
+        "mean_response_length_correct": _mean(correct),
+        "mean_response_length_incorrect": _mean(incorrect),
+        "mean_token_entropy": _mean(entropies),
+    }
+    if max_tokens is not None:
+        metrics["max_tokens"] = max_tokens
+    return metrics
+
+
+def evaluate(
+    generator: Generator,
+    reward_fn: RewardFn,
+    prompts: Sequence[str],
+    sampling: SamplingParams,
+    ground_truths: Sequence[Any],
+    out_dir: str | Path | None = None,
+    *,
+    policy: Any | None = None,
+    progress: bool = True,
+    extra_metrics: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], list[GenerationRecord]]:
+    """Generate for every prompt, score, and (with ``out_dir``) write generations.jsonl and metrics.json.
+
+    In the spirit of the handout's ``evaluate_vllm``: ``generator`` is any backend
+    (native engine or vLLM), ``reward_fn(response, ground_truth) -> dict``. When ``policy``
+    (a transformers model) is given, each response's mean token entropy is computed by a
+    forward pass of the policy over the generated ids.
+
+    Returns (metrics, records).
+    """
+    if len(prompts) != len(ground_truths):
+        raise ValueError(f"got {len(prompts)} prompts but {len(ground_truths)} ground truths")
+    t0 = time.perf_counter()
+    results = generator.generate(list(prompts), sampling, progress=progress)
+    gen_s = time.perf_counter() - t0
+    records = score_results(results, prompts, ground_truths, reward_fn)
+    score_s = time.perf_counter() - t0 - gen_s
+    if policy is not None:
+        pairs = [(res.prompt_token_ids, c.token_ids) for res in results for c in res.completions]
+        pad = generator.tokenizer.pad_token_id
+        pad = pad if pad is not None else generator.tokenizer.eos_token_id
+        ents = response_entropies(policy, [p for p, _ in pairs], [r for _, r in pairs], pad)
+        for rec, e in zip(records, ents):
+            rec.mean_entropy = e
+    metrics = summarize(records, sampling.max_tokens)
+    n_tokens = sum(r.num_tokens for r in records)
+    metrics.update(
+        {
+            "generation_seconds": gen_s,
+            "scoring_seconds": score_s,
+            "generated_tokens": n_tokens,
+            "generation_tokens_per_second": n_tokens / gen_s if gen_s > 0 else None,
+            "sampling": asdict(sampling),
+        }
+    )
+    if extra_metrics:
+        metrics.update(extra_metrics)
+    if out_dir is not None:
+        write_evaluation(out_dir, metrics, records)
+    return metrics, records
+
+
+def write_evaluation(out_dir: str | Path, metrics: dict[str, Any], records: Sequence[GenerationRecord]) -> None:
+    """Write generations.jsonl and metrics.json (each atomically) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(asdict(r), ensure_ascii=False) for r in records]
+    atomic_write_text(out / "generations.jsonl", "\n".join(lines) + ("\n" if lines else ""))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
+
+
+def log_generations(
+    generator: Generator,
+    reward_fn: RewardFn,
+    prompts: Sequence[str],
+    ground_truths: Sequence[Any],
+    sampling: SamplingParams,
+    *,
+    policy: Any | None = None,
+    run_dir: Any | None = None,
+    step: int | None = None,
+) -> tuple[list[GenerationRecord], dict[str, Any]]:
+    """The handout's in-the-loop logging for a few prompts.
+
+    Per example: prompt, response, ground truth, reward dict and (with ``policy``) mean
+    token entropy; overall: mean response length for all, correct and incorrect responses.
+    With ``run_dir`` (a :class:`~cs336_alignment.run_dir.RunDir`), records are appended to
+    ``<run>/generations.jsonl`` tagged with ``step`` and a summary line goes to the log.
+    """
+    metrics, records = evaluate(generator, reward_fn, prompts, sampling, ground_truths, None, policy=policy, progress=False)
+    summary = {
+        k: metrics[k]
+        for k in ("accuracy", "format_accuracy", "mean_response_length", "mean_response_length_correct",
+                  "mean_response_length_incorrect", "mean_token_entropy")
+    }
+    if run_dir is not None:
+        with open(Path(run_dir.path) / "generations.jsonl", "a", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps({"step": step, **asdict(r)}, ensure_ascii=False) + "\n")
+        run_dir.logger.info(
+            "step %s generations: %s",
+            step,
+            ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()),
+        )
+    return records, summary
+
+
+# ---------------------------------------------------------------------------------------
+# The eval command: a config, and one function that runs it
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalConfig:
+    """Zero-shot evaluation of a model directory on a dataset (``python -m cs336_alignment eval``)."""
+
+    model: str = ""  # model directory (from_pretrained), or "tiny" for the random-init tiny model
+    data: str = ""  # MATH / GSM8K / sft-style JSONL, or "task:arithmetic" / "task:countdown" (generated)
+    out: str = "runs/eval"  # output directory for generations.jsonl and metrics.json
+    prompt: str = "r1_zero"  # prompt template: "r1_zero", "question_only", or a path to a .prompt file
+    reward: str = ""  # reward name or "module:function"; "" = the one matching the prompt (or the task's)
+    limit: int | None = None  # evaluate only the first N examples (None: all)
+    seed: int = 0  # sampling seed (and the seed of generated task data)
+    n: int = 1  # samples per prompt
+    temperature: float = 1.0  # sampling temperature (0 = greedy)
+    top_p: float = 1.0  # nucleus sampling
+    max_tokens: int = 1024  # maximum new tokens per response
+    min_tokens: int = 4  # minimum new tokens before EOS / stop strings count
+    stop: list[str] = field(default_factory=lambda: ["</answer>"])  # stop strings (kept in the output)
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    max_num_seqs: int = 256  # sequences decoded together
+    kv_cache_memory_fraction: float = 0.5  # share of free GPU memory for the KV cache
+    entropy: bool = True  # also compute mean token entropy with a forward pass of the model
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be between 0 and max_tokens ({self.max_tokens})")
+        if not 0 < self.kv_cache_memory_fraction < 1:
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1), got {self.kv_cache_memory_fraction}")
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_tokens=self.max_tokens,
+            min_tokens=self.min_tokens,
+            stop=tuple(self.stop),
+            include_stop_str_in_output=True,
+            n=self.n,
+            seed=self.seed,
+        )
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model_and_tokenizer(path: str, device: torch.device, dtype: torch.dtype | None = None, seed: int = 0):
+    """A model directory (or "tiny") -> (model on device, tokenizer). bf16 on CUDA, fp32 on CPU by default."""
+    if path == "tiny":
+        from .tiny import build_tiny_model, build_tiny_tokenizer
+
+        tokenizer = build_tiny_tokenizer()
+        model = build_tiny_model(tokenizer, seed=seed)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not Path(path).exists():
+            raise FileNotFoundError(f"model directory {path} does not exist")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return model.to(device, dtype).eval(), tokenizer
+
+
+def load_eval_data(cfg: EvalConfig) -> tuple[list[Any], RewardFn]:
+    """Examples and the reward function for an eval config."""
+    from .rewards import resolve_reward_fn
+
+    if cfg.data.startswith("task:"):
+        from .data import make_task
+
+        task = make_task(cfg.data.removeprefix("task:"))
+        examples = task.generate(cfg.limit or 200, seed=cfg.seed)
+        reward = resolve_reward_fn(cfg.reward) if cfg.reward else task.reward_fn
+    else:
+        from .data import load_examples
+
+        examples = load_examples(cfg.data)
+        default = "question_only" if cfg.prompt == "question_only" else "r1_zero"
+        reward = resolve_reward_fn(cfg.reward or default)
+    if cfg.limit is not None:
+        examples = examples[: cfg.limit]
+    return examples, reward
+
+
+def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
+    """Load model and data, evaluate, write results into ``cfg.out``; returns the metrics."""
+    from .config import dump_yaml
+    from .data import format_prompt, load_template
+    from .generation import NativeEngine
+
+    if not cfg.model or not cfg.data:
+        raise ValueError("eval needs a model (model directory or 'tiny') and data (a JSONL path or 'task:<name>')")
+    examples, reward_fn = load_eval_data(cfg)
+    template = load_template(cfg.prompt)
+    prompts = [format_prompt(template, ex) for ex in examples]
+    device = resolve_device(cfg.device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)
+    engine = NativeEngine(
+        model, tokenizer, copy_weights=False, max_num_seqs=cfg.max_num_seqs,
+        kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,
+    )
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    metrics, _ = evaluate(
+        engine, reward_fn, prompts, cfg.sampling(), [ex.ground_truth for ex in examples], out,
+        policy=model if cfg.entropy else None, extra_metrics={"model": cfg.model, "data": cfg.data, "device": str(device)},
+    )
+    return metrics

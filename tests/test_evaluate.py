@@ -1,0 +1,116 @@
+"""evaluate / log_generations / the eval command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cs336_alignment.cli import app
+from cs336_alignment.evaluate import evaluate, log_generations
+from cs336_alignment.generation import Completion, GenerationResult, NativeEngine, SamplingParams
+from cs336_alignment.run_dir import RunDir
+
+
+def exact_reward(response: str, ground_truth: str) -> dict[str, float]:
+    """Formatted = ends with '</answer>'; correct = the text between the tags equals the truth."""
+    formatted = response.endswith("</answer>") and "<answer>" in response
+    answer = response.split("<answer>")[-1].removesuffix("</answer>").strip() if formatted else None
+    ok = formatted and answer == ground_truth
+    return {"format_reward": float(formatted), "answer_reward": float(ok), "reward": float(ok)}
+
+
+class ScriptedGenerator:
+    """Returns fixed completions, so the metrics can be checked by hand."""
+
+    tokenizer = None
+
+    def __init__(self, scripted: list[list[tuple[str, int, str]]]):
+        self.scripted = scripted
+
+    def generate(self, prompts, sampling, progress=False):
+        return [
+            GenerationResult(p, [1, 2], [Completion(t, list(range(n)), r) for t, n, r in self.scripted[i]])
+            for i, p in enumerate(prompts)
+        ]
+
+    def load_weights(self, policy):
+        pass
+
+
+def test_metrics_by_hand(tmp_path):
+    gen = ScriptedGenerator(
+        [
+            [(" 2+3 </think> <answer> 5 </answer>", 10, "stop")],  # correct
+            [(" hmm </think> <answer> 41 </answer>", 20, "stop")],  # formatted, wrong
+            [(" rambling without tags", 30, "length")],  # unformatted, truncated
+            [(" x </think> <answer> 7 </answer>", 40, "stop")],  # correct
+        ]
+    )
+    metrics, records = evaluate(
+        gen, exact_reward, ["p0", "p1", "p2", "p3"], SamplingParams(max_tokens=30), ["5", "40", "1", "7"], tmp_path
+    )
+    assert metrics["n_examples"] == 4 and metrics["n_format_correct"] == 3 and metrics["n_answer_correct"] == 2
+    assert metrics["format_accuracy"] == 0.75 and metrics["answer_accuracy"] == 0.5 and metrics["accuracy"] == 0.5
+    assert (metrics["count_format1_answer1"], metrics["count_format1_answer0"], metrics["count_format0_answer0"]) == (2, 1, 1)
+    assert metrics["truncated_fraction"] == 0.25
+    assert metrics["mean_response_length"] == 25  # (10 + 20 + 30 + 40) / 4
+    assert metrics["mean_response_length_correct"] == 25  # (10 + 40) / 2
+    assert metrics["mean_response_length_incorrect"] == 25  # (20 + 30) / 2
+    lines = [json.loads(x) for x in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert [x["reward"]["reward"] for x in lines] == [1.0, 0.0, 0.0, 1.0]
+    assert lines[2]["finish_reason"] == "length" and lines[1]["ground_truth"] == "40" and lines[0]["prompt"] == "p0"
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["accuracy"] == 0.5 and on_disk["count_format0_answer0"] == 1
+
+
+def test_entropy_and_log_generations(tmp_path, tiny_model, tiny_tokenizer):
+    engine = NativeEngine(tiny_model, tiny_tokenizer)
+    run = RunDir(tmp_path / "run", console=False)
+    records, summary = log_generations(
+        engine, exact_reward, ["What is 1 + 1?", "Hi"], ["2", "3"],
+        SamplingParams(max_tokens=12, seed=0, n=2), policy=tiny_model, run_dir=run, step=7,
+    )
+    assert len(records) == 4 and all(r.mean_entropy is not None and r.mean_entropy > 0 for r in records)
+    assert summary["mean_response_length"] == pytest.approx(sum(r.num_tokens for r in records) / 4)
+    logged = [json.loads(x) for x in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    assert len(logged) == 4 and all(x["step"] == 7 for x in logged)
+    run.close()
+    assert "step 7 generations" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_eval_command_end_to_end_and_reproducible(tmp_path, tiny_model_dir):
+    data = tmp_path / "val.jsonl"
+    data.write_text(
+        "\n".join(
+            json.dumps(x)
+            for x in [
+                {"problem": "What is 2 + 3?", "answer": "5"},
+                {"problem": "What is 10 * 4?", "solution": "We get \\boxed{40}."},
+                {"problem": "Compute 7 - 2.", "answer": "5"},
+            ]
+        )
+        + "\n"
+    )
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        result = CliRunner().invoke(
+            app,
+            ["eval", "--model", str(tiny_model_dir), "--data", str(data), "--prompt", "r1_zero", "--out", str(out),
+             "--limit", "2", "--seed", "3", "--max-tokens", "24"],
+        )
+        assert result.exit_code == 0, result.output
+        assert "accuracy:" in result.output
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["n_examples"] == 2 and metrics["max_tokens"] == 24
+        runs.append([json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()])
+    assert [r["generation"] for r in runs[0]] == [r["generation"] for r in runs[1]]
+    assert runs[0][1]["ground_truth"] == "40"
+    assert runs[0][0]["prompt"].endswith("User: What is 2 + 3?\nAssistant: <think>")
+
+
+def test_eval_command_reports_bad_config(tmp_path):
+    result = CliRunner().invoke(app, ["eval", "--model", "tiny", "--data", "task:arithmetic", "n=0"])
+    assert result.exit_code == 2 and "n must be >= 1" in result.output
