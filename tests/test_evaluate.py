@@ -114,3 +114,21 @@ def test_eval_command_end_to_end_and_reproducible(tmp_path, tiny_model_dir):
 def test_eval_command_reports_bad_config(tmp_path):
     result = CliRunner().invoke(app, ["eval", "--model", "tiny", "--data", "task:arithmetic", "n=0"])
     assert result.exit_code == 2 and "n must be >= 1" in result.output
+
+
+def test_generation_benchmark_runs_on_cpu(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "generation.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--batch", "4", "--prompt-len", "8", "--new-tokens", "8", "--repeats", "1",
+         "--device", "cpu", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = json.loads((tmp_path / "generation_cpu_tiny.json").read_text())
+    assert record["results"]["native_engine"]["new_tokens"] == 32
+    assert record["results"]["transformers_generate_dynamic_cache"]["new_tokens"] == 32
+    assert record["torch"] and record["date"]
