@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import textwrap
 from pathlib import Path
@@ -267,3 +268,34 @@ def test_cheap_comparison_agrees_with_sympy() -> None:
     assert checked > 500
     with pytest.raises(NeedsSympy):
         cheap_sympy_equal("x+1", "1+x")
+
+
+@pytest.mark.timeout(60)
+def test_default_mode_needs_no_optional_packages(tmp_path: Path) -> None:
+    """With math-verify, pylatexenc and latex2sympy unimportable (in this process and in
+    the workers), default grading still works and lenient mode fails with a clear hint."""
+    import subprocess
+    import sys
+
+    for name in ("math_verify", "pylatexenc", "latex2sympy2_extended", "latex2sympy2"):
+        (tmp_path / f"{name}.py").write_text(f"raise ImportError('{name} is blocked for this test')\n")
+    script = textwrap.dedent("""
+        import sys
+        from cs336_alignment.rewards import grade_batch, r1_zero_reward_fn
+        responses = ["t </think> <answer>x^2+2x+1</answer>", "t </think> <answer>\\\\frac{2}{4}</answer>",
+                     "t </think> <answer>\\\\dfrac{\\\\sqrt{2}}{2}</answer>"]
+        result = grade_batch(responses, ["(x+1)^2", "\\\\frac{1}{2}", "\\\\frac{1}{\\\\sqrt{2}}"])
+        assert [r.correct for r in result.results] == [True, False, True], result
+        assert result.counts["worker_items"] >= 2 and result.counts["errors"] == 0
+        assert not any(m in sys.modules for m in ("math_verify", "pylatexenc", "latex2sympy2_extended"))
+        try:
+            r1_zero_reward_fn(responses[0], "(x+1)^2", mode="lenient")
+        except ImportError as exc:
+            assert "lenient" in str(exc)
+        else:
+            raise AssertionError("lenient mode should need math-verify")
+        print("OK")
+    """)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=50)
+    assert done.returncode == 0 and "OK" in done.stdout, done.stderr

@@ -204,7 +204,24 @@ def _from_outcome(outcome: TaskOutcome) -> GradeResult:
     return GradeResult(True, False, outcome.status, where="worker", detail=outcome.detail)
 
 
+_lenient_checked = False
+
+
+def _require_lenient_support() -> None:
+    """Fail loudly (once, at the first lenient call) when math-verify is not installed."""
+    global _lenient_checked
+    if _lenient_checked:
+        return
+    from .lenient import math_verify_available
+
+    if not math_verify_available():
+        raise ImportError("lenient grading needs math-verify: pip install 'cs336-alignment[lenient]'")
+    _lenient_checked = True
+
+
 def _check_options(kind: str, mode: str, timeout: float) -> None:
+    if mode == "lenient":
+        _require_lenient_support()
     if kind not in _KINDS:
         raise ValueError(f"unknown reward kind {kind!r}; expected one of {_KINDS}")
     if mode not in _MODES:

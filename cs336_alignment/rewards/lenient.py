@@ -20,10 +20,12 @@ _CONFIGS: Any = None
 
 
 def math_verify_available() -> bool:
-    """Whether the optional math-verify package can be imported."""
-    import importlib.util
-
-    return importlib.util.find_spec("math_verify") is not None
+    """Whether the optional math-verify package can be imported (imports it if so)."""
+    try:
+        import math_verify  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _extraction_configs() -> Any:
