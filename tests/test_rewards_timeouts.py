@@ -173,3 +173,33 @@ def test_pool_is_safe_under_concurrent_callers() -> None:
         assert pool.size <= 2
     finally:
         pool.shutdown()
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU")
+def test_time_bound_holds_after_cuda_initialisation() -> None:
+    """Workers are started with fork+exec, so an initialised CUDA context is no problem."""
+    import torch
+
+    torch.ones(1, device="cuda").sum().item()
+    shutdown_first = get_pool()
+    shutdown_first.shutdown()  # start fresh workers from the CUDA-initialised process
+    _check(_grade_all(BOUND_S), BOUND_S)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_daemon_child, args=(queue,), daemon=True)
+    child.start()
+    kind, payload = queue.get(timeout=60)
+    child.join(10)
+    assert kind == "ok", payload
+    _check(payload, BOUND_S)
