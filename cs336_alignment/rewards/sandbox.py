@@ -152,6 +152,12 @@ class _Worker:
             self.proc.wait(timeout=0.5)
         except subprocess.TimeoutExpired:
             self.kill()
+            return
+        try:
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+        except OSError:
+            pass
 
 
 def default_max_workers() -> int:
@@ -280,8 +286,11 @@ class GraderPool:
             start_by = min(hard_deadline, time.monotonic() + max(task_timeout, 30.0))
             worker = self._acquire(start_by)
             if worker is None:
-                reason = "no grading worker became available in time"
-                outcomes.extend(TaskOutcome("timeout", detail=reason) for _ in tasks[len(outcomes) :])
+                if self.last_start_error and self.size == 0:
+                    status, reason = "error", f"grading workers fail to start: {self.last_start_error}"
+                else:
+                    status, reason = "timeout", "no grading worker became available in time"
+                outcomes.extend(TaskOutcome(status, detail=reason) for _ in tasks[len(outcomes) :])
                 break
             pending = tasks[len(outcomes) :]
             try:
