@@ -87,6 +87,35 @@ def eval_command(
     typer.echo(f"wrote {Path(cfg.out) / 'generations.jsonl'} and {Path(cfg.out) / 'metrics.json'}")
 
 
+@app.command("sft")
+def sft_command(
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with SFTConfig fields."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="SFTConfig fields as key=value (nested: data.train=...)."),
+) -> None:
+    """Supervised fine-tuning on (prompt, response) pairs (sft.jsonl or a built-in task's traces)."""
+    from .recipes.sft import SFTConfig, train_sft
+
+    cfg = _load_or_exit(SFTConfig, config, list(overrides or []))
+    _echo_metrics(train_sft(cfg))
+
+
+@app.command("grpo")
+def grpo_command(
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with GRPOConfig fields."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="GRPOConfig fields as key=value (nested: data.train=...)."),
+) -> None:
+    """GRPO (and its ablations: loss_type, length normalisation, std normalisation, off-policy epochs)."""
+    from .recipes.grpo import GRPOConfig, train_grpo
+
+    cfg = _load_or_exit(GRPOConfig, config, list(overrides or []))
+    _echo_metrics(train_grpo(cfg))
+
+
+def _echo_metrics(metrics: dict) -> None:
+    for key, value in metrics.items():
+        typer.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+
+
 def _load_or_exit(cls, config: Optional[Path], overrides: list[str]):
     """Load a config; on a config error print the one-line message and exit with status 2."""
     from .config import ConfigError, load_config

@@ -1,0 +1,176 @@
+"""Pieces every recipe shares: data, policy, precision, optimizer, schedule, metrics sinks.
+
+Recipes (``sft.py``, ``grpo.py``) are one readable loop each; what they have in common
+lives here so that each loop shows only its own algorithm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..evaluate import resolve_device
+
+
+@dataclass
+class DataConfig:
+    """Where examples come from, how they are prompted, and how responses are rewarded."""
+
+    train: str = ""  # JSONL (MATH / GSM8K / sft.jsonl), or "task:arithmetic" / "task:countdown"
+    val: str = ""  # JSONL for validation; with a task and "" here, a generated validation split
+    prompt: str = "r1_zero"  # prompt template: "r1_zero", "question_only", or a .prompt file
+    reward: str = ""  # reward name or "module:function"; "" = the one matching the prompt / task
+    task_knobs: dict[str, Any] = field(default_factory=dict)  # knobs of a built-in task (e.g. digits: 2)
+    n_task_train: int = 2000  # generated training examples for a task
+    n_task_val: int = 200  # generated validation examples for a task
+
+    def __post_init__(self) -> None:
+        if self.n_task_train < 1 or self.n_task_val < 1:
+            raise ValueError("n_task_train and n_task_val must be >= 1")
+
+
+@dataclass
+class LoadedData:
+    train: list[Any]  # Example records
+    val: list[Any]
+    template: str  # prompt template text with {question}
+    reward_fn: Any  # (response, ground_truth) -> {"format_reward", "answer_reward", "reward"}
+
+
+def load_data(cfg: DataConfig, seed: int) -> LoadedData:
+    """Training and validation examples, the prompt template and the reward for a DataConfig."""
+    from ..data import generate_splits, load_examples, load_template, make_task
+    from ..rewards import resolve_reward_fn
+
+    if not cfg.train:
+        raise ValueError("data.train is empty: give a JSONL path or 'task:arithmetic' / 'task:countdown'")
+    template = load_template(cfg.prompt)
+    if cfg.train.startswith("task:"):
+        task = make_task(cfg.train.removeprefix("task:"), **cfg.task_knobs)
+        train, val = generate_splits(task, cfg.n_task_train, cfg.n_task_val, seed=seed)
+        reward_fn = resolve_reward_fn(cfg.reward) if cfg.reward else task.reward_fn
+    else:
+        train = load_examples(cfg.train)
+        val = []
+        reward_fn = resolve_reward_fn(cfg.reward or ("question_only" if cfg.prompt == "question_only" else "r1_zero"))
+    if cfg.val:
+        val = load_examples(cfg.val)
+    return LoadedData(train=train, val=val, template=template, reward_fn=reward_fn)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def step_seed(seed: int, *parts: int) -> int:
+    """A seed for one step of a run, derived from the run seed (resumable without RNG state)."""
+    value = seed & 0xFFFFFFFF
+    for p in parts:
+        value = (value * 1_000_003 + p + 0x9E3779B9) & 0x7FFFFFFF
+    return value
+
+
+def load_policy(path: str, device: torch.device, seed: int = 0, gradient_checkpointing: bool = False):
+    """The trainable policy in fp32 (master weights) and its tokenizer."""
+    from ..evaluate import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(path, device, dtype=torch.float32, seed=seed)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model.train(), tokenizer
+
+
+def autocast(device: torch.device):
+    """bf16 autocast for forward and backward on GPU (fp32 master weights); nothing on CPU (fp32)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]):
+    """AdamW over all trainable parameters; fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), fused=fused or None)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int = 0, schedule: str = "constant", min_ratio: float = 0.0) -> float:
+    """Learning rate at optimizer step ``step`` (0-based): linear warmup, then constant or cosine decay."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "cosine" and total > warmup:
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return base
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class MetricsSink:
+    """Every metric goes to the run's metrics.jsonl; also to wandb when enabled.
+
+    Train records carry ``train_step`` and eval records ``eval_step``; in wandb they are
+    logged as ``train/*`` and ``eval/*`` against those axes.
+    """
+
+    def __init__(self, run_dir: Any, wandb_project: str | None = None, run_name: str | None = None, config: Any = None):
+        self.run_dir = run_dir
+        self.wandb = None
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError as e:
+                raise RuntimeError("wandb logging is enabled but wandb is not installed: pip install wandb") from e
+            from ..config import to_dict
+
+            self.wandb = wandb.init(project=wandb_project, name=run_name, config=to_dict(config) if config else None)
+            self.wandb.define_metric("train_step")
+            self.wandb.define_metric("eval_step")
+            self.wandb.define_metric("train/*", step_metric="train_step")
+            self.wandb.define_metric("eval/*", step_metric="eval_step")
+
+    def log(self, kind: str, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        record = self.run_dir.log_metrics({"kind": kind, f"{kind}_step": step, **metrics})
+        if self.wandb is not None:
+            numeric = {f"{kind}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.wandb.log({f"{kind}_step": step, **numeric})
+        return record
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def free_cuda_cache(device: torch.device) -> None:
+    """Return cached blocks between phases when generator and policy share a GPU."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+__all__ = [
+    "DataConfig",
+    "LoadedData",
+    "MetricsSink",
+    "autocast",
+    "free_cuda_cache",
+    "load_data",
+    "load_policy",
+    "lr_at",
+    "make_optimizer",
+    "resolve_device",
+    "seed_everything",
+    "set_lr",
+    "step_seed",
+]

@@ -1,0 +1,364 @@
+"""GRPO: group-relative policy optimisation, as in the CS336 handout, in one loop.
+
+Each GRPO step:
+  rollout   sample rollout_batch_size / group_size questions, group_size responses each
+  score     reward every response; advantages = reward minus its group's mean (/ std)
+  old lp    off-policy only: log-probs of the sampling policy, once per rollout batch
+  train     epochs_per_rollout_batch passes over the rollouts, one optimizer step per
+            train_batch_size rollouts, gradient accumulation over micro-batches
+  sync      load the new weights into the generator
+  log       one record per optimizer step; validation every eval_every steps
+
+Glossary: B prompts per rollout batch, G = group_size, b rollouts per micro-batch, T positions.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..advantages import compute_group_normalized_rewards
+from ..evaluate import evaluate
+from ..generation import NativeEngine, SamplingParams
+from ..logprobs import get_response_log_probs
+from ..losses import LENGTH_NORMALIZATIONS, LOSS_TYPES, grpo_microbatch_train_step
+from ..rollouts import Rollout, pack_rollouts, rollout_stats
+from ..run_dir import RunDir
+from .common import (
+    DataConfig,
+    MetricsSink,
+    autocast,
+    free_cuda_cache,
+    load_data,
+    load_policy,
+    make_optimizer,
+    resolve_device,
+    seed_everything,
+    step_seed,
+)
+
+
+@dataclass
+class GRPOConfig:
+    """Every knob of the handout's GRPO experiments, with the handout's defaults."""
+
+    model: str = ""  # policy to start from: a model directory (e.g. an SFT output) or "tiny"
+    out: str = "runs/grpo"  # run directory
+    seed: int = 0  # seeds prompt sampling, rollouts and initialisation
+    data: DataConfig = field(default_factory=DataConfig)  # questions, prompt template, reward
+    # -- the handout's hyperparameters
+    n_grpo_steps: int = 200  # rollout batches (GRPO steps)
+    learning_rate: float = 1e-5  # AdamW learning rate (constant)
+    advantage_eps: float = 1e-6  # added to the group std
+    rollout_batch_size: int = 256  # responses per GRPO step (= questions x group_size)
+    group_size: int = 8  # responses per question
+    sampling_temperature: float = 1.0  # rollout sampling temperature
+    sampling_min_tokens: int = 4  # rollouts have at least this many tokens
+    sampling_max_tokens: int = 1024  # and at most this many
+    epochs_per_rollout_batch: int = 1  # passes over each rollout batch (> 1 is off-policy)
+    train_batch_size: int = 256  # rollouts per optimizer step (< rollout_batch_size is off-policy)
+    gradient_accumulation_steps: int = 128  # micro-batches per optimizer step
+    loss_type: Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip"] = "reinforce_with_baseline"
+    use_std_normalization: bool = True  # divide advantages by the group std
+    length_normalization: Literal["masked_mean", "masked_normalize", "token_mean"] = "masked_mean"  # see losses.py
+    cliprange: float = 0.2  # epsilon of grpo_clip
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    max_grad_norm: float = 1.0  # gradient clipping
+    # -- validation
+    eval_every: int = 10  # validate every this many GRPO steps (0: only at the end)
+    n_eval_examples: int = 1024  # size of the fixed, seeded validation subset
+    eval_seed: int = 1234  # seed of that subset and of validation sampling
+    final_eval_full: bool = True  # validate on the whole validation set after the last step
+    log_rollout_examples: int = 4  # example rollouts written to the log per validation
+    # -- placement and memory
+    device: str = "auto"  # policy device: "auto", "cpu", "cuda", "cuda:0", ...
+    generator_device: str = "same"  # "same": colocated with the policy; else the generator's own device ("cuda:1")
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+    max_num_seqs: int = 256  # generator: sequences decoded together
+    kv_cache_memory_fraction: float = 0.3  # generator: share of free GPU memory for the KV cache
+    # -- logging
+    wandb_project: str = ""  # "" disables wandb
+    run_name: str = ""  # wandb run name
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        problems = []
+        if self.train_batch_size % self.gradient_accumulation_steps:
+            problems.append(
+                f"train_batch_size ({self.train_batch_size}) must be divisible by gradient_accumulation_steps "
+                f"({self.gradient_accumulation_steps}): each micro-batch holds train_batch_size / "
+                "gradient_accumulation_steps rollouts"
+            )
+        if self.rollout_batch_size % self.group_size:
+            problems.append(
+                f"rollout_batch_size ({self.rollout_batch_size}) must be divisible by group_size ({self.group_size}): "
+                "each question gets group_size responses"
+            )
+        if self.train_batch_size < self.group_size:
+            problems.append(f"train_batch_size ({self.train_batch_size}) must be >= group_size ({self.group_size})")
+        if self.rollout_batch_size % self.train_batch_size:
+            problems.append(
+                f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of train_batch_size "
+                f"({self.train_batch_size}): each rollout batch is split into whole optimizer steps"
+            )
+        if self.use_std_normalization and self.group_size < 2:
+            problems.append("use_std_normalization needs group_size >= 2")
+        if self.loss_type not in LOSS_TYPES:
+            problems.append(f"loss_type {self.loss_type!r} is not one of {LOSS_TYPES}")
+        if self.length_normalization not in LENGTH_NORMALIZATIONS:
+            problems.append(f"length_normalization {self.length_normalization!r} is not one of {LENGTH_NORMALIZATIONS}")
+        if self.loss_type == "grpo_clip" and not self.cliprange > 0:
+            problems.append(f"grpo_clip needs cliprange > 0, got {self.cliprange}")
+        if not 0 <= self.sampling_min_tokens <= self.sampling_max_tokens:
+            problems.append("sampling_min_tokens must be between 0 and sampling_max_tokens")
+        if self.n_grpo_steps < 1 or self.epochs_per_rollout_batch < 1:
+            problems.append("n_grpo_steps and epochs_per_rollout_batch must be >= 1")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def n_prompts_per_rollout_batch(self) -> int:
+        return self.rollout_batch_size // self.group_size
+
+    @property
+    def micro_train_batch_size(self) -> int:
+        return self.train_batch_size // self.gradient_accumulation_steps
+
+    @property
+    def optimizer_steps_per_rollout_batch(self) -> int:
+        return self.epochs_per_rollout_batch * (self.rollout_batch_size // self.train_batch_size)
+
+    @property
+    def off_policy(self) -> bool:
+        return self.optimizer_steps_per_rollout_batch > 1
+
+
+def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
+    """Run GRPO as configured; returns the final validation metrics."""
+    # ------------------------------------------------------------------ setup
+    if not cfg.model:
+        raise ValueError("GRPO needs a starting policy: model=<directory> (e.g. an SFT output) or model=tiny")
+    seed_everything(cfg.seed)
+    run = RunDir(cfg.out)
+    run.save_config(cfg)
+    sink = MetricsSink(run, cfg.wandb_project or None, cfg.run_name or None, cfg)
+    device = resolve_device(cfg.device)
+    colocated = cfg.generator_device == "same"
+    gen_device = device if colocated else resolve_device(cfg.generator_device)
+    data = load_data(cfg.data, cfg.seed)
+    if len(data.train) < cfg.n_prompts_per_rollout_batch:
+        raise ValueError(
+            f"{len(data.train)} training questions cannot fill a rollout batch of {cfg.n_prompts_per_rollout_batch}"
+        )
+    val = data.val or data.train
+    val_subset = random.Random(cfg.eval_seed).sample(val, min(cfg.n_eval_examples, len(val)))
+    policy, tokenizer = load_policy(cfg.model, device, cfg.seed, cfg.gradient_checkpointing)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    optimizer = make_optimizer(policy, cfg.learning_rate, cfg.weight_decay, cfg.betas)
+    generator = NativeEngine(
+        policy, tokenizer, device=gen_device, max_num_seqs=cfg.max_num_seqs, kv_cache_memory_fraction=cfg.kv_cache_memory_fraction
+    )
+    rollout_sampling = SamplingParams(
+        temperature=cfg.sampling_temperature,
+        max_tokens=cfg.sampling_max_tokens,
+        min_tokens=cfg.sampling_min_tokens,
+        stop=("</answer>",),
+        include_stop_str_in_output=True,
+        n=cfg.group_size,
+    )
+    eval_sampling = SamplingParams.r1_zero(max_tokens=cfg.sampling_max_tokens, seed=cfg.eval_seed)
+    gas = cfg.gradient_accumulation_steps
+    micro = cfg.micro_train_batch_size
+    run.logger.info(
+        "GRPO: %d steps, %d questions x %d responses, %d optimizer step(s) per rollout batch (%s), micro-batch %d, "
+        "policy on %s, generator on %s (%s)",
+        cfg.n_grpo_steps, cfg.n_prompts_per_rollout_batch, cfg.group_size, cfg.optimizer_steps_per_rollout_batch,
+        "off-policy" if cfg.off_policy else "on-policy", micro, device, gen_device, "colocated" if colocated else "separate",
+    )
+
+    def validate(step: int, examples: list[Any], tag: str) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        prompts = [_prompt(data.template, ex) for ex in examples]
+        with autocast(device):
+            metrics, records = evaluate(
+                generator, data.reward_fn, prompts, eval_sampling, [ex.ground_truth for ex in examples],
+                Path(run.path) / "eval" / f"{tag}_step{step:05d}", policy=policy, progress=False,
+            )
+        policy.train()
+        keep = ("accuracy", "format_accuracy", "answer_accuracy", "mean_token_entropy", "mean_response_length",
+                "mean_response_length_correct", "mean_response_length_incorrect", "truncated_fraction", "n_examples")
+        record = {k: metrics[k] for k in keep} | {"split": tag, "seconds": time.perf_counter() - t0}
+        sink.log("eval", step, record)
+        for r in records[: cfg.log_rollout_examples]:
+            run.logger.info("eval step %d example: reward=%s | %r -> %r", step, r.reward, r.prompt[-80:], r.generation[:300])
+        run.logger.info("eval step %d (%s): accuracy %.4f, format %.4f", step, tag, record["accuracy"], record["format_accuracy"])
+        return record
+
+    train_clock = 0.0  # wall-clock seconds spent outside validation
+    optimizer_step = 0
+    final: dict[str, Any] = {}
+    for grpo_step in range(cfg.n_grpo_steps):
+        step_start = time.perf_counter()
+        # ------------------------------------------------------------------ rollout
+        rng = random.Random(step_seed(cfg.seed, grpo_step))
+        questions = rng.sample(data.train, cfg.n_prompts_per_rollout_batch)
+        prompts = [_prompt(data.template, ex) for ex in questions]
+        t0 = time.perf_counter()
+        policy.eval()
+        results = generator.generate(
+            prompts, SamplingParams(**{**rollout_sampling.__dict__, "seed": step_seed(cfg.seed, grpo_step, 1)})
+        )
+        policy.train()
+        if colocated:
+            free_cuda_cache(device)
+        rollout_seconds = time.perf_counter() - t0
+        rollouts = [
+            Rollout(
+                group=g, prompt=prompts[g], prompt_token_ids=res.prompt_token_ids, response=c.text,
+                response_token_ids=c.token_ids, ground_truth=questions[g].ground_truth, finish_reason=c.finish_reason,
+                generator_logprobs=c.logprobs,
+            )
+            for g, res in enumerate(results)
+            for c in res.completions
+        ]  # B * G rollouts, group by group
+
+        # ------------------------------------------------------------------ score and advantages
+        scores: list[dict[str, float]] = []
+
+        def scored_reward(response: str, truth: Any) -> dict[str, float]:
+            scores.append(data.reward_fn(response, truth))
+            return scores[-1]
+
+        advantages, raw_rewards, reward_meta = compute_group_normalized_rewards(
+            scored_reward, [r.response for r in rollouts], [r.ground_truth for r in rollouts],
+            cfg.group_size, cfg.advantage_eps, cfg.use_std_normalization,
+        )
+        for r, s, a in zip(rollouts, scores, advantages.tolist()):
+            r.reward, r.format_reward, r.answer_reward = float(s["reward"]), float(s.get("format_reward", 0)), float(s.get("answer_reward", 0))
+            r.advantage = a
+        stats = rollout_stats(rollouts, cfg.group_size, cfg.sampling_max_tokens)
+        micro_batches = [pack_rollouts(rollouts[i : i + micro], pad_id, device) for i in range(0, len(rollouts), micro)]
+
+        # ------------------------------------------------------------------ old log-probs (once per rollout batch)
+        t0 = time.perf_counter()
+        needs_old = cfg.off_policy or cfg.loss_type in ("grpo_clip", "grpo_no_clip")
+        gap = _LogprobGap()  # generator-vs-policy log-prob gap over response tokens
+        if needs_old:
+            with torch.inference_mode(), autocast(device):
+                for mb in micro_batches:
+                    mb.old_log_probs = get_response_log_probs(policy, mb.input_ids, mb.labels)["log_probs"].float()
+                    gap.add(mb.old_log_probs, mb)
+        old_lp_seconds = time.perf_counter() - t0
+
+        # ------------------------------------------------------------------ train
+        t0 = time.perf_counter()
+        mbs_per_step = cfg.train_batch_size // micro
+        train_tokens = 0
+        step_records: list[tuple[int, dict[str, Any]]] = []  # (optimizer step, metrics) of this rollout batch
+        for epoch in range(cfg.epochs_per_rollout_batch):
+            for first in range(0, len(micro_batches), mbs_per_step):
+                sums: dict[str, float] = {"loss": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "ratio_mean": 0.0}
+                tokens = 0
+                for mb in micro_batches[first : first + mbs_per_step]:
+                    with autocast(device):
+                        out = get_response_log_probs(policy, mb.input_ids, mb.labels, return_token_entropy=True)
+                    log_probs = out["log_probs"]  # (b, T) fp32
+                    loss, meta = grpo_microbatch_train_step(
+                        log_probs, mb.response_mask, gas, cfg.loss_type,
+                        raw_rewards=mb.raw_rewards, advantages=mb.advantages, old_log_probs=mb.old_log_probs,
+                        cliprange=cfg.cliprange, length_normalization=cfg.length_normalization,
+                        normalize_constant=float(cfg.sampling_max_tokens),
+                    )
+                    n_tok = mb.num_response_tokens
+                    tokens += n_tok
+                    sums["loss"] += loss.item()
+                    sums["entropy"] += (out["token_entropy"].detach() * mb.response_mask).sum().item()
+                    for key in ("clip_fraction", "ratio_mean"):
+                        if key in meta:
+                            sums[key] += meta[key].item() * n_tok
+                    if not needs_old:  # on-policy: this is the sampling policy, so the gap is measurable here
+                        gap.add(log_probs.detach(), mb)
+                train_tokens += tokens
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm).item()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                optimizer_step += 1
+                record = {
+                    "grpo_step": grpo_step,
+                    "epoch": epoch,
+                    "loss": sums["loss"],
+                    "grad_norm": grad_norm,
+                    "token_entropy": sums["entropy"] / max(tokens, 1),
+                    "lr": optimizer.param_groups[0]["lr"],
+                }
+                if cfg.loss_type in ("grpo_clip", "grpo_no_clip"):
+                    record["ratio_mean"] = sums["ratio_mean"] / max(tokens, 1)
+                if cfg.loss_type == "grpo_clip":
+                    record["clip_fraction"] = sums["clip_fraction"] / max(tokens, 1)
+                step_records.append((optimizer_step, record))
+        train_seconds = time.perf_counter() - t0
+
+        # ------------------------------------------------------------------ sync
+        generator.load_weights(policy)
+        train_clock += time.perf_counter() - step_start
+        rollout_tokens = sum(r.num_tokens for r in rollouts)
+        shared = {
+            **{f"train_{k}": v for k, v in stats.items()},
+            "frac_groups_all_equal": reward_meta["frac_groups_all_equal"],
+            "generator_policy_logprob_gap_mean": gap.mean,
+            "generator_policy_logprob_gap_max": gap.max,
+            "rollout_seconds": rollout_seconds,
+            "rollout_tokens_per_second": rollout_tokens / rollout_seconds,
+            "old_logprob_seconds": old_lp_seconds,
+            "train_seconds": train_seconds,
+            "train_tokens_per_second": train_tokens / train_seconds if train_seconds > 0 else None,
+            "wall_clock_train": train_clock,
+        }
+        # ------------------------------------------------------------------ log
+        for step_index, record in step_records:
+            sink.log("train", step_index, {**record, **shared})
+        last = step_records[-1][1]
+        run.logger.info(
+            "step %d/%d: reward %.3f (format %.3f), loss %.4f, grad norm %.3f, entropy %.3f, length %.1f, %.1fs",
+            grpo_step + 1, cfg.n_grpo_steps, stats["reward_mean"], stats["format_reward_mean"], last["loss"],
+            last["grad_norm"], last["token_entropy"], stats["response_length_mean"], time.perf_counter() - step_start,
+        )
+        if cfg.eval_every and (grpo_step + 1) % cfg.eval_every == 0 and grpo_step + 1 < cfg.n_grpo_steps:
+            final = validate(grpo_step + 1, val_subset, "subset")
+
+    final = validate(cfg.n_grpo_steps, val if cfg.final_eval_full else val_subset, "full" if cfg.final_eval_full else "subset")
+    policy.save_pretrained(Path(run.path) / "model")
+    tokenizer.save_pretrained(Path(run.path) / "model")
+    sink.close()
+    run.close()
+    return final
+
+
+class _LogprobGap:
+    """|log pi_policy - log pi_generator| over response tokens: mean and max."""
+
+    def __init__(self) -> None:
+        self.total, self.count, self.max = 0.0, 0, None
+
+    def add(self, policy_log_probs: torch.Tensor, mb: Any) -> None:
+        diff = (policy_log_probs - mb.generator_logprobs).abs()[mb.response_mask]  # (tokens,)
+        if diff.numel():
+            self.total += diff.sum().item()
+            self.count += diff.numel()
+            self.max = max(self.max or 0.0, diff.max().item())
+
+    @property
+    def mean(self) -> float | None:
+        return self.total / self.count if self.count else None
+
+
+def _prompt(template: str, example: Any) -> str:
+    from ..data import format_prompt
+
+    return format_prompt(template, example)

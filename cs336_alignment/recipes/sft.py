@@ -1,0 +1,241 @@
+"""Supervised fine-tuning on (prompt, response) pairs, as in the CS336 handout, in one loop.
+
+  data      prompts and reference responses (sft.jsonl, or a built-in task's traces),
+            optionally only those whose response earns reward 1, optionally the first N
+  train     epochs over shuffled batches; each optimizer step accumulates gradients over
+            micro-batches, clips the gradient norm, and steps AdamW (warmup + cosine optional)
+  validate  every eval_every optimizer steps, sampling with the generation engine
+  save      the final model and tokenizer (save_pretrained) in <out>/model
+
+Glossary: b sequences per micro-batch, T positions after the one-token shift.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..evaluate import evaluate
+from ..generation import NativeEngine, SamplingParams
+from ..logprobs import get_response_log_probs
+from ..losses import sft_microbatch_train_step
+from ..run_dir import RunDir
+from ..tokenization import pack_prompt_and_output_ids
+from .common import (
+    DataConfig,
+    MetricsSink,
+    autocast,
+    load_data,
+    load_policy,
+    lr_at,
+    make_optimizer,
+    resolve_device,
+    seed_everything,
+    set_lr,
+)
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on reasoning traces."""
+
+    model: str = ""  # model directory to start from, or "tiny"
+    out: str = "runs/sft"  # run directory; the trained model goes to <out>/model
+    seed: int = 0  # seeds shuffling, example selection, sampling
+    data: DataConfig = field(default_factory=DataConfig)  # examples with reference responses
+    n_examples: int | None = None  # use this many unique examples (128, 256, 512, 1024; None = all)
+    filter_correct: bool = False  # keep only examples whose reference response earns reward 1
+    epochs: int = 1  # passes over the examples
+    learning_rate: float = 2e-5  # peak AdamW learning rate
+    warmup_steps: int = 0  # linear warmup steps
+    schedule: Literal["constant", "cosine"] = "constant"  # after warmup
+    batch_size: int = 32  # sequences per optimizer step
+    micro_batch_size: int = 2  # sequences per forward/backward; accumulation = batch / micro
+    max_seq_len: int = 2048  # prompt + response tokens; longer examples are cut (and counted)
+    normalize: Literal["batch_tokens", "constant"] = "batch_tokens"  # loss per token of the batch, or sum / constant
+    normalize_constant: float = 1.0  # the constant when normalize = "constant"
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    max_grad_norm: float = 1.0  # gradient clipping
+    eval_every: int = 0  # validate every this many optimizer steps (0: only at the end)
+    n_eval_examples: int = 1024  # size of the fixed, seeded validation subset
+    eval_seed: int = 1234  # seed of that subset and of validation sampling
+    eval_max_tokens: int = 1024  # validation sampling: maximum new tokens
+    device: str = "auto"  # "auto", "cpu", "cuda", ...
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+    wandb_project: str = ""  # "" disables wandb
+    run_name: str = ""  # wandb run name
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by micro_batch_size ({self.micro_batch_size}); "
+                "gradient accumulation steps = batch_size / micro_batch_size"
+            )
+        if self.n_examples is not None and self.n_examples < 1:
+            raise ValueError(f"n_examples must be >= 1 or null (all), got {self.n_examples}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
+def sft_pairs(examples: list[Any], template: str) -> list[tuple[str, str, Any]]:
+    """(prompt, response, ground_truth) for every example that has a reference response."""
+    from ..data import format_prompt
+
+    pairs = [(format_prompt(template, ex), ex.response, ex.ground_truth) for ex in examples if ex.response]
+    if not pairs:
+        raise ValueError("none of the training examples has a reference response; SFT needs (prompt, response) pairs")
+    return pairs
+
+
+def train_sft(cfg: SFTConfig) -> dict[str, Any]:
+    """Run SFT as configured; returns the final validation metrics."""
+    # ------------------------------------------------------------------ setup
+    if not cfg.model:
+        raise ValueError("SFT needs a model to start from: model=<directory> or model=tiny")
+    seed_everything(cfg.seed)
+    run = RunDir(cfg.out)
+    run.save_config(cfg)
+    sink = MetricsSink(run, cfg.wandb_project or None, cfg.run_name or None, cfg)
+    device = resolve_device(cfg.device)
+    policy, tokenizer = load_policy(cfg.model, device, cfg.seed, cfg.gradient_checkpointing)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # ------------------------------------------------------------------ data
+    data = load_data(cfg.data, cfg.seed)
+    pairs = sft_pairs(data.train, data.template)
+    n_available = len(pairs)
+    if cfg.filter_correct:
+        pairs = [p for p in pairs if data.reward_fn(p[1], p[2]).get("reward", 0.0) >= 1.0]
+        run.logger.info("filter_correct: kept %d of %d examples whose response earns reward 1", len(pairs), n_available)
+    random.Random(cfg.seed).shuffle(pairs)
+    if cfg.n_examples is not None:
+        if cfg.n_examples > len(pairs):
+            run.logger.warning("n_examples=%d but only %d examples are available; using all", cfg.n_examples, len(pairs))
+        pairs = pairs[: cfg.n_examples]
+    encoded, n_cut = [], 0
+    for prompt, response, _ in pairs:
+        p_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        r_ids = tokenizer.encode(response, add_special_tokens=False)
+        if len(p_ids) + len(r_ids) > cfg.max_seq_len:
+            r_ids = r_ids[: max(1, cfg.max_seq_len - len(p_ids))]
+            n_cut += 1
+        encoded.append((p_ids, r_ids))
+    steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    val = data.val
+    val_subset = random.Random(cfg.eval_seed).sample(val, min(cfg.n_eval_examples, len(val))) if val else []
+    run.logger.info(
+        "SFT: %d examples (%d available%s, %d cut to max_seq_len), %d epochs x %d steps, batch %d = %d x %d micro",
+        len(encoded), n_available, ", filtered" if cfg.filter_correct else "", n_cut, cfg.epochs, steps_per_epoch,
+        cfg.batch_size, cfg.gradient_accumulation_steps, cfg.micro_batch_size,
+    )
+    sink.log("data", 0, {"n_examples": len(encoded), "n_available": n_available, "n_cut": n_cut})
+
+    optimizer = make_optimizer(policy, cfg.learning_rate, cfg.weight_decay, cfg.betas)
+    generator = None
+    eval_sampling = SamplingParams.r1_zero(max_tokens=cfg.eval_max_tokens, seed=cfg.eval_seed)
+
+    def validate(step: int, examples: list[Any], tag: str) -> dict[str, Any]:
+        nonlocal generator
+        if not examples:
+            return {}
+        t0 = time.perf_counter()
+        if generator is None:
+            generator = NativeEngine(policy, tokenizer)
+        else:
+            generator.load_weights(policy)
+        from ..data import format_prompt
+
+        prompts = [format_prompt(data.template, ex) for ex in examples]
+        with autocast(device):
+            metrics, records = evaluate(
+                generator, data.reward_fn, prompts, eval_sampling, [ex.ground_truth for ex in examples],
+                Path(run.path) / "eval" / f"{tag}_step{step:05d}", policy=policy, progress=False,
+            )
+        policy.train()
+        keep = ("accuracy", "format_accuracy", "answer_accuracy", "mean_token_entropy", "mean_response_length",
+                "truncated_fraction", "n_examples")
+        record = {k: metrics[k] for k in keep} | {"split": tag, "seconds": time.perf_counter() - t0}
+        sink.log("eval", step, record)
+        run.logger.info("eval step %d (%s): accuracy %.4f, format %.4f", step, tag, record["accuracy"], record["format_accuracy"])
+        return record
+
+    # ------------------------------------------------------------------ train
+    step = 0
+    train_clock = 0.0
+    micro = cfg.micro_batch_size
+    for epoch in range(cfg.epochs):
+        order = list(range(len(encoded)))
+        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
+        for first in range(0, len(order), cfg.batch_size):
+            t0 = time.perf_counter()
+            batch = [encoded[i] for i in order[first : first + cfg.batch_size]]
+            lr = lr_at(step, total_steps, cfg.learning_rate, cfg.warmup_steps, cfg.schedule)
+            set_lr(optimizer, lr)
+            n_micro = math.ceil(len(batch) / micro)
+            batch_tokens = sum(len(r) for _, r in batch)
+            # normalize="batch_tokens": each micro-batch divides its per-sequence sums by the
+            # batch's mean response length, so the summed loss is -(sum of log-probs) / (tokens in the batch).
+            constant = batch_tokens / len(batch) if cfg.normalize == "batch_tokens" else cfg.normalize_constant
+            loss_sum, entropy_sum = 0.0, 0.0
+            for k in range(n_micro):
+                chunk = batch[k * micro : (k + 1) * micro]
+                packed = pack_prompt_and_output_ids([p for p, _ in chunk], [r for _, r in chunk], pad_id)
+                mask = packed["response_mask"].to(device)  # (b, T)
+                with autocast(device):
+                    out = get_response_log_probs(
+                        policy, packed["input_ids"].to(device), packed["labels"].to(device), return_token_entropy=True
+                    )
+                # Weight each micro-batch by its share of the batch's sequences.
+                loss, _ = sft_microbatch_train_step(
+                    out["log_probs"], mask, len(batch) / len(chunk), constant
+                )
+                loss_sum += loss.item()
+                entropy_sum += (out["token_entropy"].detach() * mask).sum().item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            seconds = time.perf_counter() - t0
+            train_clock += seconds
+            sink.log(
+                "train",
+                step,
+                {
+                    "epoch": epoch,
+                    "loss": loss_sum,
+                    "grad_norm": grad_norm,
+                    "lr": lr,
+                    "token_entropy": entropy_sum / max(batch_tokens, 1),
+                    "tokens": batch_tokens,
+                    "tokens_per_second": sum(len(p) + len(r) for p, r in batch) / seconds,
+                    "wall_clock_train": train_clock,
+                },
+            )
+            if step % max(1, total_steps // 20) == 0 or step == total_steps:
+                run.logger.info("step %d/%d: loss %.4f, grad norm %.3f, lr %.2e", step, total_steps, loss_sum, grad_norm, lr)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                validate(step, val_subset, "subset")
+
+    # ------------------------------------------------------------------ validate and save
+    final = validate(step, val_subset, "final")
+    policy.save_pretrained(Path(run.path) / "model")
+    tokenizer.save_pretrained(Path(run.path) / "model")
+    run.logger.info("saved model and tokenizer to %s", Path(run.path) / "model")
+    sink.close()
+    run.close()
+    return final
