@@ -31,6 +31,12 @@ _EXPORTS: dict[str, str] = {
     # rewards
     "r1_zero_reward_fn": "rewards",
     "question_only_reward_fn": "rewards",
+    # generation and evaluation
+    "evaluate": "evaluate",
+    "log_generations": "evaluate",
+    "init_vllm": "vllm_compat",
+    "load_policy_into_vllm_instance": "vllm_compat",
+    "evaluate_vllm": "vllm_compat",
     # tiny models for tests, demos and benchmarks
     "build_tiny_tokenizer": "tiny",
     "build_tiny_model": "tiny",
@@ -66,6 +72,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         masked_normalize,
         sft_microbatch_train_step,
     )
+    from .evaluate import evaluate, log_generations
     from .rewards import question_only_reward_fn, r1_zero_reward_fn
     from .tiny import build_tiny_model, build_tiny_tokenizer, qwen25_math_1p5b_config, tiny_qwen2_config
     from .tokenization import tokenize_prompt_and_output
+    from .vllm_compat import evaluate_vllm, init_vllm, load_policy_into_vllm_instance

@@ -14,6 +14,7 @@ Glossary: B prompts per rollout batch, G = group_size, b rollouts per micro-batc
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from typing import Any, Literal
 import torch
 
 from ..advantages import compute_group_normalized_rewards
+from ..checkpoint import Checkpointer, _fault, NonFiniteError, Progress, RunControl, check_finite, format_seconds, truncate_metrics
 from ..evaluate import evaluate
 from ..generation import NativeEngine, SamplingParams
 from ..logprobs import get_response_log_probs
@@ -82,6 +84,8 @@ class GRPOConfig:
     gradient_checkpointing: bool = False  # trade compute for activation memory
     max_num_seqs: int = 256  # generator: sequences decoded together
     kv_cache_memory_fraction: float = 0.3  # generator: share of free GPU memory for the KV cache
+    # -- checkpoints, resume, time budget, failures
+    control: RunControl = field(default_factory=RunControl)  # see checkpoint.RunControl
     # -- logging
     wandb_project: str = ""  # "" disables wandb
     run_name: str = ""  # wandb run name
@@ -200,10 +204,32 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         run.logger.info("eval step %d (%s): accuracy %.4f, format %.4f", step, tag, record["accuracy"], record["format_accuracy"])
         return record
 
-    train_clock = 0.0  # wall-clock seconds spent outside validation
-    optimizer_step = 0
+    # ------------------------------------------------------------------ resume
+    ckpt = Checkpointer(run.path, cfg.control.keep_last)
+    start_step, optimizer_step, train_clock, skipped = 0, 0, 0.0, 0  # train_clock: seconds outside validation
+    latest = ckpt.latest() if cfg.control.resume else None
+    if latest is not None:
+        state = ckpt.load(latest, policy, optimizer)
+        start_step, optimizer_step, train_clock, skipped = (
+            state["next_step"], state["optimizer_step"], state["train_clock"], state["skipped_steps"])
+        truncate_metrics(run.metrics_path, state["metrics_bytes"])
+        generator.load_weights(policy)
+        run.logger.info("resumed from %s: continuing at GRPO step %d", latest, start_step + 1)
+    elif cfg.control.resume:
+        run.logger.info("resume requested but %s has no complete checkpoint: starting from scratch", ckpt.root)
+
+    def save_checkpoint(next_step: int) -> None:
+        ckpt.save(next_step, policy, optimizer, {
+            "next_step": next_step, "optimizer_step": optimizer_step, "train_clock": train_clock,
+            "skipped_steps": skipped, "metrics_bytes": run.metrics_path.stat().st_size if run.metrics_path.exists() else 0,
+        })
+
+    budget = cfg.control.budget_seconds
+    progress = Progress(cfg.n_grpo_steps, start_step, cfg.control.progress, "grpo")
+    clock_at_start = train_clock
     final: dict[str, Any] = {}
-    for grpo_step in range(cfg.n_grpo_steps):
+    last_step = start_step
+    for grpo_step in range(start_step, cfg.n_grpo_steps):
         step_start = time.perf_counter()
         # ------------------------------------------------------------------ rollout
         rng = random.Random(step_seed(cfg.seed, grpo_step))
@@ -211,9 +237,7 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         prompts = [_prompt(data.template, ex) for ex in questions]
         t0 = time.perf_counter()
         policy.eval()
-        results = generator.generate(
-            prompts, SamplingParams(**{**rollout_sampling.__dict__, "seed": step_seed(cfg.seed, grpo_step, 1)})
-        )
+        results = generator.generate(prompts, dataclasses.replace(rollout_sampling, seed=step_seed(cfg.seed, grpo_step, 1)))
         policy.train()
         if colocated:
             free_cuda_cache(device)
@@ -286,6 +310,17 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
                         gap.add(log_probs.detach(), mb)
                 train_tokens += tokens
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm).item()
+                try:
+                    check_finite("loss", sums["loss"], optimizer_step + 1)
+                    check_finite("gradient norm", grad_norm, optimizer_step + 1)
+                except NonFiniteError as e:
+                    optimizer.zero_grad(set_to_none=True)
+                    if not cfg.control.skip_nonfinite:
+                        run.logger.error("%s Last checkpoint: %s", e, ckpt.latest())
+                        raise
+                    skipped += 1
+                    run.logger.warning("skipped optimizer step %d (%d so far): %s", optimizer_step + 1, skipped, e)
+                    continue
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 optimizer_step += 1
@@ -319,20 +354,34 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
             "train_seconds": train_seconds,
             "train_tokens_per_second": train_tokens / train_seconds if train_seconds > 0 else None,
             "wall_clock_train": train_clock,
+            "skipped_steps": skipped,
         }
         # ------------------------------------------------------------------ log
         for step_index, record in step_records:
             sink.log("train", step_index, {**record, **shared})
-        last = step_records[-1][1]
+        last = step_records[-1][1] if step_records else {"loss": float("nan"), "grad_norm": float("nan"), "token_entropy": float("nan")}
+        eta = progress.update(grpo_step + 1, train_clock - clock_at_start, reward=stats["reward_mean"])
         run.logger.info(
-            "step %d/%d: reward %.3f (format %.3f), loss %.4f, grad norm %.3f, entropy %.3f, length %.1f, %.1fs",
+            "step %d/%d: reward %.3f (format %.3f), loss %.4f, grad norm %.3f, entropy %.3f, length %.1f, %.1fs, %s",
             grpo_step + 1, cfg.n_grpo_steps, stats["reward_mean"], stats["format_reward_mean"], last["loss"],
-            last["grad_norm"], last["token_entropy"], stats["response_length_mean"], time.perf_counter() - step_start,
+            last["grad_norm"], last["token_entropy"], stats["response_length_mean"], time.perf_counter() - step_start, eta,
         )
-        if cfg.eval_every and (grpo_step + 1) % cfg.eval_every == 0 and grpo_step + 1 < cfg.n_grpo_steps:
-            final = validate(grpo_step + 1, val_subset, "subset")
+        _fault("step", grpo_step + 1)
+        last_step = grpo_step + 1
+        out_of_time = budget is not None and train_clock >= budget
+        if cfg.eval_every and last_step % cfg.eval_every == 0 and last_step < cfg.n_grpo_steps and not out_of_time:
+            final = validate(last_step, val_subset, "subset")
+        if out_of_time or last_step == cfg.n_grpo_steps or (
+            cfg.control.checkpoint_every and last_step % cfg.control.checkpoint_every == 0
+        ):
+            save_checkpoint(last_step)
+        if out_of_time:
+            run.logger.info("time budget %s reached after %d steps (%s of training)", cfg.control.time_budget,
+                            last_step, format_seconds(train_clock))
+            break
+    progress.close()
 
-    final = validate(cfg.n_grpo_steps, val if cfg.final_eval_full else val_subset, "full" if cfg.final_eval_full else "subset")
+    final = validate(last_step, val if cfg.final_eval_full else val_subset, "full" if cfg.final_eval_full else "subset")
     policy.save_pretrained(Path(run.path) / "model")
     tokenizer.save_pretrained(Path(run.path) / "model")
     sink.close()

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..checkpoint import Checkpointer, NonFiniteError, Progress, RunControl, _fault, check_finite, truncate_metrics
 from ..evaluate import evaluate
 from ..generation import NativeEngine, SamplingParams
 from ..logprobs import get_response_log_probs
@@ -69,6 +70,7 @@ class SFTConfig:
     eval_max_tokens: int = 1024  # validation sampling: maximum new tokens
     device: str = "auto"  # "auto", "cpu", "cuda", ...
     gradient_checkpointing: bool = False  # trade compute for activation memory
+    control: RunControl = field(default_factory=RunControl)  # checkpoints, resume, time budget, failures
     wandb_project: str = ""  # "" disables wandb
     run_name: str = ""  # wandb run name
 
@@ -174,62 +176,61 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         run.logger.info("eval step %d (%s): accuracy %.4f, format %.4f", step, tag, record["accuracy"], record["format_accuracy"])
         return record
 
+    # ------------------------------------------------------------------ resume
+    ckpt = Checkpointer(run.path, cfg.control.keep_last)
+    step, train_clock, skipped = 0, 0.0, 0
+    latest = ckpt.latest() if cfg.control.resume else None
+    if latest is not None:
+        state = ckpt.load(latest, policy, optimizer)
+        step, train_clock, skipped = state["step"], state["train_clock"], state["skipped_steps"]
+        truncate_metrics(run.metrics_path, state["metrics_bytes"])
+        run.logger.info("resumed from %s: continuing after optimizer step %d", latest, step)
+
+    def save_checkpoint() -> None:
+        ckpt.save(step, policy, optimizer, {
+            "step": step, "train_clock": train_clock, "skipped_steps": skipped,
+            "metrics_bytes": run.metrics_path.stat().st_size if run.metrics_path.exists() else 0,
+        })
+
     # ------------------------------------------------------------------ train
-    step = 0
-    train_clock = 0.0
-    micro = cfg.micro_batch_size
-    for epoch in range(cfg.epochs):
+    budget = cfg.control.budget_seconds
+    progress = Progress(total_steps, step, cfg.control.progress, "sft")
+    clock_at_start = train_clock
+    out_of_time = False
+    for epoch in range(step // steps_per_epoch, cfg.epochs):
         order = list(range(len(encoded)))
         random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-        for first in range(0, len(order), cfg.batch_size):
+        for first in range((step % steps_per_epoch) * cfg.batch_size if epoch == step // steps_per_epoch else 0,
+                           len(order), cfg.batch_size):
             t0 = time.perf_counter()
             batch = [encoded[i] for i in order[first : first + cfg.batch_size]]
             lr = lr_at(step, total_steps, cfg.learning_rate, cfg.warmup_steps, cfg.schedule)
-            set_lr(optimizer, lr)
-            n_micro = math.ceil(len(batch) / micro)
-            batch_tokens = sum(len(r) for _, r in batch)
-            # normalize="batch_tokens": each micro-batch divides its per-sequence sums by the
-            # batch's mean response length, so the summed loss is -(sum of log-probs) / (tokens in the batch).
-            constant = batch_tokens / len(batch) if cfg.normalize == "batch_tokens" else cfg.normalize_constant
-            loss_sum, entropy_sum = 0.0, 0.0
-            for k in range(n_micro):
-                chunk = batch[k * micro : (k + 1) * micro]
-                packed = pack_prompt_and_output_ids([p for p, _ in chunk], [r for _, r in chunk], pad_id)
-                mask = packed["response_mask"].to(device)  # (b, T)
-                with autocast(device):
-                    out = get_response_log_probs(
-                        policy, packed["input_ids"].to(device), packed["labels"].to(device), return_token_entropy=True
-                    )
-                # Weight each micro-batch by its share of the batch's sequences.
-                loss, _ = sft_microbatch_train_step(
-                    out["log_probs"], mask, len(batch) / len(chunk), constant
-                )
-                loss_sum += loss.item()
-                entropy_sum += (out["token_entropy"].detach() * mask).sum().item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            metrics = sft_optimizer_step(policy, optimizer, batch, cfg, lr, pad_id, device, step + 1)
+            if metrics is None:
+                skipped += 1
             step += 1
             seconds = time.perf_counter() - t0
             train_clock += seconds
-            sink.log(
-                "train",
-                step,
-                {
-                    "epoch": epoch,
-                    "loss": loss_sum,
-                    "grad_norm": grad_norm,
-                    "lr": lr,
-                    "token_entropy": entropy_sum / max(batch_tokens, 1),
-                    "tokens": batch_tokens,
-                    "tokens_per_second": sum(len(p) + len(r) for p, r in batch) / seconds,
-                    "wall_clock_train": train_clock,
-                },
-            )
+            if metrics is not None:
+                tokens = sum(len(p) + len(r) for p, r in batch)
+                sink.log("train", step, {"epoch": epoch, **metrics, "tokens_per_second": tokens / seconds,
+                                         "wall_clock_train": train_clock, "skipped_steps": skipped})
+            eta = progress.update(step, train_clock - clock_at_start, loss=(metrics or {}).get("loss", float("nan")))
             if step % max(1, total_steps // 20) == 0 or step == total_steps:
-                run.logger.info("step %d/%d: loss %.4f, grad norm %.3f, lr %.2e", step, total_steps, loss_sum, grad_norm, lr)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                run.logger.info("step %d/%d: loss %.4f, lr %.2e, %s", step, total_steps,
+                                (metrics or {}).get("loss", float("nan")), lr, eta)
+            _fault("step", step)
+            out_of_time = budget is not None and train_clock >= budget
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and not out_of_time:
                 validate(step, val_subset, "subset")
+            if out_of_time or step == total_steps or (cfg.control.checkpoint_every and step % cfg.control.checkpoint_every == 0):
+                save_checkpoint()
+            if out_of_time:
+                run.logger.info("time budget %s reached after %d steps", cfg.control.time_budget, step)
+                break
+        if out_of_time:
+            break
+    progress.close()
 
     # ------------------------------------------------------------------ validate and save
     final = validate(step, val_subset, "final")
@@ -239,3 +240,47 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     sink.close()
     run.close()
     return final
+
+
+def sft_optimizer_step(
+    policy: Any, optimizer: Any, batch: list[tuple[list[int], list[int]]], cfg: Any, lr: float, pad_id: int,
+    device: torch.device, step: int,
+) -> dict[str, float] | None:
+    """One optimizer step of SFT on ``batch`` (prompt ids, response ids), micro-batched.
+
+    ``cfg`` supplies micro_batch_size, normalize, normalize_constant, max_grad_norm and
+    control.skip_nonfinite. With normalize="batch_tokens", each micro-batch divides its
+    per-sequence sums by the batch's mean response length, so the summed loss is
+    -(sum of response log-probs) / (response tokens in the batch).
+    Returns the step's metrics, or None when a non-finite step was skipped.
+    """
+    set_lr(optimizer, lr)
+    micro = cfg.micro_batch_size
+    n_tokens = sum(len(r) for _, r in batch)
+    constant = n_tokens / len(batch) if cfg.normalize == "batch_tokens" else cfg.normalize_constant
+    loss_sum, entropy_sum = 0.0, 0.0
+    for k in range(0, len(batch), micro):
+        chunk = batch[k : k + micro]
+        packed = pack_prompt_and_output_ids([p for p, _ in chunk], [r for _, r in chunk], pad_id)
+        mask = packed["response_mask"].to(device)  # (b, T)
+        with autocast(device):
+            out = get_response_log_probs(
+                policy, packed["input_ids"].to(device), packed["labels"].to(device), return_token_entropy=True
+            )
+        # each micro-batch weighs by its share of the batch's sequences
+        loss, _ = sft_microbatch_train_step(out["log_probs"], mask, len(batch) / len(chunk), constant)
+        loss_sum += loss.item()
+        entropy_sum += (out["token_entropy"].detach() * mask).sum().item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm).item()
+    try:
+        check_finite("loss", loss_sum, step)
+        check_finite("gradient norm", grad_norm, step)
+    except NonFiniteError:
+        optimizer.zero_grad(set_to_none=True)
+        if not cfg.control.skip_nonfinite:
+            raise
+        return None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss_sum, "grad_norm": grad_norm, "lr": lr, "token_entropy": entropy_sum / max(n_tokens, 1),
+            "tokens": n_tokens}

@@ -1,0 +1,239 @@
+"""Checkpoints that survive kills, crashes and full disks; exact resume; time budgets.
+
+A checkpoint is a directory ``<run>/checkpoints/step_<N>/`` holding the policy weights,
+the optimizer state, every RNG state, and the recipe's own counters (step, data position,
+training clock, and how many bytes of metrics.jsonl existed at that moment). It is
+written to a temporary directory next to it, fsynced, then renamed into place: a kill
+during the write leaves the previous checkpoint untouched, and a directory without the
+``COMPLETE`` marker is never loaded. On resume, metrics.jsonl is cut back to its length at
+the checkpoint, so a resumed run writes exactly the records an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+COMPLETE = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """Writing a checkpoint failed; the previous checkpoint is intact."""
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient was NaN or infinite."""
+
+
+@dataclass
+class RunControl:
+    """How a run survives interruptions and when it stops (shared by every recipe)."""
+
+    resume: bool = False  # continue from the last complete checkpoint in the run directory
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end or when the budget runs out)
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted
+    time_budget: str = ""  # e.g. "4h", "90m": stop training at this much time (evaluation excluded)
+    skip_nonfinite: bool = False  # skip (and count) optimizer steps with NaN/inf loss or gradient instead of stopping
+    progress: bool = True  # progress bar with ETA
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {self.keep_last}")
+        parse_duration(self.time_budget)  # fails early on a malformed budget
+
+    @property
+    def budget_seconds(self) -> float | None:
+        return parse_duration(self.time_budget)
+
+
+def parse_duration(text: str | float | int | None) -> float | None:
+    """Seconds from "4h", "90m", "1h30m", "45s", "3600" (seconds); None or "" -> no budget."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, (int, float)):
+        return float(text)
+    s = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return float(s)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", s)
+    if not parts or "".join(f"{n}{u}" for n, u in parts) != s.replace(" ", ""):
+        raise ValueError(f"cannot read duration {text!r}: use e.g. 4h, 90m, 1h30m, 45s or plain seconds")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fault(point: str, step: int) -> None:
+    """Fault injection for the kill-and-resume tests: CS336_ALIGNMENT_FAULT="<point>:<step>"
+    makes the process kill itself with SIGKILL at that point. Unset in normal runs."""
+    spec = os.environ.get("CS336_ALIGNMENT_FAULT")
+    if spec and spec == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Checkpointer:
+    """Saves and finds checkpoints of one run.
+
+    Args:
+        run_path: the run directory.
+        keep_last: how many complete checkpoints to keep (older ones are deleted).
+    """
+
+    def __init__(self, run_path: str | Path, keep_last: int = 2):
+        self.root = Path(run_path) / "checkpoints"
+        self.keep_last = max(1, keep_last)
+
+    def complete(self) -> list[tuple[int, Path]]:
+        """(step, path) of every complete checkpoint, oldest first."""
+        if not self.root.exists():
+            return []
+        found = []
+        for p in self.root.iterdir():
+            m = _STEP_DIR.match(p.name)
+            if m and (p / COMPLETE).exists():
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1][1] if done else None
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> Path:
+        """Write checkpoint ``step`` atomically. Raises CheckpointError (previous one intact) on failure."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"step_{step:06d}"
+        tmp = self.root / f".tmp_step_{step:06d}_{os.getpid()}_{time.time_ns()}"
+        try:
+            tmp.mkdir()
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "model.pt")
+            _fault("checkpoint", step)
+            if optimizer is not None:
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save({"state": state, "rng": rng_state(), "step": step}, tmp / "trainer.pt")
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            (tmp / COMPLETE).write_text(f"{step}\n")
+            _fsync_dir(tmp)
+            if final.exists():  # a re-run of the same step after resume
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = self.latest()
+            why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise CheckpointError(
+                f"writing the checkpoint of step {step} to {self.root} failed ({why}); "
+                f"the previous checkpoint {previous or '(none)'} is intact"
+            ) from e
+        self.prune()
+        return final
+
+    def prune(self) -> None:
+        for _, path in self.complete()[: -self.keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+        for stale in self.root.glob(".tmp_step_*"):  # left behind by a killed writer
+            if f"_{os.getpid()}_" not in stale.name:
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        """Restore weights, optimizer and RNG states from ``path``; returns the recipe state."""
+        device = next(model.parameters()).device
+        model.load_state_dict(torch.load(path / "model.pt", map_location=device, weights_only=True))
+        if optimizer is not None and (path / "optimizer.pt").exists():
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=False))
+        trainer = torch.load(path / "trainer.pt", weights_only=False)
+        set_rng_state(trainer["rng"])
+        return trainer["state"]
+
+
+def truncate_metrics(metrics_path: Path, size: int) -> None:
+    """Cut metrics.jsonl back to ``size`` bytes (its length when the checkpoint was taken)."""
+    if metrics_path.exists() and metrics_path.stat().st_size > size:
+        with open(metrics_path, "r+b") as f:
+            f.truncate(size)
+
+
+def check_finite(name: str, value: float, step: int) -> None:
+    """Raise NonFiniteError with a clear message if ``value`` is NaN or infinite."""
+    if not torch.isfinite(torch.tensor(value)):
+        raise NonFiniteError(
+            f"{name} is {value} at step {step}: stopping before the optimizer step so the weights stay finite. "
+            "Lower the learning rate, check the rewards for NaN, or set skip_nonfinite=true to skip such steps."
+        )
+
+
+class Progress:
+    """A progress bar over a run's steps with an ETA from the training clock (evaluation excluded)."""
+
+    def __init__(self, total: int, start: int, enabled: bool, desc: str):
+        self.total, self.start = total, start
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+
+    def eta_seconds(self, done: int, clock_this_session: float) -> float | None:
+        steps = done - self.start
+        return clock_this_session / steps * (self.total - done) if steps > 0 else None
+
+    def update(self, done: int, clock_this_session: float, **postfix: float) -> str:
+        eta = self.eta_seconds(done, clock_this_session)
+        text = f"ETA {format_seconds(eta)}" if eta is not None else "ETA ?"
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in postfix.items()} | {"eta": format_seconds(eta)}, refresh=False)
+        return text
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
