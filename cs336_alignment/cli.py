@@ -91,11 +91,13 @@ def eval_command(
 def sft_command(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with SFTConfig fields."),
     overrides: Optional[list[str]] = typer.Argument(None, help="SFTConfig fields as key=value (nested: data.train=...)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in the run directory."),
+    time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop training after this long (e.g. 4h, 90m)."),
 ) -> None:
     """Supervised fine-tuning on (prompt, response) pairs (sft.jsonl or a built-in task's traces)."""
     from .recipes.sft import SFTConfig, train_sft
 
-    cfg = _load_or_exit(SFTConfig, config, list(overrides or []))
+    cfg = _load_or_exit(SFTConfig, config, list(overrides or []) + _control_flags(resume, time_budget))
     _echo_metrics(train_sft(cfg))
 
 
@@ -103,12 +105,33 @@ def sft_command(
 def grpo_command(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with GRPOConfig fields."),
     overrides: Optional[list[str]] = typer.Argument(None, help="GRPOConfig fields as key=value (nested: data.train=...)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in the run directory."),
+    time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop training after this long (e.g. 4h, 90m)."),
 ) -> None:
     """GRPO (and its ablations: loss_type, length normalisation, std normalisation, off-policy epochs)."""
     from .recipes.grpo import GRPOConfig, train_grpo
 
-    cfg = _load_or_exit(GRPOConfig, config, list(overrides or []))
+    cfg = _load_or_exit(GRPOConfig, config, list(overrides or []) + _control_flags(resume, time_budget))
     _echo_metrics(train_grpo(cfg))
+
+
+@app.command("ei")
+def ei_command(
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with EIConfig fields."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="EIConfig fields as key=value (nested: data.train=...)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in the run directory."),
+    time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop training after this long (e.g. 4h, 90m)."),
+) -> None:
+    """Expert iteration: sample, keep the rewarded responses, fine-tune on them, repeat."""
+    from .recipes.ei import EIConfig, train_ei
+
+    cfg = _load_or_exit(EIConfig, config, list(overrides or []) + _control_flags(resume, time_budget))
+    _echo_metrics(train_ei(cfg))
+
+
+def _control_flags(resume: bool, time_budget: Optional[str]) -> list[str]:
+    flags = ["control.resume=true"] if resume else []
+    return flags + ([f"control.time_budget={time_budget}"] if time_budget else [])
 
 
 def _echo_metrics(metrics: dict) -> None:

@@ -319,7 +319,7 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
                         run.logger.error("%s Last checkpoint: %s", e, ckpt.latest())
                         raise
                     skipped += 1
-                    run.logger.warning("skipped optimizer step %d (%d so far): %s", optimizer_step + 1, skipped, e)
+                    run.logger.warning("skipped an optimizer step of GRPO step %d (%d skipped so far): %s", grpo_step + 1, skipped, e)
                     continue
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
