@@ -233,3 +233,26 @@ def test_full_disk_fails_loudly_and_keeps_the_previous_checkpoint(tmp_path, monk
     fresh = torch.nn.Linear(2, 2)
     assert saver.load(saver.latest(), fresh, None) == {"next_step": 1}
     assert torch.equal(fresh.weight, model.weight)
+
+
+def test_grader_timeouts_are_counted_as_wrong_and_logged(tmp_path, monkeypatch):
+    """A reward that times out (here: the grader reports a timeout) scores 0 and is logged; the run goes on."""
+    import cs336_alignment.rewards.grader as grader
+
+    real = grader.grade_response
+
+    def slow_first(response, ground_truth, **kw):
+        result = real(response, ground_truth, **kw)
+        with grader._stats_lock:
+            grader._stats["timeouts"] += 1  # as the worker pool does when it kills an overrunning worker
+        return result
+
+    monkeypatch.setattr(grader, "grade_response", slow_first)
+    import cs336_alignment.rewards as rewards
+
+    monkeypatch.setattr(rewards, "grade_response", slow_first)
+    cfg = _grpo_cfg(tmp_path / "g", n_grpo_steps=1, data={**TINY_DATA})
+    train_grpo(cfg)
+    train = [r for r in read_metrics(tmp_path / "g" / "metrics.jsonl") if r["kind"] == "train"]
+    assert train[0]["grader_timeouts"] == 16 and train[0]["grader_errors"] == 0
+    assert "16 grader timeouts" in (tmp_path / "g" / "log.txt").read_text()

@@ -153,6 +153,19 @@ class MetricsSink:
             self.wandb.finish()
 
 
+def grader_counts() -> dict[str, int]:
+    """Process-wide grader totals (timeouts, errors, ...); subtract two to count a phase's."""
+    from ..rewards import grading_stats
+
+    return grading_stats()
+
+
+def grader_delta(before: dict[str, int]) -> dict[str, int]:
+    """Grader timeouts and errors since ``before`` (each counted as a wrong answer, never fatal)."""
+    after = grader_counts()
+    return {f"grader_{k}": after.get(k, 0) - before.get(k, 0) for k in ("timeouts", "errors")}
+
+
 def free_cuda_cache(device: torch.device) -> None:
     """Return cached blocks between phases when generator and policy share a GPU."""
     if device.type == "cuda":
@@ -165,6 +178,8 @@ __all__ = [
     "MetricsSink",
     "autocast",
     "free_cuda_cache",
+    "grader_counts",
+    "grader_delta",
     "load_data",
     "load_policy",
     "lr_at",

@@ -30,6 +30,8 @@ from .common import (
     MetricsSink,
     autocast,
     free_cuda_cache,
+    grader_counts,
+    grader_delta,
     load_data,
     load_policy,
     make_optimizer,
@@ -181,7 +183,9 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
         rollout_seconds = time.perf_counter() - t0
 
         # ------------------------------------------------------------------ filter
+        graded_before = grader_counts()
         rewards = [[float(data.reward_fn(c.text, q.ground_truth)["reward"]) for c in r.completions] for q, r in zip(questions, results)]
+        grader = grader_delta(graded_before)  # timeouts count as wrong answers; logged, never fatal
         kept = select_expert_responses(results, rewards, cfg.dedupe_correct)
         n_rollouts = sum(len(r) for r in rewards)
         entropy = None
@@ -223,6 +227,7 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
             "rollout_seconds": rollout_seconds,
             "sft_seconds": sft_seconds,
             "wall_clock_train": train_clock,
+            **grader,
         })
         eta = progress.update(last_step, train_clock - clock_at_start, kept=len(kept))
         run.logger.info("EI step %d/%d: kept %d of %d rollouts, %s", last_step, cfg.n_ei_steps, len(kept), n_rollouts, eta)

@@ -36,6 +36,8 @@ from .common import (
     MetricsSink,
     autocast,
     free_cuda_cache,
+    grader_counts,
+    grader_delta,
     load_data,
     load_policy,
     make_optimizer,
@@ -254,6 +256,7 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
 
         # ------------------------------------------------------------------ score and advantages
         scores: list[dict[str, float]] = []
+        graded_before = grader_counts()
 
         def scored_reward(response: str, truth: Any) -> dict[str, float]:
             scores.append(data.reward_fn(response, truth))
@@ -267,6 +270,10 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
             r.reward, r.format_reward, r.answer_reward = float(s["reward"]), float(s.get("format_reward", 0)), float(s.get("answer_reward", 0))
             r.advantage = a
         stats = rollout_stats(rollouts, cfg.group_size, cfg.sampling_max_tokens)
+        grader = grader_delta(graded_before)  # timeouts count as wrong answers; logged, never fatal
+        if grader["grader_timeouts"] or grader["grader_errors"]:
+            run.logger.warning("GRPO step %d: %d grader timeouts, %d grader errors (scored as wrong)",
+                               grpo_step + 1, grader["grader_timeouts"], grader["grader_errors"])
         micro_batches = [pack_rollouts(rollouts[i : i + micro], pad_id, device) for i in range(0, len(rollouts), micro)]
 
         # ------------------------------------------------------------------ old log-probs (once per rollout batch)
@@ -355,6 +362,7 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
             "train_tokens_per_second": train_tokens / train_seconds if train_seconds > 0 else None,
             "wall_clock_train": train_clock,
             "skipped_steps": skipped,
+            **grader,
         }
         # ------------------------------------------------------------------ log
         for step_index, record in step_records:
