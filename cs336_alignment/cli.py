@@ -129,6 +129,40 @@ def ei_command(
     _echo_metrics(train_ei(cfg))
 
 
+@app.command("report")
+def report_command(
+    runs: list[Path] = typer.Argument(..., help="Run directories (training runs or eval outputs)."),
+    out: Path = typer.Option(..., "--out", help="Directory for report.md and the PNG plots."),
+    label: Optional[list[str]] = typer.Option(None, "--label", help="A label per run (default: the config keys that differ)."),
+) -> None:
+    """Plots (accuracy vs step and wall-clock, reward, entropy, length, grad norm, clip fraction) and a Markdown report."""
+    from .report import ReportError, report_main
+
+    try:
+        path = report_main(list(runs), out, list(label) if label else None)
+    except ReportError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {path}")
+
+
+@app.command("download")
+def download_command(
+    name: str = typer.Argument(..., help="gsm8k, math or math500."),
+    out: Path = typer.Option(Path("data"), "--out", help="Directory for <name>_<split>.jsonl."),
+    split: Optional[str] = typer.Option(None, "--split", help="One split (default: all of the dataset's splits)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most N examples per split."),
+) -> None:
+    """Download a public dataset from the Hugging Face hub into our JSONL form (needs the 'datasets' extra)."""
+    from .download import DownloadError, download_main
+
+    try:
+        download_main(name, out, split, limit)
+    except DownloadError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
 def _control_flags(resume: bool, time_budget: Optional[str]) -> list[str]:
     flags = ["control.resume=true"] if resume else []
     return flags + ([f"control.time_budget={time_budget}"] if time_budget else [])
