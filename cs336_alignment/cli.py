@@ -45,6 +45,24 @@ def info() -> None:
         typer.echo("cuda: not available (CPU only)")
 
 
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory."),
+    quick: bool = typer.Option(False, "--quick", help="The reduced size the test suite runs (about a minute)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="DemoConfig fields as key=value (e.g. grpo_steps=100)."),
+) -> None:
+    """The main job: SFT then GRPO on a tiny model, on CPU, showing validation reward rise (about 2 minutes)."""
+    from .demo import DemoConfig, format_summary, run_demo
+
+    base = DemoConfig.quick(str(out)) if quick else DemoConfig(out=str(out))
+    from .config import to_dict
+
+    fields = {k: v for k, v in to_dict(base).items()}
+    cfg = _load_or_exit(DemoConfig, None, [f"{k}={v}" for k, v in fields.items()] + list(overrides or []))
+    summary = run_demo(cfg)
+    typer.echo(format_summary(summary))
+
+
 @app.command("tiny-model")
 def tiny_model(
     out: Path = typer.Option(..., "--out", help="Directory to write the model and tokenizer to."),
