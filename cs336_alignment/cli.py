@@ -147,6 +147,44 @@ def ei_command(
     _echo_metrics(train_ei(cfg))
 
 
+@app.command("run")
+def run_command(
+    config: Path = typer.Argument(..., help="A study config (configs/*.yaml) with a 'recipe:' key."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Config fields as key=value."),
+    smoke: bool = typer.Option(False, "--smoke", help="Tiny model, built-in task, CPU, one step: checks the config runs."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint."),
+    time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop training after this long (e.g. 4h)."),
+) -> None:
+    """Run one study config (eval, sft, ei or grpo, as its 'recipe:' key says)."""
+    from .config import ConfigError
+    from .experiments import load_study, run_study
+
+    try:
+        extra = _control_flags(resume, time_budget)
+        study = load_study(config, list(overrides or []) + extra, smoke=smoke)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    _echo_metrics(run_study(study))
+
+
+@app.command("sweep")
+def sweep_command(
+    sweep: Path = typer.Argument(..., help="A sweep file (configs/sweeps/*.yaml): base, out pattern, grid."),
+    smoke: bool = typer.Option(False, "--smoke", help="Run every grid point under the smoke overlay."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs without running them."),
+) -> None:
+    """Run a grid of overrides one run after another, skipping runs already complete."""
+    from .config import ConfigError
+    from .experiments import run_sweep
+
+    try:
+        run_sweep(sweep, smoke=smoke, dry_run=dry_run, echo=typer.echo)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command("report")
 def report_command(
     runs: list[Path] = typer.Argument(..., help="Run directories (training runs or eval outputs)."),

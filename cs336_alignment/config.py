@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -232,14 +234,50 @@ def from_dict(
         raise ConfigError(f"{where}{section}: {e}") from e
 
 
+_ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(data: Any, source: str | None = None, lines: Mapping[tuple[str, ...], int] | None = None,
+               _path: tuple[str, ...] = ()) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in string values with environment variables.
+
+    Config files name machine-specific locations this way (``model: ${CS336_MODEL}``), so one
+    file runs anywhere once the variables are set. An unset variable without a default is
+    an error naming the file, line, field and variable.
+    """
+    if isinstance(data, dict):
+        return {k: expand_env(v, source, lines, _path + (str(k),)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [expand_env(v, source, lines, _path) for v in data]
+    if not isinstance(data, str) or "${" not in data:
+        return data
+
+    def sub(m: re.Match) -> str:
+        value = os.environ.get(m.group(1))
+        if value is None:
+            if m.group(2) is None:
+                raise ConfigError(
+                    f"{_where(source, lines or {}, _path)}: environment variable {m.group(1)} is not set "
+                    f"(export {m.group(1)}=... or write ${{{m.group(1)}:-default}})"
+                )
+            value = m.group(2)
+        return value
+
+    return _ENV_VAR.sub(sub, data)
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Defaults of ``cls``, updated by the YAML file at ``path``, then by ``key=value`` overrides."""
+    """Defaults of ``cls``, updated by the YAML file at ``path``, then by ``key=value`` overrides.
+
+    ``${VAR}`` / ``${VAR:-default}`` in the file's strings are read from the environment.
+    """
     data: dict[str, Any] = {}
     lines: dict[tuple[str, ...], int] = {}
     source = None
     if path is not None:
         data, lines = read_yaml(path)
         source = str(path)
+        data = expand_env(data, source, lines)
     if overrides:
         data = apply_overrides(data, overrides)
         source = f"{source} + overrides" if source else "overrides"

@@ -82,10 +82,11 @@ def response_entropies(
         idx = order[start : start + micro_batch_size]
         batch = pack_prompt_and_output_ids([prompt_ids[i] for i in idx], [response_ids[i] for i in idx], pad_id)
         device = next(policy.parameters()).device
-        scored = get_response_log_probs(
-            policy, batch["input_ids"].to(device), batch["labels"].to(device), return_token_entropy=True
-        )
         mask = batch["response_mask"].to(device)  # (b, T)
+        scored = get_response_log_probs(
+            policy, batch["input_ids"].to(device), batch["labels"].to(device), return_token_entropy=True,
+            chunk_size=1024, positions_mask=mask,
+        )
         ent = scored["token_entropy"]  # (b, T)
         per_seq = (ent * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (b,)
         for i, v in zip(idx, per_seq.tolist()):

@@ -15,6 +15,7 @@ Glossary: D_b questions, G responses per question, b sequences per micro-batch.
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import Any, Literal
 from ..checkpoint import Checkpointer, Progress, RunControl, _fault, format_seconds, truncate_metrics
 from ..evaluate import evaluate, response_entropies
 from ..generation import NativeEngine, SamplingParams
-from ..run_dir import RunDir
+from ..run_dir import RunDir, atomic_write_text
 from .common import (
     DataConfig,
     MetricsSink,
@@ -73,6 +74,8 @@ class EIConfig:
     final_eval_full: bool = True  # validate on the whole validation set at the end
     device: str = "auto"  # policy device
     gradient_checkpointing: bool = False  # trade compute for activation memory
+    logprob_chunk_size: int | None = 1024  # log-probs/entropy over this many positions at a time (None: full fp32 logits)
+    length_grouping: bool = True  # sort each SFT batch by length before micro-batching
     max_num_seqs: int = 256  # generator: sequences decoded together
     kv_cache_memory_fraction: float = 0.3  # generator: share of free GPU memory for the KV cache
     control: RunControl = field(default_factory=RunControl)  # checkpoints (one per EI step when set), resume, budget
@@ -249,6 +252,7 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
     final = validate(last_step, val if cfg.final_eval_full else val_subset, "full" if cfg.final_eval_full else "subset")
     policy.save_pretrained(Path(run.path) / "model")
     tokenizer.save_pretrained(Path(run.path) / "model")
+    atomic_write_text(Path(run.path) / "final.json", json.dumps(final, indent=2, default=str) + "\n")  # marks the run complete
     sink.close()
     run.close()
     return final

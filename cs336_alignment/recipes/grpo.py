@@ -15,6 +15,7 @@ Glossary: B prompts per rollout batch, G = group_size, b rollouts per micro-batc
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from ..generation import NativeEngine, SamplingParams
 from ..logprobs import get_response_log_probs
 from ..losses import LENGTH_NORMALIZATIONS, LOSS_TYPES, grpo_microbatch_train_step
 from ..rollouts import Rollout, pack_rollouts, rollout_stats
-from ..run_dir import RunDir
+from ..run_dir import RunDir, atomic_write_text
 from .common import (
     DataConfig,
     MetricsSink,
@@ -84,6 +85,8 @@ class GRPOConfig:
     device: str = "auto"  # policy device: "auto", "cpu", "cuda", "cuda:0", ...
     generator_device: str = "same"  # "same": colocated with the policy; else the generator's own device ("cuda:1")
     gradient_checkpointing: bool = False  # trade compute for activation memory
+    logprob_chunk_size: int | None = 1024  # log-probs/entropy over this many positions at a time (None: full fp32 logits)
+    length_grouping: bool = True  # sort each train batch by length before micro-batching (less padding, same gradient)
     max_num_seqs: int = 256  # generator: sequences decoded together
     kv_cache_memory_fraction: float = 0.3  # generator: share of free GPU memory for the KV cache
     # -- checkpoints, resume, time budget, failures
@@ -274,7 +277,12 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         if grader["grader_timeouts"] or grader["grader_errors"]:
             run.logger.warning("GRPO step %d: %d grader timeouts, %d grader errors (scored as wrong)",
                                grpo_step + 1, grader["grader_timeouts"], grader["grader_errors"])
-        micro_batches = [pack_rollouts(rollouts[i : i + micro], pad_id, device) for i in range(0, len(rollouts), micro)]
+        micro_batches = []  # train batch by train batch, each cut into micro-batches of similar length
+        for first in range(0, len(rollouts), cfg.train_batch_size):
+            batch = rollouts[first : first + cfg.train_batch_size]
+            if cfg.length_grouping:
+                batch = sorted(batch, key=lambda r: len(r.prompt_token_ids) + r.num_tokens)
+            micro_batches += [pack_rollouts(batch[i : i + micro], pad_id, device) for i in range(0, len(batch), micro)]
 
         # ------------------------------------------------------------------ old log-probs (once per rollout batch)
         t0 = time.perf_counter()
@@ -283,7 +291,9 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         if needs_old:
             with torch.inference_mode(), autocast(device):
                 for mb in micro_batches:
-                    mb.old_log_probs = get_response_log_probs(policy, mb.input_ids, mb.labels)["log_probs"].float()
+                    mb.old_log_probs = get_response_log_probs(
+                        policy, mb.input_ids, mb.labels, chunk_size=cfg.logprob_chunk_size, positions_mask=mb.response_mask
+                    )["log_probs"].float()
                     gap.add(mb.old_log_probs, mb)
         old_lp_seconds = time.perf_counter() - t0
 
@@ -298,7 +308,10 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
                 tokens = 0
                 for mb in micro_batches[first : first + mbs_per_step]:
                     with autocast(device):
-                        out = get_response_log_probs(policy, mb.input_ids, mb.labels, return_token_entropy=True)
+                        out = get_response_log_probs(
+                            policy, mb.input_ids, mb.labels, return_token_entropy=True,
+                            chunk_size=cfg.logprob_chunk_size, positions_mask=mb.response_mask,
+                        )
                     log_probs = out["log_probs"]  # (b, T) fp32
                     loss, meta = grpo_microbatch_train_step(
                         log_probs, mb.response_mask, gas, cfg.loss_type,
@@ -392,6 +405,7 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     final = validate(last_step, val if cfg.final_eval_full else val_subset, "full" if cfg.final_eval_full else "subset")
     policy.save_pretrained(Path(run.path) / "model")
     tokenizer.save_pretrained(Path(run.path) / "model")
+    atomic_write_text(Path(run.path) / "final.json", json.dumps(final, indent=2, default=str) + "\n")  # marks the run complete
     sink.close()
     run.close()
     return final

@@ -13,6 +13,7 @@ Glossary: b sequences per micro-batch, T positions after the one-token shift.
 from __future__ import annotations
 
 import math
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from ..evaluate import evaluate
 from ..generation import NativeEngine, SamplingParams
 from ..logprobs import get_response_log_probs
 from ..losses import sft_microbatch_train_step
-from ..run_dir import RunDir
+from ..run_dir import RunDir, atomic_write_text
 from ..tokenization import pack_prompt_and_output_ids
 from .common import (
     DataConfig,
@@ -53,6 +54,7 @@ class SFTConfig:
     n_examples: int | None = None  # use this many unique examples (128, 256, 512, 1024; None = all)
     filter_correct: bool = False  # keep only examples whose reference response earns reward 1
     epochs: int = 1  # passes over the examples
+    max_steps: int | None = None  # stop after this many optimizer steps (None: all epochs)
     learning_rate: float = 2e-5  # peak AdamW learning rate
     warmup_steps: int = 0  # linear warmup steps
     schedule: Literal["constant", "cosine"] = "constant"  # after warmup
@@ -70,6 +72,8 @@ class SFTConfig:
     eval_max_tokens: int = 1024  # validation sampling: maximum new tokens
     device: str = "auto"  # "auto", "cpu", "cuda", ...
     gradient_checkpointing: bool = False  # trade compute for activation memory
+    logprob_chunk_size: int | None = 1024  # log-probs/entropy over this many positions at a time (None: full fp32 logits)
+    length_grouping: bool = True  # sort each batch by length before micro-batching (less padding, same gradient)
     control: RunControl = field(default_factory=RunControl)  # checkpoints, resume, time budget, failures
     wandb_project: str = ""  # "" disables wandb
     run_name: str = ""  # wandb run name
@@ -85,6 +89,8 @@ class SFTConfig:
             raise ValueError(f"n_examples must be >= 1 or null (all), got {self.n_examples}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
         if self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
 
@@ -138,6 +144,8 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         encoded.append((p_ids, r_ids))
     steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
     val = data.val
     val_subset = random.Random(cfg.eval_seed).sample(val, min(cfg.n_eval_examples, len(val))) if val else []
     run.logger.info(
@@ -228,7 +236,9 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
             if out_of_time:
                 run.logger.info("time budget %s reached after %d steps", cfg.control.time_budget, step)
                 break
-        if out_of_time:
+            if step >= total_steps:
+                break
+        if out_of_time or step >= total_steps:
             break
     progress.close()
 
@@ -237,6 +247,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     policy.save_pretrained(Path(run.path) / "model")
     tokenizer.save_pretrained(Path(run.path) / "model")
     run.logger.info("saved model and tokenizer to %s", Path(run.path) / "model")
+    atomic_write_text(Path(run.path) / "final.json", json.dumps(final, indent=2, default=str) + "\n")  # marks the run complete
     sink.close()
     run.close()
     return final
@@ -256,6 +267,8 @@ def sft_optimizer_step(
     """
     set_lr(optimizer, lr)
     micro = cfg.micro_batch_size
+    if cfg.length_grouping:
+        batch = sorted(batch, key=lambda pr: len(pr[0]) + len(pr[1]))
     n_tokens = sum(len(r) for _, r in batch)
     constant = n_tokens / len(batch) if cfg.normalize == "batch_tokens" else cfg.normalize_constant
     loss_sum, entropy_sum = 0.0, 0.0
@@ -265,7 +278,8 @@ def sft_optimizer_step(
         mask = packed["response_mask"].to(device)  # (b, T)
         with autocast(device):
             out = get_response_log_probs(
-                policy, packed["input_ids"].to(device), packed["labels"].to(device), return_token_entropy=True
+                policy, packed["input_ids"].to(device), packed["labels"].to(device), return_token_entropy=True,
+                chunk_size=cfg.logprob_chunk_size, positions_mask=mask,
             )
         # each micro-batch weighs by its share of the batch's sequences
         loss, _ = sft_microbatch_train_step(out["log_probs"], mask, len(batch) / len(chunk), constant)
