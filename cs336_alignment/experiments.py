@@ -13,6 +13,10 @@ A sweep file names a base config, a grid of overrides and an output pattern::
     out: runs/grpo_lr/lr={learning_rate}
     grid:
       learning_rate: [3.0e-6, 1.0e-5, 3.0e-5]
+      "train_batch_size,gradient_accumulation_steps": [[256, 128], [128, 64]]   # varied together
+
+The grid is the product of its entries; dotted fields appear in the pattern with "_"
+(``{data_prompt}``).
 
 ``sweep`` runs the grid one run after another, skips runs already complete (their
 ``final.json`` / ``metrics.json`` exists) and resumes interrupted ones from their last
@@ -114,7 +118,8 @@ def smoke_overrides(recipe: str, cfg: Any) -> list[str]:
     data = {"data.train": "task:arithmetic", "data.val": "", "data.n_task_train": 64, "data.n_task_val": 8,
             "data.task_knobs": {"digits": 1}}
     if recipe == "eval":
-        return _kv({**common, "data": "task:arithmetic", "limit": 4, "max_tokens": 16, "out": str(out.parent / "smoke" / out.name)})
+        common.pop("wandb_project")
+        return _kv({**common, "data": "task:arithmetic", "limit": 4, "max_tokens": 16})
     if recipe == "sft":
         return _kv({**common, **data, "max_steps": 1, "batch_size": 4, "micro_batch_size": 2, "eval_max_tokens": 16,
                     "n_eval_examples": 4, "max_seq_len": 512, "control.progress": False})
@@ -153,6 +158,7 @@ class SweepRun:
 def expand_sweep(path: str | Path) -> tuple[Path, list[SweepRun]]:
     """The base config of a sweep file and one run per grid point (in file order)."""
     data, lines = read_yaml(path)
+    data = expand_env(data, str(path), lines)
     for key in ("base", "out", "grid"):
         if key not in data:
             raise ConfigError(f"{path}:1: field '{key}': missing (a sweep needs base, out and grid)")
@@ -166,7 +172,15 @@ def expand_sweep(path: str | Path) -> tuple[Path, list[SweepRun]]:
     fixed = [f"{k}={json.dumps(v)}" for k, v in (data.get("overrides") or {}).items()]
     runs = []
     for values in itertools.product(*grid.values()):
-        point = dict(zip(grid.keys(), values))
+        point: dict[str, Any] = {}
+        for key, value in zip(grid.keys(), values):
+            if "," in key:  # "a,b": [[a1, b1], [a2, b2]] varies fields together
+                names = [k.strip() for k in key.split(",")]
+                if not isinstance(value, list) or len(value) != len(names):
+                    raise ConfigError(f"{path}: grid entry {key!r} needs lists of {len(names)} values, got {value!r}")
+                point.update(zip(names, value))
+            else:
+                point[key] = value
         out = str(data["out"]).format(**{k.replace(".", "_"): _fmt(v) for k, v in point.items()})
         runs.append(SweepRun(out, fixed + [f"{k}={json.dumps(v)}" for k, v in point.items()] + [f"out={json.dumps(out)}"]))
     return base, runs

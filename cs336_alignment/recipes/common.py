@@ -83,8 +83,9 @@ def load_policy(path: str, device: torch.device, seed: int = 0, gradient_checkpo
     from ..evaluate import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(path, device, dtype=torch.float32, seed=seed)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if gradient_checkpointing:  # the method was renamed in transformers 5.2x; older versions have only the first
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
         model.config.use_cache = False
     return model.train(), tokenizer
 

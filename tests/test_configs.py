@@ -1,0 +1,99 @@
+"""Every study config parses, validates, and runs one step under the smoke overlay on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cs336_alignment.config import ConfigError, to_dict
+from cs336_alignment.experiments import SMOKE_FIELDS, expand_sweep, load_study, run_study, run_sweep
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+SWEEPS = sorted((Path(__file__).resolve().parents[1] / "configs" / "sweeps").glob("*.yaml"))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k != "task_knobs":
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def test_there_is_a_config_for_every_study():
+    names = {p.stem for p in CONFIGS} | {p.stem for p in SWEEPS}
+    for study in ("math_baseline", "sft", "sft_sizes", "sft_filtered", "ei", "ei_grid", "grpo", "grpo_lr",
+                  "grpo_baselines", "grpo_length_norm", "grpo_std_norm", "grpo_off_policy_broad",
+                  "grpo_off_policy_focused", "grpo_no_clip", "grpo_question_only", "leaderboard"):
+        assert study in names, study
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_parses_and_validates(path, monkeypatch):
+    monkeypatch.delenv("CS336_MODEL", raising=False)
+    study = load_study(path)
+    assert study.config.model.endswith("Qwen2.5-Math-1.5B")
+    monkeypatch.setenv("CS336_MODEL", "/models/mine")
+    assert load_study(path).config.model == "/models/mine"
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_sweep_expands_to_valid_distinct_runs(path):
+    base, runs = expand_sweep(path)
+    assert base.exists() and len(runs) >= 2
+    outs = [load_study(base, r.overrides).config.out for r in runs]
+    assert len(set(outs)) == len(outs)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_smoke_overlay_changes_only_sizes_devices_and_paths(path):
+    full, smoke = load_study(path), load_study(path, smoke=True)
+    a, b = _flat(to_dict(full.config)), _flat(to_dict(smoke.config))
+    changed = {k for k in a if a[k] != b[k]}
+    assert changed <= SMOKE_FIELDS, changed - SMOKE_FIELDS
+    assert smoke.config.model == "tiny" and smoke.config.device == "cpu"
+    if full.recipe == "grpo":  # on- vs off-policy and the optimizer steps per rollout batch survive
+        assert smoke.config.off_policy == full.config.off_policy
+        assert smoke.config.optimizer_steps_per_rollout_batch == full.config.optimizer_steps_per_rollout_batch
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_runs_one_step_under_smoke(path, tmp_path, monkeypatch):
+    monkeypatch.setenv("CS336_RUNS", str(tmp_path))
+    study = load_study(path, smoke=True)
+    metrics = run_study(study)
+    assert "accuracy" in metrics
+    out = Path(study.config.out)
+    assert str(out).startswith(str(tmp_path))
+    assert (out / ("metrics.json" if study.recipe == "eval" else "final.json")).exists()
+
+
+def test_sweep_skips_complete_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("CS336_RUNS", str(tmp_path))
+    lines: list[str] = []
+    run_sweep(Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "grpo_std_norm.yaml", smoke=True, echo=lines.append)
+    assert sum("running" in x for x in lines) == 2
+    lines.clear()
+    run_sweep(Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "grpo_std_norm.yaml", smoke=True, echo=lines.append)
+    assert sum("complete, skipped" in x for x in lines) == 2
+
+
+def test_bad_study_files_are_clear(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("model: m\n")
+    with pytest.raises(ConfigError, match="field 'recipe': missing"):
+        load_study(p)
+    p.write_text("recipe: ppo\n")
+    with pytest.raises(ConfigError, match="unknown recipe 'ppo'"):
+        load_study(p)
+    p.write_text("recipe: grpo\nmodel: ${NO_SUCH_VARIABLE_HERE}\n")
+    with pytest.raises(ConfigError, match="x.yaml:2: field 'model': environment variable NO_SUCH_VARIABLE_HERE is not set"):
+        load_study(p)
+    s = tmp_path / "s.yaml"
+    s.write_text("base: x.yaml\nout: o\n")
+    with pytest.raises(ConfigError, match="field 'grid': missing"):
+        expand_sweep(s)
