@@ -193,6 +193,16 @@ def truncate_metrics(metrics_path: Path, size: int) -> None:
             f.truncate(size)
 
 
+def start_fresh(run: Any, resume_requested: bool) -> None:
+    """Begin a run from step 0: an earlier attempt's metrics in the same directory are discarded
+    (they would otherwise be duplicated), with a note in the log."""
+    if resume_requested:
+        run.logger.info("resume requested but %s has no complete checkpoint: starting from scratch", run.path / "checkpoints")
+    if run.metrics_path.exists() and run.metrics_path.stat().st_size > 0:
+        run.logger.warning("%s already has metrics from an earlier run; starting over", run.path)
+        truncate_metrics(run.metrics_path, 0)
+
+
 def check_finite(name: str, value: float, step: int) -> None:
     """Raise NonFiniteError with a clear message if ``value`` is NaN or infinite."""
     if not torch.isfinite(torch.tensor(value)):

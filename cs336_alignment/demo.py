@@ -49,7 +49,7 @@ class DemoConfig:
     @classmethod
     def quick(cls, out: str) -> DemoConfig:
         """The reduced size the test suite runs (about a minute on 2 cores)."""
-        return cls(out=out, hidden_size=64, num_layers=2, grpo_steps=40, eval_every=0, progress=False)
+        return cls(out=out, hidden_size=64, num_layers=2, grpo_steps=60, eval_every=0, progress=False)
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -85,7 +85,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         model=str(out / "sft" / "model"), out=str(out / "grpo"), seed=cfg.seed, data=data, n_grpo_steps=cfg.grpo_steps,
         learning_rate=cfg.grpo_learning_rate, rollout_batch_size=rollouts, group_size=cfg.group_size,
         train_batch_size=rollouts, gradient_accumulation_steps=max(1, rollouts // 32), sampling_max_tokens=cfg.max_tokens,
-        n_eval_examples=cfg.n_val, eval_every=cfg.eval_every, final_eval_full=False, device="cpu", control=control,
+        n_eval_examples=cfg.n_val, eval_every=cfg.eval_every, eval_at_start=cfg.eval_every > 0, final_eval_full=False,
+        device="cpu", control=control,
     ))
     after_grpo = train_grpo(grpo_cfg)
     grpo_seconds = time.perf_counter() - t0

@@ -256,3 +256,22 @@ def test_grader_timeouts_are_counted_as_wrong_and_logged(tmp_path, monkeypatch):
     train = [r for r in read_metrics(tmp_path / "g" / "metrics.jsonl") if r["kind"] == "train"]
     assert train[0]["grader_timeouts"] == 16 and train[0]["grader_errors"] == 0
     assert "16 grader timeouts" in (tmp_path / "g" / "log.txt").read_text()
+
+
+def test_killed_before_the_first_checkpoint_restarts_cleanly(tmp_path):
+    """No checkpoint yet: --resume starts over, and the metrics of the killed attempt are not duplicated."""
+
+    def args(out):
+        return ["ei"] + _overrides(dict(
+            model="tiny", out=str(out), device="cpu", data={**TINY_DATA, "reward": f"{HELPERS}:contains_one"},
+            n_ei_steps=3, batch_questions=4, rollouts_per_question=4, sampling_max_tokens=12, batch_size=4,
+            micro_batch_size=2, learning_rate=1e-3, n_eval_examples=4, final_eval_full=False,
+        )) + ["control.checkpoint_every=2", "control.progress=false"]
+
+    assert _run(args(tmp_path / "clean")).returncode == 0
+    assert _run(args(tmp_path / "k"), fault="step:1").returncode == -9
+    assert (tmp_path / "k" / "metrics.jsonl").stat().st_size > 0 and not Checkpointer(tmp_path / "k").complete()
+    assert _run(args(tmp_path / "k") + ["--resume"], fault="step:3").returncode == -9  # again, after checkpoint 2
+    done = _run(args(tmp_path / "k") + ["--resume"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _comparable(tmp_path / "clean" / "metrics.jsonl") == _comparable(tmp_path / "k" / "metrics.jsonl")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..checkpoint import Checkpointer, Progress, RunControl, _fault, format_seconds, truncate_metrics
+from ..checkpoint import Checkpointer, Progress, RunControl, _fault, format_seconds, start_fresh, truncate_metrics
 from ..evaluate import evaluate, response_entropies
 from ..generation import NativeEngine, SamplingParams
 from ..run_dir import RunDir, atomic_write_text
@@ -116,6 +116,10 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
         raise ValueError("expert iteration needs a starting policy: model=<directory> or model=tiny")
     seed_everything(cfg.seed)
     run = RunDir(cfg.out)
+    ckpt = Checkpointer(run.path, cfg.control.keep_last)
+    latest = ckpt.latest() if cfg.control.resume else None
+    if latest is None:
+        start_fresh(run, cfg.control.resume)  # a new run: drop metrics an earlier attempt left here
     run.save_config(cfg)
     sink = MetricsSink(run, cfg.wandb_project or None, cfg.run_name or None, cfg)
     device = resolve_device(cfg.device)
@@ -156,9 +160,7 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
         return record
 
     # ------------------------------------------------------------------ resume
-    ckpt = Checkpointer(run.path, cfg.control.keep_last)
     start, optimizer_step, train_clock = 0, 0, 0.0
-    latest = ckpt.latest() if cfg.control.resume else None
     if latest is not None:
         state = ckpt.load(latest, policy, None if cfg.fresh_optimizer else optimizer)
         start, optimizer_step, train_clock = state["next_step"], state["optimizer_step"], state["train_clock"]

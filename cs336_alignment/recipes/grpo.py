@@ -25,7 +25,17 @@ from typing import Any, Literal
 import torch
 
 from ..advantages import compute_group_normalized_rewards
-from ..checkpoint import Checkpointer, _fault, NonFiniteError, Progress, RunControl, check_finite, format_seconds, truncate_metrics
+from ..checkpoint import (
+    Checkpointer,
+    NonFiniteError,
+    Progress,
+    RunControl,
+    _fault,
+    check_finite,
+    format_seconds,
+    start_fresh,
+    truncate_metrics,
+)
 from ..evaluate import evaluate
 from ..generation import NativeEngine, SamplingParams
 from ..logprobs import get_response_log_probs
@@ -77,6 +87,7 @@ class GRPOConfig:
     max_grad_norm: float = 1.0  # gradient clipping
     # -- validation
     eval_every: int = 10  # validate every this many GRPO steps (0: only at the end)
+    eval_at_start: bool = False  # also validate the starting policy (step 0)
     n_eval_examples: int = 1024  # size of the fixed, seeded validation subset
     eval_seed: int = 1234  # seed of that subset and of validation sampling
     final_eval_full: bool = True  # validate on the whole validation set after the last step
@@ -155,6 +166,10 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         raise ValueError("GRPO needs a starting policy: model=<directory> (e.g. an SFT output) or model=tiny")
     seed_everything(cfg.seed)
     run = RunDir(cfg.out)
+    ckpt = Checkpointer(run.path, cfg.control.keep_last)
+    latest = ckpt.latest() if cfg.control.resume else None
+    if latest is None:
+        start_fresh(run, cfg.control.resume)  # a new run: drop metrics an earlier attempt left here
     run.save_config(cfg)
     sink = MetricsSink(run, cfg.wandb_project or None, cfg.run_name or None, cfg)
     device = resolve_device(cfg.device)
@@ -210,9 +225,7 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         return record
 
     # ------------------------------------------------------------------ resume
-    ckpt = Checkpointer(run.path, cfg.control.keep_last)
     start_step, optimizer_step, train_clock, skipped = 0, 0, 0.0, 0  # train_clock: seconds outside validation
-    latest = ckpt.latest() if cfg.control.resume else None
     if latest is not None:
         state = ckpt.load(latest, policy, optimizer)
         start_step, optimizer_step, train_clock, skipped = (
@@ -220,8 +233,6 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         truncate_metrics(run.metrics_path, state["metrics_bytes"])
         generator.load_weights(policy)
         run.logger.info("resumed from %s: continuing at GRPO step %d", latest, start_step + 1)
-    elif cfg.control.resume:
-        run.logger.info("resume requested but %s has no complete checkpoint: starting from scratch", ckpt.root)
 
     def save_checkpoint(next_step: int) -> None:
         ckpt.save(next_step, policy, optimizer, {
@@ -234,6 +245,8 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     clock_at_start = train_clock
     final: dict[str, Any] = {}
     last_step = start_step
+    if cfg.eval_at_start and start_step == 0:
+        validate(0, val_subset, "subset")
     for grpo_step in range(start_step, cfg.n_grpo_steps):
         step_start = time.perf_counter()
         # ------------------------------------------------------------------ rollout

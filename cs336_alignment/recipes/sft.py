@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..checkpoint import Checkpointer, NonFiniteError, Progress, RunControl, _fault, check_finite, truncate_metrics
+from ..checkpoint import Checkpointer, NonFiniteError, Progress, RunControl, _fault, check_finite, start_fresh, truncate_metrics
 from ..evaluate import evaluate
 from ..generation import NativeEngine, SamplingParams
 from ..logprobs import get_response_log_probs
@@ -116,6 +116,10 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         raise ValueError("SFT needs a model to start from: model=<directory> or model=tiny")
     seed_everything(cfg.seed)
     run = RunDir(cfg.out)
+    ckpt = Checkpointer(run.path, cfg.control.keep_last)
+    latest = ckpt.latest() if cfg.control.resume else None
+    if latest is None:
+        start_fresh(run, cfg.control.resume)  # a new run: drop metrics an earlier attempt left here
     run.save_config(cfg)
     sink = MetricsSink(run, cfg.wandb_project or None, cfg.run_name or None, cfg)
     device = resolve_device(cfg.device)
@@ -185,9 +189,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         return record
 
     # ------------------------------------------------------------------ resume
-    ckpt = Checkpointer(run.path, cfg.control.keep_last)
     step, train_clock, skipped = 0, 0.0, 0
-    latest = ckpt.latest() if cfg.control.resume else None
     if latest is not None:
         state = ckpt.load(latest, policy, optimizer)
         step, train_clock, skipped = state["step"], state["train_clock"], state["skipped_steps"]
