@@ -180,6 +180,10 @@ def test_grpo_config_checks_fail_at_start_with_clear_messages():
             cfg.gradient_accumulation_steps, cfg.micro_train_batch_size, cfg.cliprange, cfg.betas) == (
         200, 1e-5, 256, 8, 256, 128, 2, 0.2, (0.9, 0.95))
     assert not cfg.off_policy
+    sized = load_config(GRPOConfig, None, ["micro_batch_size=8"])  # the memory knob; accumulation derived
+    assert sized.gradient_accumulation_steps == 32 and sized.micro_train_batch_size == 8
+    with pytest.raises(ConfigError, match=r"micro_batch_size \(7\) must divide train_batch_size \(256\)"):
+        load_config(GRPOConfig, None, ["micro_batch_size=7"])
     assert load_config(GRPOConfig, None, ["train_batch_size=128", "gradient_accumulation_steps=64"]).off_policy
 
 

@@ -78,6 +78,7 @@ class GRPOConfig:
     epochs_per_rollout_batch: int = 1  # passes over each rollout batch (> 1 is off-policy)
     train_batch_size: int = 256  # rollouts per optimizer step (< rollout_batch_size is off-policy)
     gradient_accumulation_steps: int = 128  # micro-batches per optimizer step
+    micro_batch_size: int | None = None  # memory knob: when set, gradient_accumulation_steps = train_batch_size / this
     loss_type: Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip"] = "reinforce_with_baseline"
     use_std_normalization: bool = True  # divide advantages by the group std
     length_normalization: Literal["masked_mean", "masked_normalize", "token_mean"] = "masked_mean"  # see losses.py
@@ -109,6 +110,12 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         problems = []
+        if self.micro_batch_size is not None:
+            if self.micro_batch_size < 1 or self.train_batch_size % self.micro_batch_size:
+                raise ValueError(
+                    f"micro_batch_size ({self.micro_batch_size}) must divide train_batch_size ({self.train_batch_size})"
+                )
+            self.gradient_accumulation_steps = self.train_batch_size // self.micro_batch_size
         if self.train_batch_size % self.gradient_accumulation_steps:
             problems.append(
                 f"train_batch_size ({self.train_batch_size}) must be divisible by gradient_accumulation_steps "
