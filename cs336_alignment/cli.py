@@ -90,7 +90,6 @@ def eval_command(
     overrides: Optional[list[str]] = typer.Argument(None, help="More EvalConfig fields as key=value."),
 ) -> None:
     """Zero-shot evaluation: generate, grade, write generations.jsonl and metrics.json."""
-    from .config import load_config
     from .evaluate import EvalConfig, run_evaluation
 
     flags = {"model": model, "data": data, "prompt": prompt, "out": out, "limit": limit, "seed": seed, "max_tokens": max_tokens}

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from cs336_alignment import get_response_log_probs, tokenize_prompt_and_output
+from cs336_alignment import get_response_log_probs
 from cs336_alignment.generation import NativeEngine, SamplingParams
 from cs336_alignment.generation.sampling import sample_tokens, stream_keys, stream_uniforms
 

@@ -190,3 +190,93 @@ __all__ = [
     "set_lr",
     "step_seed",
 ]
+
+
+# ---------------------------------------------------------------------------------------
+# Opening, validating and closing a run: the same in every recipe
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSession:
+    """What a recipe opens before its loop."""
+
+    run: Any  # RunDir: config.yaml, metrics.jsonl, log.txt
+    sink: MetricsSink
+    ckpt: Any  # Checkpointer
+    latest: Any  # path of the checkpoint to resume from, or None for a fresh start
+    device: torch.device
+
+
+def open_run(cfg: Any, recipe: str) -> RunSession:
+    """Seed, create the run directory, decide fresh start vs resume, save the resolved config."""
+    from ..checkpoint import Checkpointer, start_fresh
+    from ..run_dir import RunDir
+
+    if not cfg.model:
+        raise ValueError(f"{recipe} needs a starting model: model=<directory> (e.g. an SFT output) or model=tiny")
+    seed_everything(cfg.seed)
+    run = RunDir(cfg.out)
+    ckpt = Checkpointer(run.path, cfg.control.keep_last)
+    latest = ckpt.latest() if cfg.control.resume else None
+    if latest is None:
+        start_fresh(run, cfg.control.resume)  # a new run: drop metrics an earlier attempt left here
+    run.save_config(cfg)
+    sink = MetricsSink(run, cfg.wandb_project or None, cfg.run_name or None, cfg)
+    return RunSession(run, sink, ckpt, latest, resolve_device(cfg.device))
+
+
+EVAL_KEYS = (
+    "accuracy", "format_accuracy", "answer_accuracy", "mean_token_entropy", "mean_response_length",
+    "mean_response_length_correct", "mean_response_length_incorrect", "truncated_fraction", "n_examples",
+)
+
+
+def validate(
+    session: RunSession, generator: Any, policy: Any, data: LoadedData, examples: list[Any], sampling: Any,
+    step: int, tag: str, n_logged: int = 0,
+) -> dict[str, Any]:
+    """Evaluate ``policy`` (through ``generator``, which must hold its weights) on ``examples``.
+
+    Writes <run>/eval/<tag>_stepNNNNN/{generations.jsonl,metrics.json}, logs an eval record
+    (accuracy, format accuracy, entropy, lengths) and ``n_logged`` example rollouts.
+    """
+    import time
+    from pathlib import Path
+
+    from ..data import format_prompt
+    from ..evaluate import evaluate
+
+    t0 = time.perf_counter()
+    with autocast(session.device):
+        metrics, records = evaluate(
+            generator, data.reward_fn, [format_prompt(data.template, ex) for ex in examples], sampling,
+            [ex.ground_truth for ex in examples], Path(session.run.path) / "eval" / f"{tag}_step{step:05d}",
+            policy=policy, progress=False,
+        )
+    policy.train()
+    record = {k: metrics[k] for k in EVAL_KEYS} | {"split": tag, "seconds": time.perf_counter() - t0}
+    session.sink.log("eval", step, record)
+    for r in records[:n_logged]:
+        session.run.logger.info("eval step %d example: reward=%s | %r -> %r", step, r.reward, r.prompt[-80:], r.generation[:300])
+    session.run.logger.info(
+        "eval step %d (%s): accuracy %.4f, format %.4f", step, tag, record["accuracy"], record["format_accuracy"]
+    )
+    return record
+
+
+def finish_run(session: RunSession, policy: Any, tokenizer: Any, final: dict[str, Any]) -> dict[str, Any]:
+    """Save the final model and tokenizer, write final.json (which marks the run complete), close sinks."""
+    import json
+    from pathlib import Path
+
+    from ..run_dir import atomic_write_text
+
+    out = Path(session.run.path)
+    policy.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    session.run.logger.info("saved model and tokenizer to %s", out / "model")
+    atomic_write_text(out / "final.json", json.dumps(final, indent=2, default=str) + "\n")
+    session.sink.close()
+    session.run.close()
+    return final

@@ -15,30 +15,27 @@ Glossary: D_b questions, G responses per question, b sequences per micro-batch.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from ..checkpoint import Checkpointer, Progress, RunControl, _fault, format_seconds, start_fresh, truncate_metrics
-from ..evaluate import evaluate, response_entropies
+from ..checkpoint import Progress, RunControl, _fault, format_seconds, truncate_metrics
+from ..evaluate import response_entropies
 from ..generation import NativeEngine, SamplingParams
-from ..run_dir import RunDir, atomic_write_text
 from .common import (
     DataConfig,
-    MetricsSink,
     autocast,
+    finish_run,
     free_cuda_cache,
     grader_counts,
     grader_delta,
     load_data,
     load_policy,
     make_optimizer,
-    resolve_device,
-    seed_everything,
+    open_run,
     step_seed,
+    validate,
 )
 from .sft import sft_optimizer_step
 
@@ -112,17 +109,8 @@ def select_expert_responses(
 def train_ei(cfg: EIConfig) -> dict[str, Any]:
     """Run expert iteration as configured; returns the final validation metrics."""
     # ------------------------------------------------------------------ setup
-    if not cfg.model:
-        raise ValueError("expert iteration needs a starting policy: model=<directory> or model=tiny")
-    seed_everything(cfg.seed)
-    run = RunDir(cfg.out)
-    ckpt = Checkpointer(run.path, cfg.control.keep_last)
-    latest = ckpt.latest() if cfg.control.resume else None
-    if latest is None:
-        start_fresh(run, cfg.control.resume)  # a new run: drop metrics an earlier attempt left here
-    run.save_config(cfg)
-    sink = MetricsSink(run, cfg.wandb_project or None, cfg.run_name or None, cfg)
-    device = resolve_device(cfg.device)
+    session = open_run(cfg, "expert iteration")
+    run, sink, ckpt, latest, device = session.run, session.sink, session.ckpt, session.latest, session.device
     data = load_data(cfg.data, cfg.seed)
     val = data.val or data.train
     val_subset = random.Random(cfg.eval_seed).sample(val, min(cfg.n_eval_examples, len(val)))
@@ -142,22 +130,8 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
         "fresh" if cfg.fresh_optimizer else "persistent", "dropped" if cfg.dedupe_correct else "kept",
     )
 
-    def validate(step: int, examples: list[Any], tag: str) -> dict[str, Any]:
-        from ..data import format_prompt
-
-        t0 = time.perf_counter()
-        with autocast(device):
-            metrics, _ = evaluate(
-                generator, data.reward_fn, [format_prompt(data.template, ex) for ex in examples], eval_sampling,
-                [ex.ground_truth for ex in examples], Path(run.path) / "eval" / f"{tag}_step{step:05d}",
-                policy=policy, progress=False,
-            )
-        policy.train()
-        keep = ("accuracy", "format_accuracy", "answer_accuracy", "mean_token_entropy", "mean_response_length", "n_examples")
-        record = {k: metrics[k] for k in keep} | {"split": tag, "seconds": time.perf_counter() - t0}
-        sink.log("eval", step, record)
-        run.logger.info("eval after EI step %d (%s): accuracy %.4f", step, tag, record["accuracy"])
-        return record
+    def validate_now(step: int, examples: list[Any], tag: str) -> dict[str, Any]:
+        return validate(session, generator, policy, data, examples, eval_sampling, step, tag)
 
     # ------------------------------------------------------------------ resume
     start, optimizer_step, train_clock = 0, 0, 0.0
@@ -239,7 +213,7 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
         _fault("step", last_step)
         out_of_time = budget is not None and train_clock >= budget
         if last_step < cfg.n_ei_steps and not out_of_time:
-            final = validate(last_step, val_subset, "subset")
+            final = validate_now(last_step, val_subset, "subset")
         if out_of_time or last_step == cfg.n_ei_steps or cfg.control.checkpoint_every and last_step % cfg.control.checkpoint_every == 0:
             ckpt.save(last_step, policy, None if cfg.fresh_optimizer else optimizer, {
                 "next_step": last_step, "optimizer_step": optimizer_step, "train_clock": train_clock,
@@ -251,10 +225,5 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
             break
     progress.close()
 
-    final = validate(last_step, val if cfg.final_eval_full else val_subset, "full" if cfg.final_eval_full else "subset")
-    policy.save_pretrained(Path(run.path) / "model")
-    tokenizer.save_pretrained(Path(run.path) / "model")
-    atomic_write_text(Path(run.path) / "final.json", json.dumps(final, indent=2, default=str) + "\n")  # marks the run complete
-    sink.close()
-    run.close()
-    return final
+    final = validate_now(last_step, val if cfg.final_eval_full else val_subset, "full" if cfg.final_eval_full else "subset")
+    return finish_run(session, policy, tokenizer, final)

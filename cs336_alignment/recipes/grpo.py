@@ -15,46 +15,41 @@ Glossary: B prompts per rollout batch, G = group_size, b rollouts per micro-batc
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from ..advantages import compute_group_normalized_rewards
 from ..checkpoint import (
-    Checkpointer,
     NonFiniteError,
     Progress,
     RunControl,
     _fault,
     check_finite,
     format_seconds,
-    start_fresh,
     truncate_metrics,
 )
-from ..evaluate import evaluate
 from ..generation import NativeEngine, SamplingParams
 from ..logprobs import get_response_log_probs
 from ..losses import LENGTH_NORMALIZATIONS, LOSS_TYPES, grpo_microbatch_train_step
 from ..rollouts import Rollout, pack_rollouts, rollout_stats
-from ..run_dir import RunDir, atomic_write_text
 from .common import (
     DataConfig,
-    MetricsSink,
     autocast,
+    finish_run,
     free_cuda_cache,
     grader_counts,
     grader_delta,
     load_data,
     load_policy,
     make_optimizer,
+    open_run,
     resolve_device,
-    seed_everything,
     step_seed,
+    validate,
 )
 
 
@@ -169,17 +164,8 @@ class GRPOConfig:
 def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     """Run GRPO as configured; returns the final validation metrics."""
     # ------------------------------------------------------------------ setup
-    if not cfg.model:
-        raise ValueError("GRPO needs a starting policy: model=<directory> (e.g. an SFT output) or model=tiny")
-    seed_everything(cfg.seed)
-    run = RunDir(cfg.out)
-    ckpt = Checkpointer(run.path, cfg.control.keep_last)
-    latest = ckpt.latest() if cfg.control.resume else None
-    if latest is None:
-        start_fresh(run, cfg.control.resume)  # a new run: drop metrics an earlier attempt left here
-    run.save_config(cfg)
-    sink = MetricsSink(run, cfg.wandb_project or None, cfg.run_name or None, cfg)
-    device = resolve_device(cfg.device)
+    session = open_run(cfg, "GRPO")
+    run, sink, ckpt, latest, device = session.run, session.sink, session.ckpt, session.latest, session.device
     colocated = cfg.generator_device == "same"
     gen_device = device if colocated else resolve_device(cfg.generator_device)
     data = load_data(cfg.data, cfg.seed)
@@ -213,23 +199,8 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         "off-policy" if cfg.off_policy else "on-policy", micro, device, gen_device, "colocated" if colocated else "separate",
     )
 
-    def validate(step: int, examples: list[Any], tag: str) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        prompts = [_prompt(data.template, ex) for ex in examples]
-        with autocast(device):
-            metrics, records = evaluate(
-                generator, data.reward_fn, prompts, eval_sampling, [ex.ground_truth for ex in examples],
-                Path(run.path) / "eval" / f"{tag}_step{step:05d}", policy=policy, progress=False,
-            )
-        policy.train()
-        keep = ("accuracy", "format_accuracy", "answer_accuracy", "mean_token_entropy", "mean_response_length",
-                "mean_response_length_correct", "mean_response_length_incorrect", "truncated_fraction", "n_examples")
-        record = {k: metrics[k] for k in keep} | {"split": tag, "seconds": time.perf_counter() - t0}
-        sink.log("eval", step, record)
-        for r in records[: cfg.log_rollout_examples]:
-            run.logger.info("eval step %d example: reward=%s | %r -> %r", step, r.reward, r.prompt[-80:], r.generation[:300])
-        run.logger.info("eval step %d (%s): accuracy %.4f, format %.4f", step, tag, record["accuracy"], record["format_accuracy"])
-        return record
+    def validate_now(step: int, examples: list[Any], tag: str) -> dict[str, Any]:
+        return validate(session, generator, policy, data, examples, eval_sampling, step, tag, cfg.log_rollout_examples)
 
     # ------------------------------------------------------------------ resume
     start_step, optimizer_step, train_clock, skipped = 0, 0, 0.0, 0  # train_clock: seconds outside validation
@@ -253,7 +224,7 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     final: dict[str, Any] = {}
     last_step = start_step
     if cfg.eval_at_start and start_step == 0:
-        validate(0, val_subset, "subset")
+        validate_now(0, val_subset, "subset")
     for grpo_step in range(start_step, cfg.n_grpo_steps):
         step_start = time.perf_counter()
         # ------------------------------------------------------------------ rollout
@@ -411,7 +382,7 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         last_step = grpo_step + 1
         out_of_time = budget is not None and train_clock >= budget
         if cfg.eval_every and last_step % cfg.eval_every == 0 and last_step < cfg.n_grpo_steps and not out_of_time:
-            final = validate(last_step, val_subset, "subset")
+            final = validate_now(last_step, val_subset, "subset")
         if out_of_time or last_step == cfg.n_grpo_steps or (
             cfg.control.checkpoint_every and last_step % cfg.control.checkpoint_every == 0
         ):
@@ -422,13 +393,8 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
             break
     progress.close()
 
-    final = validate(last_step, val if cfg.final_eval_full else val_subset, "full" if cfg.final_eval_full else "subset")
-    policy.save_pretrained(Path(run.path) / "model")
-    tokenizer.save_pretrained(Path(run.path) / "model")
-    atomic_write_text(Path(run.path) / "final.json", json.dumps(final, indent=2, default=str) + "\n")  # marks the run complete
-    sink.close()
-    run.close()
-    return final
+    final = validate_now(last_step, val if cfg.final_eval_full else val_subset, "full" if cfg.final_eval_full else "subset")
+    return finish_run(session, policy, tokenizer, final)
 
 
 class _LogprobGap:

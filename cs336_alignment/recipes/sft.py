@@ -13,33 +13,36 @@ Glossary: b sequences per micro-batch, T positions after the one-token shift.
 from __future__ import annotations
 
 import math
-import json
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from ..checkpoint import Checkpointer, NonFiniteError, Progress, RunControl, _fault, check_finite, start_fresh, truncate_metrics
-from ..evaluate import evaluate
+from ..checkpoint import (
+    NonFiniteError,
+    Progress,
+    RunControl,
+    _fault,
+    check_finite,
+    truncate_metrics,
+)
 from ..generation import NativeEngine, SamplingParams
 from ..logprobs import get_response_log_probs
 from ..losses import sft_microbatch_train_step
-from ..run_dir import RunDir, atomic_write_text
 from ..tokenization import pack_prompt_and_output_ids
 from .common import (
     DataConfig,
-    MetricsSink,
     autocast,
+    finish_run,
     load_data,
     load_policy,
     lr_at,
     make_optimizer,
-    resolve_device,
-    seed_everything,
+    open_run,
     set_lr,
+    validate,
 )
 
 
@@ -112,17 +115,8 @@ def sft_pairs(examples: list[Any], template: str) -> list[tuple[str, str, Any]]:
 def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Run SFT as configured; returns the final validation metrics."""
     # ------------------------------------------------------------------ setup
-    if not cfg.model:
-        raise ValueError("SFT needs a model to start from: model=<directory> or model=tiny")
-    seed_everything(cfg.seed)
-    run = RunDir(cfg.out)
-    ckpt = Checkpointer(run.path, cfg.control.keep_last)
-    latest = ckpt.latest() if cfg.control.resume else None
-    if latest is None:
-        start_fresh(run, cfg.control.resume)  # a new run: drop metrics an earlier attempt left here
-    run.save_config(cfg)
-    sink = MetricsSink(run, cfg.wandb_project or None, cfg.run_name or None, cfg)
-    device = resolve_device(cfg.device)
+    session = open_run(cfg, "SFT")
+    run, sink, ckpt, latest, device = session.run, session.sink, session.ckpt, session.latest, session.device
     policy, tokenizer = load_policy(cfg.model, device, cfg.seed, cfg.gradient_checkpointing)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -163,30 +157,15 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     generator = None
     eval_sampling = SamplingParams.r1_zero(max_tokens=cfg.eval_max_tokens, seed=cfg.eval_seed)
 
-    def validate(step: int, examples: list[Any], tag: str) -> dict[str, Any]:
+    def validate_now(step: int, examples: list[Any], tag: str) -> dict[str, Any]:
         nonlocal generator
         if not examples:
             return {}
-        t0 = time.perf_counter()
         if generator is None:
             generator = NativeEngine(policy, tokenizer)
         else:
             generator.load_weights(policy)
-        from ..data import format_prompt
-
-        prompts = [format_prompt(data.template, ex) for ex in examples]
-        with autocast(device):
-            metrics, records = evaluate(
-                generator, data.reward_fn, prompts, eval_sampling, [ex.ground_truth for ex in examples],
-                Path(run.path) / "eval" / f"{tag}_step{step:05d}", policy=policy, progress=False,
-            )
-        policy.train()
-        keep = ("accuracy", "format_accuracy", "answer_accuracy", "mean_token_entropy", "mean_response_length",
-                "truncated_fraction", "n_examples")
-        record = {k: metrics[k] for k in keep} | {"split": tag, "seconds": time.perf_counter() - t0}
-        sink.log("eval", step, record)
-        run.logger.info("eval step %d (%s): accuracy %.4f, format %.4f", step, tag, record["accuracy"], record["format_accuracy"])
-        return record
+        return validate(session, generator, policy, data, examples, eval_sampling, step, tag)
 
     # ------------------------------------------------------------------ resume
     step, train_clock, skipped = 0, 0.0, 0
@@ -232,7 +211,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
             _fault("step", step)
             out_of_time = budget is not None and train_clock >= budget
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and not out_of_time:
-                validate(step, val_subset, "subset")
+                validate_now(step, val_subset, "subset")
             if out_of_time or step == total_steps or (cfg.control.checkpoint_every and step % cfg.control.checkpoint_every == 0):
                 save_checkpoint()
             if out_of_time:
@@ -245,14 +224,8 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     progress.close()
 
     # ------------------------------------------------------------------ validate and save
-    final = validate(step, val_subset, "final")
-    policy.save_pretrained(Path(run.path) / "model")
-    tokenizer.save_pretrained(Path(run.path) / "model")
-    run.logger.info("saved model and tokenizer to %s", Path(run.path) / "model")
-    atomic_write_text(Path(run.path) / "final.json", json.dumps(final, indent=2, default=str) + "\n")  # marks the run complete
-    sink.close()
-    run.close()
-    return final
+    final = validate_now(step, val_subset, "final")
+    return finish_run(session, policy, tokenizer, final)
 
 
 def sft_optimizer_step(
