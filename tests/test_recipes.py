@@ -221,3 +221,38 @@ def test_on_policy_gradient_equals_explicit_formula(tiny_model, tiny_tokenizer):
     objective.backward()
     for n, p in tiny_model.named_parameters():
         torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_wandb_sink_uses_train_and_eval_step_axes(tmp_path, monkeypatch):
+    """With wandb enabled, train/* go on the train_step axis and eval/* on eval_step (fake wandb module)."""
+    import sys
+    import types
+
+    calls: dict[str, list] = {"init": [], "define_metric": [], "log": [], "finish": []}
+
+    class FakeRun:
+        def define_metric(self, name, step_metric=None):
+            calls["define_metric"].append((name, step_metric))
+
+        def log(self, data):
+            calls["log"].append(data)
+
+        def finish(self):
+            calls["finish"].append(True)
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls["init"].append(kw) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    from cs336_alignment.recipes.common import MetricsSink
+    from cs336_alignment.run_dir import RunDir
+
+    sink = MetricsSink(RunDir(tmp_path / "w", console=False), "proj", "run1", _grpo_config(tmp_path / "w", Path("m")))
+    sink.log("train", 3, {"loss": 0.5, "split": "x", "flag": True})
+    sink.log("eval", 10, {"accuracy": 0.25})
+    sink.close()
+    assert calls["init"][0]["project"] == "proj" and calls["init"][0]["config"]["learning_rate"] == 1e-3
+    assert ("train/*", "train_step") in calls["define_metric"] and ("eval/*", "eval_step") in calls["define_metric"]
+    assert calls["log"] == [{"train_step": 3, "train/loss": 0.5}, {"eval_step": 10, "eval/accuracy": 0.25}]
+    assert calls["finish"] == [True]
+    lines = read_metrics(tmp_path / "w" / "metrics.jsonl")
+    assert lines[0]["kind"] == "train" and lines[0]["train_step"] == 3 and lines[1]["eval_step"] == 10
