@@ -46,6 +46,7 @@ class RunControl:
     time_budget: str = ""  # e.g. "4h", "90m": stop training at this much time (evaluation excluded)
     skip_nonfinite: bool = False  # skip (and count) optimizer steps with NaN/inf loss or gradient instead of stopping
     progress: bool = True  # progress bar with ETA
+    overwrite: bool = False  # start over in a run directory that holds another run's checkpoints (deletes them)
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 0:
@@ -193,14 +194,43 @@ def truncate_metrics(metrics_path: Path, size: int) -> None:
             f.truncate(size)
 
 
-def start_fresh(run: Any, resume_requested: bool) -> None:
-    """Begin a run from step 0: an earlier attempt's metrics in the same directory are discarded
-    (they would otherwise be duplicated), with a note in the log."""
-    if resume_requested:
-        run.logger.info("resume requested but %s has no complete checkpoint: starting from scratch", run.path / "checkpoints")
+class RunDirectoryInUse(RuntimeError):
+    """A fresh run was pointed at a directory that holds another run's checkpoints."""
+
+
+def start_fresh(run: Any, control: RunControl) -> None:
+    """Begin a run from step 0 in ``run``'s directory.
+
+    Output of an earlier attempt that never checkpointed (its metrics) is discarded, so it is
+    not duplicated. A directory holding checkpoints is another run's work: starting over there
+    needs ``control.overwrite`` (which deletes its checkpoints, model, evaluations and
+    final.json); otherwise this raises, pointing at ``--resume``.
+    """
+    root = Path(run.path)
+    done = Checkpointer(root).complete()
+    if done and not control.overwrite:
+        raise RunDirectoryInUse(
+            f"{root} already holds a run with checkpoints (latest: step {done[-1][0]}); pass --resume to continue it, "
+            "choose another out=..., or set control.overwrite=true to delete it and start over"
+        )
+    if control.resume:
+        run.logger.info("resume requested but %s has no complete checkpoint: starting from scratch", root / "checkpoints")
+    for name in ("checkpoints", "model", "eval"):
+        shutil.rmtree(root / name, ignore_errors=True)
+    for name in ("final.json", "generations.jsonl"):
+        (root / name).unlink(missing_ok=True)
     if run.metrics_path.exists() and run.metrics_path.stat().st_size > 0:
-        run.logger.warning("%s already has metrics from an earlier run; starting over", run.path)
+        run.logger.warning("%s already has metrics from an earlier attempt; starting over", root)
         truncate_metrics(run.metrics_path, 0)
+
+
+def budget_spent(budget: float | None, train_clock: float, run: Any) -> bool:
+    """True when a (resumed) run has already used its time budget; says so in the log."""
+    if budget is not None and train_clock >= budget:
+        run.logger.info("time budget already spent (%s of training): skipping to the final validation",
+                        format_seconds(train_clock))
+        return True
+    return False
 
 
 def check_finite(name: str, value: float, step: int) -> None:

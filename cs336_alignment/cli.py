@@ -95,7 +95,7 @@ def eval_command(
     flags = {"model": model, "data": data, "prompt": prompt, "out": out, "limit": limit, "seed": seed, "max_tokens": max_tokens}
     extra = [f"{k}={v}" for k, v in flags.items() if v is not None]
     cfg = _load_or_exit(EvalConfig, config, extra + list(overrides or []))
-    metrics = run_evaluation(cfg)
+    metrics = _run_or_exit(run_evaluation, cfg)
     keys = ("n_examples", "accuracy", "format_accuracy", "answer_accuracy", "truncated_fraction",
             "mean_response_length", "mean_token_entropy", "generation_tokens_per_second")
     for key in keys:
@@ -115,7 +115,7 @@ def sft_command(
     from .recipes.sft import SFTConfig, train_sft
 
     cfg = _load_or_exit(SFTConfig, config, list(overrides or []) + _control_flags(resume, time_budget))
-    _echo_metrics(train_sft(cfg))
+    _echo_metrics(_run_or_exit(train_sft, cfg))
 
 
 @app.command("grpo")
@@ -129,7 +129,7 @@ def grpo_command(
     from .recipes.grpo import GRPOConfig, train_grpo
 
     cfg = _load_or_exit(GRPOConfig, config, list(overrides or []) + _control_flags(resume, time_budget))
-    _echo_metrics(train_grpo(cfg))
+    _echo_metrics(_run_or_exit(train_grpo, cfg))
 
 
 @app.command("ei")
@@ -143,7 +143,7 @@ def ei_command(
     from .recipes.ei import EIConfig, train_ei
 
     cfg = _load_or_exit(EIConfig, config, list(overrides or []) + _control_flags(resume, time_budget))
-    _echo_metrics(train_ei(cfg))
+    _echo_metrics(_run_or_exit(train_ei, cfg))
 
 
 @app.command("run")
@@ -164,7 +164,7 @@ def run_command(
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    _echo_metrics(run_study(study))
+    _echo_metrics(_run_or_exit(run_study, study))
 
 
 @app.command("sweep")
@@ -216,6 +216,20 @@ def download_command(
     except DownloadError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+
+
+def _run_or_exit(fn, cfg) -> dict:
+    """Run a recipe; errors a user can act on (bad data, a busy run directory, NaN, a failed
+    checkpoint, a missing model) print one line and exit with status 1 instead of a traceback."""
+    from .checkpoint import CheckpointError, NonFiniteError, RunDirectoryInUse
+    from .config import ConfigError
+    from .data import DataError
+
+    try:
+        return fn(cfg)
+    except (ConfigError, DataError, RunDirectoryInUse, NonFiniteError, CheckpointError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
 
 
 def _control_flags(resume: bool, time_budget: Optional[str]) -> list[str]:

@@ -4,7 +4,7 @@ Each recipe has one config dataclass (the single source of its defaults, a comme
 every field, cross-field checks in ``__post_init__``). This module turns YAML files and
 ``key=value`` overrides into such a dataclass and back:
 
-    cfg = load_config(GRPOConfig, "configs/grpo.yaml", ["learning_rate=3e-5", "model.path=/m"])
+    cfg = load_config(GRPOConfig, "configs/grpo.yaml", ["learning_rate=3e-5", "data.prompt=question_only"])
 
 Errors name the file, the line and the field: an unknown key (with the closest known
 names), a value of the wrong type, or a failed cross-field check.
@@ -91,6 +91,8 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: cannot parse value {raw!r}: {e}") from e
+    if isinstance(value, int) and not isinstance(value, bool) and str(value) != raw.strip():
+        value = raw.strip()  # "007" stays text for string fields; integer fields still read it as 7
     return tuple(key.replace("-", "_").split(".")), value
 
 
@@ -154,6 +156,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (list, tuple, Sequence):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[float, float]: fixed length, typed items
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}: {value!r}")
+            return tuple(_coerce(v, t, where) for v, t in zip(value, args))
         inner = args[0] if args else Any
         items = [_coerce(v, inner, where) for v in value]
         return tuple(items) if origin is tuple else items
@@ -168,6 +174,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            return int(value)
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -66,7 +66,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "n_task_train": cfg.n_train,
         "n_task_val": cfg.n_val,
     }
-    control = {"progress": cfg.progress}
+    control = {"progress": cfg.progress, "overwrite": True}  # a demo rerun starts over
     # ------------------------------------------------------------------ build
     init = save_tiny_model(out / "init_model", seed=cfg.seed, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers)
     # ------------------------------------------------------------------ SFT warm-up, then validation

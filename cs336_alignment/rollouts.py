@@ -51,11 +51,8 @@ class MicroBatch:
     advantages: torch.Tensor  # (b, 1) fp32
     raw_rewards: torch.Tensor  # (b, 1) fp32
     generator_logprobs: torch.Tensor  # (b, T) fp32, zero outside the response
+    num_response_tokens: int = 0  # response tokens in the micro-batch (known on the host, no device sync)
     old_log_probs: torch.Tensor | None = None  # (b, T) fp32, set when the loss or logging needs them
-
-    @property
-    def num_response_tokens(self) -> int:
-        return int(self.response_mask.sum())
 
 
 def pack_rollouts(rollouts: Sequence[Rollout], pad_id: int, device: torch.device | str = "cpu") -> MicroBatch:
@@ -74,6 +71,7 @@ def pack_rollouts(rollouts: Sequence[Rollout], pad_id: int, device: torch.device
         advantages=torch.tensor([[r.advantage] for r in rollouts], dtype=torch.float32, device=device),  # (b, 1)
         raw_rewards=torch.tensor([[r.reward] for r in rollouts], dtype=torch.float32, device=device),  # (b, 1)
         generator_logprobs=gen.to(device),
+        num_response_tokens=sum(r.num_tokens for r in rollouts),
     )
 
 

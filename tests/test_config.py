@@ -98,3 +98,11 @@ def test_dump_round_trips(tmp_path):
     p = tmp_path / "out.yaml"
     p.write_text(dump_yaml(cfg))
     assert load_config(Demo, p) == cfg
+
+
+def test_tuple_arity_and_number_like_strings():
+    with pytest.raises(ConfigError, match=r"field 'optim.betas': expected 2 values, got 1"):
+        load_config(Demo, None, ["optim.betas=[0.9]"])
+    assert load_config(Demo, None, ["name=007"]).name == "007"  # not 7
+    assert load_config(Demo, None, ["steps=007"]).steps == 7
+    assert load_config(Demo, None, ["optim.lr=1e-4"]).optim.lr == 1e-4

@@ -275,3 +275,39 @@ def test_killed_before_the_first_checkpoint_restarts_cleanly(tmp_path):
     done = _run(args(tmp_path / "k") + ["--resume"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert _comparable(tmp_path / "clean" / "metrics.jsonl") == _comparable(tmp_path / "k" / "metrics.jsonl")
+
+
+def test_fresh_run_refuses_a_directory_with_checkpoints_unless_overwrite(tmp_path, nan_reward):
+    from cs336_alignment.checkpoint import RunDirectoryInUse
+
+    train_grpo(_grpo_cfg(tmp_path / "r", n_grpo_steps=2))
+    with pytest.raises(RunDirectoryInUse, match="pass --resume to continue it"):
+        train_grpo(_grpo_cfg(tmp_path / "r", n_grpo_steps=3))
+    assert [s for s, _ in Checkpointer(tmp_path / "r").complete()] == [1, 2]  # untouched
+    train_grpo(_grpo_cfg(tmp_path / "r", n_grpo_steps=1, control={"overwrite": True, "checkpoint_every": 0, "progress": False}))
+    assert [s for s, _ in Checkpointer(tmp_path / "r").complete()] == [1]  # the old run's step 2 is gone
+    train = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["grpo_step"] for r in train] == [0]
+
+
+def test_resuming_a_finished_or_out_of_budget_run_trains_no_more(tmp_path, nan_reward):
+    from cs336_alignment.recipes.sft import SFTConfig, train_sft
+
+    sft = load_config(SFTConfig, None, _overrides(dict(
+        model="tiny", out=str(tmp_path / "s"), device="cpu", data=TINY_DATA, max_steps=2, batch_size=4,
+        micro_batch_size=2, n_eval_examples=2, eval_max_tokens=4, control={"progress": False},
+    )))
+    train_sft(sft)
+    before = [r for r in read_metrics(tmp_path / "s" / "metrics.jsonl") if r["kind"] == "train"]
+    sft.control.resume = True
+    train_sft(sft)
+    after = [r for r in read_metrics(tmp_path / "s" / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["train_step"] for r in after] == [r["train_step"] for r in before] == [1, 2]
+
+    cfg = _grpo_cfg(tmp_path / "g", n_grpo_steps=50, control={"time_budget": "0.3s", "progress": False})
+    train_grpo(cfg)
+    steps = len([r for r in read_metrics(tmp_path / "g" / "metrics.jsonl") if r["kind"] == "train"])
+    cfg.control.resume = True
+    train_grpo(cfg)
+    assert len([r for r in read_metrics(tmp_path / "g" / "metrics.jsonl") if r["kind"] == "train"]) == steps
+    assert "time budget already spent" in (tmp_path / "g" / "log.txt").read_text()

@@ -184,6 +184,10 @@ def test_grpo_config_checks_fail_at_start_with_clear_messages():
     assert sized.gradient_accumulation_steps == 32 and sized.micro_train_batch_size == 8
     with pytest.raises(ConfigError, match=r"micro_batch_size \(7\) must divide train_batch_size \(256\)"):
         load_config(GRPOConfig, None, ["micro_batch_size=7"])
+    with pytest.raises(ConfigError, match="implies gradient_accumulation_steps=64, but gradient_accumulation_steps=8"):
+        load_config(GRPOConfig, None, ["micro_batch_size=4", "gradient_accumulation_steps=8"])
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps must be >= 1, got 0"):
+        load_config(GRPOConfig, None, ["gradient_accumulation_steps=0"])
     assert load_config(GRPOConfig, None, ["train_batch_size=128", "gradient_accumulation_steps=64"]).off_policy
 
 

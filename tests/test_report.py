@@ -217,8 +217,10 @@ def test_final_metrics_table_uses_the_last_validation_and_train_wall_clock(tmp_p
     table = text.split("## Final metrics", 1)[1].split("\n\n", 3)[2]
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in table.splitlines()[2:]}
     # keys both recipes have, with different values
-    assert set(rows) == {"learning_rate=2e-05, eval_every=0", "learning_rate=1e-05, eval_every=1"}
-    rows = {"sft": rows["learning_rate=2e-05, eval_every=0"], "grpo": rows["learning_rate=1e-05, eval_every=1"]}
+    sft_label = "learning_rate=2e-05, micro_batch_size=2, eval_every=0"
+    grpo_label = "learning_rate=1e-05, micro_batch_size=null, eval_every=1"
+    assert set(rows) == {sft_label, grpo_label}
+    rows = {"sft": rows[sft_label], "grpo": rows[grpo_label]}
     sft_row = rows["sft"]
     assert sft_row[2:5] == ["4", "final", "3"]
     assert sft_row[5] == "0.3333" and sft_row[6] == "1.0000"
@@ -226,7 +228,7 @@ def test_final_metrics_table_uses_the_last_validation_and_train_wall_clock(tmp_p
     grpo_row = rows["grpo"]
     assert grpo_row[2:5] == ["3", "full", "4"] and grpo_row[5] == "0.7500" and grpo_row[-1].rstrip(" |") == "30.0s"
     # the category table of the last validation
-    assert "| learning_rate=1e-05, eval_every=1 | full step 3 | 3 (75%) | 1 (25%) | 0 (0%) |" in text
+    assert "| learning_rate=1e-05, micro_batch_size=null, eval_every=1 | full step 3 | 3 (75%) | 1 (25%) | 0 (0%) |" in text
 
 
 def test_evaluation_run_gets_category_table_with_examples_and_needs_no_matplotlib(tmp_path, monkeypatch):

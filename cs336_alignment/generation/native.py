@@ -202,13 +202,18 @@ class NativeEngine:
         cos, sin = self.model.model.rotary_emb(x, positions.unsqueeze(1))  # (A, 1, D)
         visible = torch.arange(span, device=self.device).unsqueeze(0) <= positions.unsqueeze(1)  # (A, span)
         mask = visible[:, None, None, :]  # (A, 1, 1, span)
+        group = self.num_heads // self.num_kv_heads  # query heads per key/value head
         for layer, (k_cache, v_cache) in zip(self._layers(), cache):
             q, k, v = self._qkv(layer, layer.input_layernorm(x), cos, sin)  # q (A, H, 1, D); k, v (A, K, 1, D)
             k_cache[rows, :, positions] = k[:, :, 0]  # (A, K, D) into (slots, K, C, D)
             v_cache[rows, :, positions] = v[:, :, 0]
+            # Grouped-query attention without repeating the cache: the `group` query heads that
+            # share a key/value head act as `group` query rows against it (heads h = j * group + i).
             out = F.scaled_dot_product_attention(
-                q, k_cache[:A, :, :span], v_cache[:A, :, :span], attn_mask=mask, scale=self._scale(layer), enable_gqa=True
-            )  # (A, H, 1, D)
+                q.reshape(A, self.num_kv_heads, group, self.head_dim),  # (A, K, group, D)
+                k_cache[:A, :, :span], v_cache[:A, :, :span],  # (A, K, span, D)
+                attn_mask=mask, scale=self._scale(layer),
+            ).reshape(A, self.num_heads, 1, self.head_dim)  # (A, H, 1, D)
             x = self._block_tail(layer, x, out)
         return self.model.lm_head(self.model.model.norm(x[:, 0]))  # (A, V)
 
@@ -222,6 +227,8 @@ class NativeEngine:
         if budget is None:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
+                # blocks PyTorch holds in its cache (e.g. from the last training phase) are free to us too
+                free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
                 budget = int(free * self.kv_cache_memory_fraction) // self._bytes_per_token()
             else:
                 budget = 2**18
@@ -401,9 +408,10 @@ class NativeEngine:
         if holes:
             src = torch.tensor(movers, device=self.device)
             dst = torch.tensor(holes, device=self.device)
+            upto = max(rows[m].position for m in movers) + 1  # positions written so far by the movers
             for k_cache, v_cache in cache:
-                k_cache[dst] = k_cache[src]
-                v_cache[dst] = v_cache[src]
+                k_cache[dst, :, :upto] = k_cache[src, :, :upto]
+                v_cache[dst, :, :upto] = v_cache[src, :, :upto]
             for h, m in zip(holes, movers):
                 rows[h] = rows[m]
         return rows[:keep]

@@ -126,7 +126,10 @@ class MetricsSink:
     logged as ``train/*`` and ``eval/*`` against those axes.
     """
 
-    def __init__(self, run_dir: Any, wandb_project: str | None = None, run_name: str | None = None, config: Any = None):
+    def __init__(
+        self, run_dir: Any, wandb_project: str | None = None, run_name: str | None = None, config: Any = None,
+        resume: bool = False,
+    ):
         self.run_dir = run_dir
         self.wandb = None
         if wandb_project:
@@ -134,9 +137,17 @@ class MetricsSink:
                 import wandb
             except ImportError as e:
                 raise RuntimeError("wandb logging is enabled but wandb is not installed: pip install wandb") from e
+            import uuid
+
             from ..config import to_dict
 
-            self.wandb = wandb.init(project=wandb_project, name=run_name, config=to_dict(config) if config else None)
+            # A resumed run continues the same wandb run (its id is kept in the run directory).
+            id_file = run_dir.path / "wandb_id.txt"
+            run_id = id_file.read_text().strip() if resume and id_file.exists() else uuid.uuid4().hex[:16]
+            id_file.write_text(run_id + "\n")
+            self.wandb = wandb.init(
+                project=wandb_project, name=run_name, config=to_dict(config) if config else None, id=run_id, resume="allow"
+            )
             self.wandb.define_metric("train_step")
             self.wandb.define_metric("eval_step")
             self.wandb.define_metric("train/*", step_metric="train_step")
@@ -220,9 +231,9 @@ def open_run(cfg: Any, recipe: str) -> RunSession:
     ckpt = Checkpointer(run.path, cfg.control.keep_last)
     latest = ckpt.latest() if cfg.control.resume else None
     if latest is None:
-        start_fresh(run, cfg.control.resume)  # a new run: drop metrics an earlier attempt left here
+        start_fresh(run, cfg.control)  # a new run: clear what an earlier attempt left here
     run.save_config(cfg)
-    sink = MetricsSink(run, cfg.wandb_project or None, cfg.run_name or None, cfg)
+    sink = MetricsSink(run, cfg.wandb_project or None, cfg.run_name or None, cfg, resume=latest is not None)
     return RunSession(run, sink, ckpt, latest, resolve_device(cfg.device))
 
 

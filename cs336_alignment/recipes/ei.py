@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..checkpoint import Progress, RunControl, _fault, format_seconds, truncate_metrics
+from ..checkpoint import budget_spent, Progress, RunControl, _fault, format_seconds, truncate_metrics
 from ..evaluate import response_entropies
 from ..generation import NativeEngine, SamplingParams
 from .common import (
@@ -81,6 +81,8 @@ class EIConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        if self.batch_size < 1 or self.micro_batch_size < 1:
+            raise ValueError(f"batch_size and micro_batch_size must be >= 1, got {self.batch_size}, {self.micro_batch_size}")
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by micro_batch_size ({self.micro_batch_size})")
         for name in ("n_ei_steps", "batch_questions", "rollouts_per_question", "sft_epochs"):
@@ -147,6 +149,8 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
     clock_at_start = train_clock
     final: dict[str, Any] = {}
     last_step = start
+    if budget_spent(budget, train_clock, run):  # a resumed run whose budget ran out only validates
+        start = cfg.n_ei_steps
     for ei_step in range(start, cfg.n_ei_steps):
         step_start = time.perf_counter()
         # ------------------------------------------------------------------ rollout

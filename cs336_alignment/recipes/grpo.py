@@ -24,6 +24,7 @@ import torch
 
 from ..advantages import compute_group_normalized_rewards
 from ..checkpoint import (
+    budget_spent,
     NonFiniteError,
     Progress,
     RunControl,
@@ -53,6 +54,9 @@ from .common import (
 )
 
 
+_DEFAULT_ACCUMULATION = 128
+
+
 @dataclass
 class GRPOConfig:
     """Every knob of the handout's GRPO experiments, with the handout's defaults."""
@@ -72,7 +76,7 @@ class GRPOConfig:
     sampling_max_tokens: int = 1024  # and at most this many
     epochs_per_rollout_batch: int = 1  # passes over each rollout batch (> 1 is off-policy)
     train_batch_size: int = 256  # rollouts per optimizer step (< rollout_batch_size is off-policy)
-    gradient_accumulation_steps: int = 128  # micro-batches per optimizer step
+    gradient_accumulation_steps: int = _DEFAULT_ACCUMULATION  # micro-batches per optimizer step
     micro_batch_size: int | None = None  # memory knob: when set, gradient_accumulation_steps = train_batch_size / this
     loss_type: Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip"] = "reinforce_with_baseline"
     use_std_normalization: bool = True  # divide advantages by the group std
@@ -105,12 +109,21 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         problems = []
+        for name in ("rollout_batch_size", "group_size", "train_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.micro_batch_size is not None:
             if self.micro_batch_size < 1 or self.train_batch_size % self.micro_batch_size:
                 raise ValueError(
                     f"micro_batch_size ({self.micro_batch_size}) must divide train_batch_size ({self.train_batch_size})"
                 )
-            self.gradient_accumulation_steps = self.train_batch_size // self.micro_batch_size
+            derived = self.train_batch_size // self.micro_batch_size
+            if self.gradient_accumulation_steps not in (derived, _DEFAULT_ACCUMULATION):
+                raise ValueError(
+                    f"micro_batch_size={self.micro_batch_size} implies gradient_accumulation_steps={derived}, but "
+                    f"gradient_accumulation_steps={self.gradient_accumulation_steps} was given; set only one of them"
+                )
+            self.gradient_accumulation_steps = derived
         if self.train_batch_size % self.gradient_accumulation_steps:
             problems.append(
                 f"train_batch_size ({self.train_batch_size}) must be divisible by gradient_accumulation_steps "
@@ -225,6 +238,8 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     last_step = start_step
     if cfg.eval_at_start and start_step == 0:
         validate_now(0, val_subset, "subset")
+    if budget_spent(budget, train_clock, run):  # a resumed run whose budget ran out only validates
+        start_step = cfg.n_grpo_steps
     for grpo_step in range(start_step, cfg.n_grpo_steps):
         step_start = time.perf_counter()
         # ------------------------------------------------------------------ rollout
@@ -232,6 +247,8 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         questions = rng.sample(data.train, cfg.n_prompts_per_rollout_batch)
         prompts = [_prompt(data.template, ex) for ex in questions]
         t0 = time.perf_counter()
+        if colocated:
+            free_cuda_cache(device)  # hand the training phase's cached blocks to the KV cache
         policy.eval()
         results = generator.generate(prompts, dataclasses.replace(rollout_sampling, seed=step_seed(cfg.seed, grpo_step, 1)))
         policy.train()
@@ -277,14 +294,13 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
 
         # ------------------------------------------------------------------ old log-probs (once per rollout batch)
         t0 = time.perf_counter()
-        needs_old = cfg.off_policy or cfg.loss_type in ("grpo_clip", "grpo_no_clip")
         gap = _LogprobGap()  # generator-vs-policy log-prob gap over response tokens
-        if needs_old:
+        if cfg.off_policy:  # on-policy, the old policy is the current one: its log-probs come from the train forward
             with torch.inference_mode(), autocast(device):
                 for mb in micro_batches:
                     mb.old_log_probs = get_response_log_probs(
                         policy, mb.input_ids, mb.labels, chunk_size=cfg.logprob_chunk_size, positions_mask=mb.response_mask
-                    )["log_probs"].float()
+                    )["log_probs"].float()  # (b, T)
                     gap.add(mb.old_log_probs, mb)
         old_lp_seconds = time.perf_counter() - t0
 
@@ -295,34 +311,37 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         step_records: list[tuple[int, dict[str, Any]]] = []  # (optimizer step, metrics) of this rollout batch
         for epoch in range(cfg.epochs_per_rollout_batch):
             for first in range(0, len(micro_batches), mbs_per_step):
-                sums: dict[str, float] = {"loss": 0.0, "entropy": 0.0, "clip_fraction": 0.0, "ratio_mean": 0.0}
-                tokens = 0
-                for mb in micro_batches[first : first + mbs_per_step]:
+                step_mbs = micro_batches[first : first + mbs_per_step]
+                tokens = sum(mb.num_response_tokens for mb in step_mbs)
+                # loss, entropy sum, clip-fraction sum, ratio sum: summed on the device, read once per step
+                sums = torch.zeros(4, device=device)
+                for mb in step_mbs:
                     with autocast(device):
                         out = get_response_log_probs(
                             policy, mb.input_ids, mb.labels, return_token_entropy=True,
                             chunk_size=cfg.logprob_chunk_size, positions_mask=mb.response_mask,
                         )
                     log_probs = out["log_probs"]  # (b, T) fp32
+                    old = mb.old_log_probs if mb.old_log_probs is not None else log_probs.detach()  # (b, T)
                     loss, meta = grpo_microbatch_train_step(
                         log_probs, mb.response_mask, gas, cfg.loss_type,
-                        raw_rewards=mb.raw_rewards, advantages=mb.advantages, old_log_probs=mb.old_log_probs,
+                        raw_rewards=mb.raw_rewards, advantages=mb.advantages, old_log_probs=old,
                         cliprange=cfg.cliprange, length_normalization=cfg.length_normalization,
                         normalize_constant=float(cfg.sampling_max_tokens),
+                        num_tokens=tokens if cfg.length_normalization == "token_mean" else None,
                     )
                     n_tok = mb.num_response_tokens
-                    tokens += n_tok
-                    sums["loss"] += loss.item()
-                    sums["entropy"] += (out["token_entropy"].detach() * mb.response_mask).sum().item()
-                    for key in ("clip_fraction", "ratio_mean"):
-                        if key in meta:
-                            sums[key] += meta[key].item() * n_tok
-                    if not needs_old:  # on-policy: this is the sampling policy, so the gap is measurable here
+                    sums[0] += loss
+                    sums[1] += (out["token_entropy"].detach() * mb.response_mask).sum()
+                    sums[2] += meta.get("clip_fraction", 0.0) * n_tok
+                    sums[3] += meta.get("ratio_mean", 0.0) * n_tok
+                    if not cfg.off_policy and epoch == 0:  # the sampling policy itself: the gap is measurable here
                         gap.add(log_probs.detach(), mb)
                 train_tokens += tokens
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm).item()
+                loss_sum, entropy_sum, clip_sum, ratio_sum = sums.tolist()
                 try:
-                    check_finite("loss", sums["loss"], optimizer_step + 1)
+                    check_finite("loss", loss_sum, optimizer_step + 1)
                     check_finite("gradient norm", grad_norm, optimizer_step + 1)
                 except NonFiniteError as e:
                     optimizer.zero_grad(set_to_none=True)
@@ -338,15 +357,15 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
                 record = {
                     "grpo_step": grpo_step,
                     "epoch": epoch,
-                    "loss": sums["loss"],
+                    "loss": loss_sum,
                     "grad_norm": grad_norm,
-                    "token_entropy": sums["entropy"] / max(tokens, 1),
+                    "token_entropy": entropy_sum / max(tokens, 1),
                     "lr": optimizer.param_groups[0]["lr"],
                 }
                 if cfg.loss_type in ("grpo_clip", "grpo_no_clip"):
-                    record["ratio_mean"] = sums["ratio_mean"] / max(tokens, 1)
+                    record["ratio_mean"] = ratio_sum / max(tokens, 1)
                 if cfg.loss_type == "grpo_clip":
-                    record["clip_fraction"] = sums["clip_fraction"] / max(tokens, 1)
+                    record["clip_fraction"] = clip_sum / max(tokens, 1)
                 step_records.append((optimizer_step, record))
         train_seconds = time.perf_counter() - t0
 
@@ -398,21 +417,26 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
 
 
 class _LogprobGap:
-    """|log pi_policy - log pi_generator| over response tokens: mean and max."""
+    """|log pi_policy - log pi_generator| over response tokens: mean and max (read once per rollout batch)."""
 
     def __init__(self) -> None:
-        self.total, self.count, self.max = 0.0, 0, None
+        self.total: torch.Tensor | float = 0.0
+        self.peak: torch.Tensor | float = 0.0
+        self.count = 0
 
     def add(self, policy_log_probs: torch.Tensor, mb: Any) -> None:
-        diff = (policy_log_probs - mb.generator_logprobs).abs()[mb.response_mask]  # (tokens,)
-        if diff.numel():
-            self.total += diff.sum().item()
-            self.count += diff.numel()
-            self.max = max(self.max or 0.0, diff.max().item())
+        diff = (policy_log_probs - mb.generator_logprobs).abs() * mb.response_mask  # (b, T), 0 off the response
+        self.total = self.total + diff.sum()
+        self.peak = torch.maximum(torch.as_tensor(self.peak, device=diff.device), diff.max())
+        self.count += mb.num_response_tokens
 
     @property
     def mean(self) -> float | None:
-        return self.total / self.count if self.count else None
+        return float(self.total) / self.count if self.count else None
+
+    @property
+    def max(self) -> float | None:
+        return float(self.peak) if self.count else None
 
 
 def _prompt(template: str, example: Any) -> str:

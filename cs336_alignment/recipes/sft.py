@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 from ..checkpoint import (
+    budget_spent,
     NonFiniteError,
     Progress,
     RunControl,
@@ -83,6 +84,8 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        if self.batch_size < 1 or self.micro_batch_size < 1:
+            raise ValueError(f"batch_size and micro_batch_size must be >= 1, got {self.batch_size}, {self.micro_batch_size}")
         if self.batch_size % self.micro_batch_size:
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be divisible by micro_batch_size ({self.micro_batch_size}); "
@@ -186,7 +189,9 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     progress = Progress(total_steps, step, cfg.control.progress, "sft")
     clock_at_start = train_clock
     out_of_time = False
-    for epoch in range(step // steps_per_epoch, cfg.epochs):
+    # a resumed run that already finished its steps or its budget only validates
+    first_epoch = cfg.epochs if step >= total_steps or budget_spent(budget, train_clock, run) else step // steps_per_epoch
+    for epoch in range(first_epoch, cfg.epochs):
         order = list(range(len(encoded)))
         random.Random(cfg.seed * 1000 + epoch).shuffle(order)
         for first in range((step % steps_per_epoch) * cfg.batch_size if epoch == step // steps_per_epoch else 0,
