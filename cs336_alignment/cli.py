@@ -224,10 +224,12 @@ def _run_or_exit(fn, cfg) -> dict:
     from .checkpoint import CheckpointError, NonFiniteError, RunDirectoryInUse
     from .config import ConfigError
     from .data import DataError
+    from .generation.vllm_backend import BackendUnavailable
 
     try:
         return fn(cfg)
-    except (ConfigError, DataError, RunDirectoryInUse, NonFiniteError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DataError, RunDirectoryInUse, NonFiniteError, CheckpointError, FileNotFoundError,
+            BackendUnavailable) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
 

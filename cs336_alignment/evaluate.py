@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -257,8 +257,10 @@ class EvalConfig:
     min_tokens: int = 4  # minimum new tokens before EOS / stop strings count
     stop: list[str] = field(default_factory=lambda: ["</answer>"])  # stop strings (kept in the output)
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    max_num_seqs: int = 256  # sequences decoded together
-    kv_cache_memory_fraction: float = 0.5  # share of free GPU memory for the KV cache
+    backend: Literal["native", "vllm"] = "native"  # generation backend: our engine, or vLLM (CUDA, optional extra)
+    max_num_seqs: int = 256  # native engine: sequences decoded together
+    kv_cache_memory_fraction: float = 0.5  # native engine: share of free GPU memory for the KV cache
+    gpu_memory_utilization: float = 0.85  # vLLM: share of its GPU's memory
     entropy: bool = True  # also compute mean token entropy with a forward pass of the model
 
     def __post_init__(self) -> None:
@@ -342,11 +344,19 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     template = load_template(cfg.prompt)
     prompts = [format_prompt(template, ex) for ex in examples]
     device = resolve_device(cfg.device)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)
-    engine = NativeEngine(
-        model, tokenizer, copy_weights=False, max_num_seqs=cfg.max_num_seqs,
-        kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,
-    )
+    if cfg.backend == "vllm":
+        from .generation.vllm_backend import load_vllm_generator
+
+        engine = load_vllm_generator(cfg.model, device=device, seed=cfg.seed, gpu_memory_utilization=cfg.gpu_memory_utilization)
+        model = None  # entropy needs the transformers model; vLLM evaluations skip it unless asked
+        if cfg.entropy:
+            model, _ = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)
+    else:
+        model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)
+        engine = NativeEngine(
+            model, tokenizer, copy_weights=False, max_num_seqs=cfg.max_num_seqs,
+            kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,
+        )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))

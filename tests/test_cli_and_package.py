@@ -87,3 +87,18 @@ def test_tiny_model_command_writes_a_loadable_model(tmp_path):
 def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "cs336_alignment", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "tiny-model" in out.stdout
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is not None, reason="vllm is installed here")
+@pytest.mark.parametrize("command", [
+    ["eval", "--model", "tiny", "--data", "task:arithmetic", "--limit", "2", "backend=vllm"],
+    ["grpo", "model=tiny", "data.train=task:arithmetic", "backend=vllm", "device=cpu", "n_grpo_steps=1",
+     "rollout_batch_size=8", "group_size=4", "train_batch_size=8", "gradient_accumulation_steps=2"],
+])
+def test_selecting_vllm_without_vllm_is_a_one_line_error(tmp_path, command):
+    out = subprocess.run([sys.executable, "-m", "cs336_alignment", *command, f"out={tmp_path / 'o'}"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    lines = [x for x in out.stderr.splitlines() if x.strip()]
+    assert lines[-1].startswith("error: vLLM backend selected but vllm is not installed")
+    assert "Traceback" not in out.stderr

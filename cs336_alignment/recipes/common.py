@@ -178,6 +178,32 @@ def grader_delta(before: dict[str, int]) -> dict[str, int]:
     return {f"grader_{k}": after.get(k, 0) - before.get(k, 0) for k in ("timeouts", "errors")}
 
 
+def make_generator(
+    backend: str, policy: Any, tokenizer: Any, model_path: str, device: torch.device, seed: int,
+    max_num_seqs: int = 256, kv_cache_memory_fraction: float = 0.3, gpu_memory_utilization: float = 0.85,
+) -> Any:
+    """The generation backend a config selects, holding ``policy``'s current weights.
+
+    "native": our engine (any device). "vllm": an in-process vLLM engine on ``device``
+    (CUDA only; a one-line BackendUnavailable error where vLLM is missing).
+    """
+    if backend == "native":
+        from ..generation import NativeEngine
+
+        return NativeEngine(
+            policy, tokenizer, device=device, max_num_seqs=max_num_seqs, kv_cache_memory_fraction=kv_cache_memory_fraction
+        )
+    if backend == "vllm":
+        from ..generation.vllm_backend import load_vllm_generator
+
+        generator = load_vllm_generator(
+            model_path, device=device, seed=seed, gpu_memory_utilization=gpu_memory_utilization, tokenizer=tokenizer
+        )
+        generator.load_weights(policy)  # e.g. after a resume, the policy is no longer the checkpoint on disk
+        return generator
+    raise ValueError(f"unknown generation backend {backend!r}; expected 'native' or 'vllm'")
+
+
 def free_cuda_cache(device: torch.device) -> None:
     """Return cached blocks between phases when generator and policy share a GPU."""
     if device.type == "cuda":

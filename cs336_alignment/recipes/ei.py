@@ -22,8 +22,9 @@ from typing import Any, Literal
 
 from ..checkpoint import budget_spent, Progress, RunControl, _fault, format_seconds, truncate_metrics
 from ..evaluate import response_entropies
-from ..generation import NativeEngine, SamplingParams
+from ..generation import SamplingParams
 from .common import (
+    make_generator,
     DataConfig,
     autocast,
     finish_run,
@@ -73,8 +74,10 @@ class EIConfig:
     gradient_checkpointing: bool = False  # trade compute for activation memory
     logprob_chunk_size: int | None = 1024  # log-probs/entropy over this many positions at a time (None: full fp32 logits)
     length_grouping: bool = True  # sort each SFT batch by length before micro-batching
-    max_num_seqs: int = 256  # generator: sequences decoded together
-    kv_cache_memory_fraction: float = 0.3  # generator: share of free GPU memory for the KV cache
+    backend: Literal["native", "vllm"] = "native"  # generation backend: our engine, or vLLM (CUDA, optional extra)
+    max_num_seqs: int = 256  # native generator: sequences decoded together
+    kv_cache_memory_fraction: float = 0.3  # native generator: share of free GPU memory for the KV cache
+    gpu_memory_utilization: float = 0.85  # vLLM generator: share of its GPU's memory
     control: RunControl = field(default_factory=RunControl)  # checkpoints (one per EI step when set), resume, budget
     wandb_project: str = ""  # "" disables wandb
     run_name: str = ""  # wandb run name
@@ -119,7 +122,10 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
     policy, tokenizer = load_policy(cfg.model, device, cfg.seed, cfg.gradient_checkpointing)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     optimizer = make_optimizer(policy, cfg.learning_rate, cfg.weight_decay, cfg.betas)
-    generator = NativeEngine(policy, tokenizer, max_num_seqs=cfg.max_num_seqs, kv_cache_memory_fraction=cfg.kv_cache_memory_fraction)
+    generator = make_generator(
+        cfg.backend, policy, tokenizer, cfg.model, device, cfg.seed, cfg.max_num_seqs, cfg.kv_cache_memory_fraction,
+        cfg.gpu_memory_utilization,
+    )
     rollout_sampling = SamplingParams(
         temperature=cfg.sampling_temperature, max_tokens=cfg.sampling_max_tokens, min_tokens=cfg.sampling_min_tokens,
         stop=("</answer>",), include_stop_str_in_output=True, n=cfg.rollouts_per_question,

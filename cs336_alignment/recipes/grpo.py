@@ -33,11 +33,12 @@ from ..checkpoint import (
     format_seconds,
     truncate_metrics,
 )
-from ..generation import NativeEngine, SamplingParams
+from ..generation import SamplingParams
 from ..logprobs import get_response_log_probs
 from ..losses import LENGTH_NORMALIZATIONS, LOSS_TYPES, grpo_microbatch_train_step
 from ..rollouts import Rollout, pack_rollouts, rollout_stats
 from .common import (
+    make_generator,
     DataConfig,
     autocast,
     finish_run,
@@ -98,8 +99,10 @@ class GRPOConfig:
     gradient_checkpointing: bool = False  # trade compute for activation memory
     logprob_chunk_size: int | None = 1024  # log-probs/entropy over this many positions at a time (None: full fp32 logits)
     length_grouping: bool = True  # sort each train batch by length before micro-batching (less padding, same gradient)
-    max_num_seqs: int = 256  # generator: sequences decoded together
-    kv_cache_memory_fraction: float = 0.3  # generator: share of free GPU memory for the KV cache
+    backend: Literal["native", "vllm"] = "native"  # generation backend: our engine, or vLLM (CUDA, optional extra)
+    max_num_seqs: int = 256  # native generator: sequences decoded together
+    kv_cache_memory_fraction: float = 0.3  # native generator: share of free GPU memory for the KV cache
+    gpu_memory_utilization: float = 0.85  # vLLM generator: share of its GPU's memory
     # -- checkpoints, resume, time budget, failures
     control: RunControl = field(default_factory=RunControl)  # see checkpoint.RunControl
     # -- logging
@@ -191,8 +194,9 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     policy, tokenizer = load_policy(cfg.model, device, cfg.seed, cfg.gradient_checkpointing)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     optimizer = make_optimizer(policy, cfg.learning_rate, cfg.weight_decay, cfg.betas)
-    generator = NativeEngine(
-        policy, tokenizer, device=gen_device, max_num_seqs=cfg.max_num_seqs, kv_cache_memory_fraction=cfg.kv_cache_memory_fraction
+    generator = make_generator(
+        cfg.backend, policy, tokenizer, cfg.model, gen_device, cfg.seed, cfg.max_num_seqs, cfg.kv_cache_memory_fraction,
+        cfg.gpu_memory_utilization,
     )
     rollout_sampling = SamplingParams(
         temperature=cfg.sampling_temperature,
