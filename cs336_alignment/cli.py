@@ -184,6 +184,25 @@ def sweep_command(
         raise typer.Exit(2) from None
 
 
+@app.command("config")
+def config_command(
+    recipe: str = typer.Argument(..., help="eval, sft, ei or grpo."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Start from this YAML file."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Fields as key=value."),
+) -> None:
+    """Print a recipe's resolved config as YAML, every field with its default and meaning."""
+    from .config import ConfigError, commented_yaml
+    from .experiments import recipe_classes
+
+    try:
+        cls, _ = recipe_classes(recipe)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"# python -m cs336_alignment {recipe} --config FILE, or: run FILE with 'recipe: {recipe}' added")
+    typer.echo(commented_yaml(_load_or_exit(cls, config, list(overrides or []))), nl=False)
+
+
 @app.command("report")
 def report_command(
     runs: list[Path] = typer.Argument(..., help="Run directories (training runs or eval outputs)."),

@@ -310,3 +310,46 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def dump_yaml(cfg: Any) -> str:
     """The resolved config as YAML, in field order."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+# ---------------------------------------------------------------------------------------
+# Self-documentation: every field's default and comment, as commented YAML
+# ---------------------------------------------------------------------------------------
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field in the dataclass's source (the field's documentation)."""
+    import inspect
+
+    comments: dict[str, str] = {}
+    field_line = re.compile(r"^    (\w+)\s*:(?!\s*$)")  # "    name: type = default"
+    comment = re.compile(r"#\s*(.+?)\s*$")
+    current = None
+    for line in inspect.getsource(cls).splitlines():
+        m = field_line.match(line)
+        if m:
+            current = m.group(1)
+        c = comment.search(line)
+        if current and c and current not in comments:
+            comments[current] = c.group(1)  # on the field's line, or on the line closing a wrapped one
+        if line.strip().startswith("def ") or line.strip().startswith("@"):
+            current = None
+    return comments
+
+
+def commented_yaml(cfg: Any, indent: int = 0) -> str:
+    """The config as YAML with each field's comment beside it (``python -m cs336_alignment config``)."""
+    comments = field_comments(type(cfg))
+    pad = " " * indent
+    lines = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        note = comments.get(f.name, "")
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{pad}{f.name}:{'  # ' + note if note else ''}")
+            lines.append(commented_yaml(value, indent + 2).rstrip("\n"))
+            continue
+        plain = to_dict(cfg)[f.name]
+        text = yaml.safe_dump({f.name: plain}, default_flow_style=True, width=10_000).strip()[1:-1]
+        lines.append(f"{pad}{text}{'  # ' + note if note else ''}")
+    return "\n".join(lines) + "\n"

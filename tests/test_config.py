@@ -106,3 +106,31 @@ def test_tuple_arity_and_number_like_strings():
     assert load_config(Demo, None, ["name=007"]).name == "007"  # not 7
     assert load_config(Demo, None, ["steps=007"]).steps == 7
     assert load_config(Demo, None, ["optim.lr=1e-4"]).optim.lr == 1e-4
+
+
+def test_every_recipe_field_is_documented_and_the_commented_yaml_round_trips(tmp_path):
+    import dataclasses
+
+    from cs336_alignment.config import commented_yaml, field_comments
+    from cs336_alignment.demo import DemoConfig
+    from cs336_alignment.experiments import RECIPES, recipe_classes
+
+    classes = [recipe_classes(r)[0] for r in RECIPES] + [DemoConfig]
+    seen = set()
+    while classes:
+        cls = classes.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        comments = field_comments(cls)
+        for f in dataclasses.fields(cls):
+            assert comments.get(f.name), f"{cls.__name__}.{f.name} has no comment"
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                classes.append(type(default))
+    for recipe in RECIPES:
+        cls = recipe_classes(recipe)[0]
+        cfg = load_config(cls, None, ["seed=7"])
+        p = tmp_path / f"{recipe}.yaml"
+        p.write_text(commented_yaml(cfg))
+        assert load_config(cls, p) == cfg

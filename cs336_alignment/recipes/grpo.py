@@ -79,7 +79,9 @@ class GRPOConfig:
     train_batch_size: int = 256  # rollouts per optimizer step (< rollout_batch_size is off-policy)
     gradient_accumulation_steps: int = _DEFAULT_ACCUMULATION  # micro-batches per optimizer step
     micro_batch_size: int | None = None  # memory knob: when set, gradient_accumulation_steps = train_batch_size / this
-    loss_type: Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip"] = "reinforce_with_baseline"
+    loss_type: Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip"] = (
+        "reinforce_with_baseline"
+    )  # per-token loss: -r log pi, -A log pi, clipped ratio x A, or unclipped ratio x A
     use_std_normalization: bool = True  # divide advantages by the group std
     length_normalization: Literal["masked_mean", "masked_normalize", "token_mean"] = "masked_mean"  # see losses.py
     cliprange: float = 0.2  # epsilon of grpo_clip
