@@ -89,7 +89,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fault(point: str, step: int) -> None:
+def fault_point(point: str, step: int) -> None:
     """Fault injection for the kill-and-resume tests: CS336_ALIGNMENT_FAULT="<point>:<step>"
     makes the process kill itself with SIGKILL at that point. Unset in normal runs."""
     spec = os.environ.get("CS336_ALIGNMENT_FAULT")
@@ -145,7 +145,7 @@ class Checkpointer:
         try:
             tmp.mkdir()
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "model.pt")
-            _fault("checkpoint", step)
+            fault_point("checkpoint", step)
             if optimizer is not None:
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save({"state": state, "rng": rng_state(), "step": step}, tmp / "trainer.pt")

@@ -20,11 +20,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..checkpoint import budget_spent, Progress, RunControl, _fault, format_seconds, truncate_metrics
+from ..checkpoint import (
+    Progress,
+    RunControl,
+    budget_spent,
+    fault_point,
+    format_seconds,
+    truncate_metrics,
+)
 from ..evaluate import response_entropies
 from ..generation import SamplingParams
 from .common import (
-    make_generator,
     DataConfig,
     autocast,
     finish_run,
@@ -33,6 +39,7 @@ from .common import (
     grader_delta,
     load_data,
     load_policy,
+    make_generator,
     make_optimizer,
     open_run,
     step_seed,
@@ -220,7 +227,7 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
         })
         eta = progress.update(last_step, train_clock - clock_at_start, kept=len(kept))
         run.logger.info("EI step %d/%d: kept %d of %d rollouts, %s", last_step, cfg.n_ei_steps, len(kept), n_rollouts, eta)
-        _fault("step", last_step)
+        fault_point("step", last_step)
         out_of_time = budget is not None and train_clock >= budget
         if last_step < cfg.n_ei_steps and not out_of_time:
             final = validate_now(last_step, val_subset, "subset")

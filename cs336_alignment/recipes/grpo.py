@@ -24,12 +24,12 @@ import torch
 
 from ..advantages import compute_group_normalized_rewards
 from ..checkpoint import (
-    budget_spent,
     NonFiniteError,
     Progress,
     RunControl,
-    _fault,
+    budget_spent,
     check_finite,
+    fault_point,
     format_seconds,
     truncate_metrics,
 )
@@ -38,7 +38,6 @@ from ..logprobs import get_response_log_probs
 from ..losses import LENGTH_NORMALIZATIONS, LOSS_TYPES, grpo_microbatch_train_step
 from ..rollouts import Rollout, pack_rollouts, rollout_stats
 from .common import (
-    make_generator,
     DataConfig,
     autocast,
     finish_run,
@@ -47,13 +46,13 @@ from .common import (
     grader_delta,
     load_data,
     load_policy,
+    make_generator,
     make_optimizer,
     open_run,
     resolve_device,
     step_seed,
     validate,
 )
-
 
 _DEFAULT_ACCUMULATION = 128
 
@@ -403,7 +402,7 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
             grpo_step + 1, cfg.n_grpo_steps, stats["reward_mean"], stats["format_reward_mean"], last["loss"],
             last["grad_norm"], last["token_entropy"], stats["response_length_mean"], time.perf_counter() - step_start, eta,
         )
-        _fault("step", grpo_step + 1)
+        fault_point("step", grpo_step + 1)
         last_step = grpo_step + 1
         out_of_time = budget is not None and train_clock >= budget
         if cfg.eval_every and last_step % cfg.eval_every == 0 and last_step < cfg.n_grpo_steps and not out_of_time:

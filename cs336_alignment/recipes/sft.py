@@ -21,12 +21,12 @@ from typing import Any, Literal
 import torch
 
 from ..checkpoint import (
-    budget_spent,
     NonFiniteError,
     Progress,
     RunControl,
-    _fault,
+    budget_spent,
     check_finite,
+    fault_point,
     truncate_metrics,
 )
 from ..generation import NativeEngine, SamplingParams
@@ -213,7 +213,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
             if step % max(1, total_steps // 20) == 0 or step == total_steps:
                 run.logger.info("step %d/%d: loss %.4f, lr %.2e, %s", step, total_steps,
                                 (metrics or {}).get("loss", float("nan")), lr, eta)
-            _fault("step", step)
+            fault_point("step", step)
             out_of_time = budget is not None and train_clock >= budget
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and not out_of_time:
                 validate_now(step, val_subset, "subset")
