@@ -232,3 +232,22 @@ def test_bad_requests_are_clear(engine):
     assert (r1.temperature, r1.top_p, r1.max_tokens, r1.min_tokens, r1.stop, r1.include_stop_str_in_output) == (
         1.0, 1.0, 1024, 4, ("</answer>",), True,
     )
+
+
+def test_bf16_engine_copy_follows_the_fp32_policy(tiny_model, tiny_tokenizer):
+    """CPU counterpart of the GPU set-up: a bf16 engine copy of an fp32 policy, refreshed by load_weights."""
+    engine = NativeEngine(tiny_model, tiny_tokenizer, dtype=torch.bfloat16)
+    assert next(engine.model.parameters()).dtype == torch.bfloat16
+    assert next(tiny_model.parameters()).dtype == torch.float32  # the policy keeps fp32 master weights
+    out = engine.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    ref = NativeEngine(tiny_model, tiny_tokenizer).generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    for a, b in zip(out, ref):
+        assert a.completions[0].token_ids[:2] == b.completions[0].token_ids[:2]  # large-margin first tokens agree
+        assert all(isinstance(x, float) for x in a.completions[0].logprobs)
+    with torch.no_grad():
+        tiny_model.model.embed_tokens.weight.mul_(1.5)
+    engine.load_weights(tiny_model)
+    torch.testing.assert_close(
+        engine.model.model.embed_tokens.weight, tiny_model.model.embed_tokens.weight.to(torch.bfloat16)
+    )
+    assert engine.model.lm_head.weight.data_ptr() == engine.model.model.embed_tokens.weight.data_ptr()  # still tied
