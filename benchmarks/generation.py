@@ -13,33 +13,14 @@ a Markdown table.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def build(shape: str, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
-
-    from cs336_alignment.tiny import build_tiny_model, build_tiny_tokenizer, qwen25_math_1p5b_config
-
-    tokenizer = build_tiny_tokenizer()
-    if shape == "tiny":
-        model = build_tiny_model(tokenizer, seed=0)
-    else:
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(qwen25_math_1p5b_config(), dtype=dtype)
-    return model.to(device, dtype).eval(), tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script train_step.py
+from train_step import build_model, environment, resolve_device, sync, write_results  # noqa: E402
 
 
 def bench_native(model, tokenizer, prompts, new_tokens: int, device, max_num_seqs: int, repeats: int) -> dict:
@@ -51,10 +32,10 @@ def bench_native(model, tokenizer, prompts, new_tokens: int, device, max_num_seq
     params = SamplingParams(temperature=1.0, max_tokens=new_tokens, ignore_eos=True, seed=1)
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         results = engine.generate(prompts, params)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     seconds = sorted(times)[len(times) // 2]  # median
     n = sum(len(r.completions[0].token_ids) for r in results)
@@ -79,10 +60,10 @@ def bench_hf(model, prompts, new_tokens: int, device, repeats: int, static: bool
         warm_seconds = time.perf_counter() - warm_start
         times = []
         for _ in range(repeats):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             out = model.generate(ids, **kwargs)
-            _sync(device)
+            sync(device)
             times.append(time.perf_counter() - t0)
     seconds = sorted(times)[len(times) // 2]  # median
     n = (out.shape[1] - ids.shape[1]) * out.shape[0]
@@ -103,16 +84,15 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tiny = args.shape == "tiny"
     batch = args.batch or (64 if tiny else 256)
     prompt_len = args.prompt_len or (32 if tiny else 128)
     new_tokens = args.new_tokens or (128 if tiny else 512)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
-
-    model, tokenizer = build(args.shape, device, dtype)
+    model, tokenizer = build_model(args.shape, device, dtype)
+    model.config.use_cache = True  # transformers' generate needs its KV cache (build_model turns it off for training)
+    model.eval()
     g = torch.Generator().manual_seed(0)
     vocab = min(model.config.vocab_size, len(tokenizer)) if tiny else model.config.vocab_size - 1000
     prompts = torch.randint(1, vocab, (batch, prompt_len), generator=g).tolist()
@@ -123,15 +103,9 @@ def main() -> None:
         if args.hf_static:
             results["transformers_generate_static_cache_compiled"] = bench_hf(model, prompts, new_tokens, device, args.repeats, static=True)
 
-    import transformers
-
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    env = environment(device)
     record = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
+        **env,
         "shape": "Qwen2.5-Math-1.5B (random weights)" if not tiny else "tiny Qwen2 (random weights)",
         "dtype": str(dtype).removeprefix("torch."),
         "batch": batch,
@@ -140,12 +114,9 @@ def main() -> None:
         "repeats": args.repeats,
         "results": results,
     }
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"generation_{device.type}_{args.shape.replace('.', 'p')}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path = write_results(record, args.out, "generation", device, args.shape)
 
-    print(f"{record['shape']} on {device_name}, {record['dtype']}, batch {batch}, prompt {prompt_len}, {new_tokens} new tokens")
+    print(f"{record['shape']} on {env['device']}, {record['dtype']}, batch {batch}, prompt {prompt_len}, {new_tokens} new tokens")
     print("| path | tokens/s | ms/step | seconds |\n| --- | ---: | ---: | ---: |")
     for name, r in results.items():
         print(f"| {name} | {r['tokens_per_second']:,.0f} | {r['ms_per_step']:.2f} | {r['seconds']:.2f} |")

@@ -68,8 +68,8 @@ def build_model(shape: str, device: torch.device, param_dtype: torch.dtype, chec
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(qwen25_math_1p5b_config(), dtype=param_dtype)
     model = model.to(device, param_dtype)
-    if checkpointing:
-        model.gradient_checkpointing_enable()
+    if checkpointing:  # renamed in transformers 5.2x; older versions have only the second name
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.config.use_cache = False
     return model.train(), tokenizer
 
