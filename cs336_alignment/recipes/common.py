@@ -34,6 +34,17 @@ class DataConfig:
             raise ValueError("n_task_train and n_task_val must be >= 1")
 
 
+def check_sft_batching(batch_size: int, micro_batch_size: int) -> None:
+    """The SFT-style batch checks shared by SFT and expert iteration (ValueError with a clear message)."""
+    if batch_size < 1 or micro_batch_size < 1:
+        raise ValueError(f"batch_size and micro_batch_size must be >= 1, got {batch_size}, {micro_batch_size}")
+    if batch_size % micro_batch_size:
+        raise ValueError(
+            f"batch_size ({batch_size}) must be divisible by micro_batch_size ({micro_batch_size}); "
+            "gradient accumulation steps = batch_size / micro_batch_size"
+        )
+
+
 @dataclass
 class LoadedData:
     train: list[Any]  # Example records

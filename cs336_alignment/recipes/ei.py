@@ -33,6 +33,7 @@ from ..generation import SamplingParams
 from .common import (
     DataConfig,
     autocast,
+    check_sft_batching,
     finish_run,
     free_cuda_cache,
     grader_counts,
@@ -91,10 +92,7 @@ class EIConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
-        if self.batch_size < 1 or self.micro_batch_size < 1:
-            raise ValueError(f"batch_size and micro_batch_size must be >= 1, got {self.batch_size}, {self.micro_batch_size}")
-        if self.batch_size % self.micro_batch_size:
-            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by micro_batch_size ({self.micro_batch_size})")
+        check_sft_batching(self.batch_size, self.micro_batch_size)
         for name in ("n_ei_steps", "batch_questions", "rollouts_per_question", "sft_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -36,6 +36,7 @@ from ..tokenization import pack_prompt_and_output_ids
 from .common import (
     DataConfig,
     autocast,
+    check_sft_batching,
     finish_run,
     load_data,
     load_policy,
@@ -84,13 +85,7 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
-        if self.batch_size < 1 or self.micro_batch_size < 1:
-            raise ValueError(f"batch_size and micro_batch_size must be >= 1, got {self.batch_size}, {self.micro_batch_size}")
-        if self.batch_size % self.micro_batch_size:
-            raise ValueError(
-                f"batch_size ({self.batch_size}) must be divisible by micro_batch_size ({self.micro_batch_size}); "
-                "gradient accumulation steps = batch_size / micro_batch_size"
-            )
+        check_sft_batching(self.batch_size, self.micro_batch_size)
         if self.n_examples is not None and self.n_examples < 1:
             raise ValueError(f"n_examples must be >= 1 or null (all), got {self.n_examples}")
         if self.epochs < 1:
