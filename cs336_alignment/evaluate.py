@@ -166,9 +166,9 @@ def evaluate(
     score_s = time.perf_counter() - t0 - gen_s
     if policy is not None:
         pairs = [(res.prompt_token_ids, c.token_ids) for res in results for c in res.completions]
-        pad = generator.tokenizer.pad_token_id
-        pad = pad if pad is not None else generator.tokenizer.eos_token_id
-        ents = response_entropies(policy, [p for p, _ in pairs], [r for _, r in pairs], pad)
+        from .tokenization import pad_token_id
+
+        ents = response_entropies(policy, [p for p, _ in pairs], [r for _, r in pairs], pad_token_id(generator.tokenizer))
         for rec, e in zip(records, ents):
             rec.mean_entropy = e
     metrics = summarize(records, sampling.max_tokens)

@@ -30,6 +30,7 @@ from ..checkpoint import (
 )
 from ..evaluate import response_entropies
 from ..generation import SamplingParams
+from ..tokenization import pad_token_id
 from .common import (
     DataConfig,
     autocast,
@@ -125,7 +126,7 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
     val = data.val or data.train
     val_subset = random.Random(cfg.eval_seed).sample(val, min(cfg.n_eval_examples, len(val)))
     policy, tokenizer = load_policy(cfg.model, device, cfg.seed, cfg.gradient_checkpointing)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)  # pad, else EOS
     optimizer = make_optimizer(policy, cfg.learning_rate, cfg.weight_decay, cfg.betas)
     generator = make_generator(
         cfg.backend, policy, tokenizer, cfg.model, device, cfg.seed, cfg.max_num_seqs, cfg.kv_cache_memory_fraction,

@@ -37,6 +37,7 @@ from ..generation import SamplingParams
 from ..logprobs import get_response_log_probs
 from ..losses import LENGTH_NORMALIZATIONS, LOSS_TYPES, grpo_microbatch_train_step
 from ..rollouts import Rollout, pack_rollouts, rollout_stats
+from ..tokenization import pad_token_id
 from .common import (
     DataConfig,
     autocast,
@@ -193,7 +194,7 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     val = data.val or data.train
     val_subset = random.Random(cfg.eval_seed).sample(val, min(cfg.n_eval_examples, len(val)))
     policy, tokenizer = load_policy(cfg.model, device, cfg.seed, cfg.gradient_checkpointing)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)  # pad, else EOS
     optimizer = make_optimizer(policy, cfg.learning_rate, cfg.weight_decay, cfg.betas)
     generator = make_generator(
         cfg.backend, policy, tokenizer, cfg.model, gen_device, cfg.seed, cfg.max_num_seqs, cfg.kv_cache_memory_fraction,

@@ -32,7 +32,7 @@ from ..checkpoint import (
 from ..generation import NativeEngine, SamplingParams
 from ..logprobs import get_response_log_probs
 from ..losses import sft_microbatch_train_step
-from ..tokenization import pack_prompt_and_output_ids
+from ..tokenization import pack_prompt_and_output_ids, pad_token_id
 from .common import (
     DataConfig,
     autocast,
@@ -116,7 +116,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     session = open_run(cfg, "SFT")
     run, sink, ckpt, latest, device = session.run, session.sink, session.ckpt, session.latest, session.device
     policy, tokenizer = load_policy(cfg.model, device, cfg.seed, cfg.gradient_checkpointing)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)  # pad, else EOS
 
     # ------------------------------------------------------------------ data
     data = load_data(cfg.data, cfg.seed)
