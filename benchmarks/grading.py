@@ -58,9 +58,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
 
+    import cs336_alignment.rewards.sandbox as sandbox
     from cs336_alignment.rewards import grade_batch, grade_response
     from cs336_alignment.rewards.sandbox import GraderPool
-    import cs336_alignment.rewards.sandbox as sandbox
 
     responses, truths, expected = build_corpus(args.n)
 

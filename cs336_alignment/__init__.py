@@ -62,6 +62,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .advantages import compute_group_normalized_rewards
+    from .evaluate import evaluate, log_generations
     from .logprobs import compute_entropy, get_response_log_probs
     from .losses import (
         compute_grpo_clip_loss,
@@ -72,7 +73,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         masked_normalize,
         sft_microbatch_train_step,
     )
-    from .evaluate import evaluate, log_generations
     from .rewards import question_only_reward_fn, r1_zero_reward_fn
     from .tiny import build_tiny_model, build_tiny_tokenizer, qwen25_math_1p5b_config, tiny_qwen2_config
     from .tokenization import tokenize_prompt_and_output

@@ -23,16 +23,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+
+from .errors import UserError
+
+__all__ = [
+    "CheckpointError",
+    "Checkpointer",
+    "NonFiniteError",
+    "Progress",
+    "RunControl",
+    "RunDirectoryInUse",
+    "check_finite",
+    "fault_point",
+    "format_seconds",
+    "parse_duration",
+    "rng_state",
+    "set_rng_state",
+    "start_fresh",
+    "truncate_metrics",
+]
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """Writing a checkpoint failed; the previous checkpoint is intact."""
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """A loss or gradient was NaN or infinite."""
 
 
@@ -194,7 +214,7 @@ def truncate_metrics(metrics_path: Path, size: int) -> None:
             f.truncate(size)
 
 
-class RunDirectoryInUse(RuntimeError):
+class RunDirectoryInUse(UserError, RuntimeError):
     """A fresh run was pointed at a directory that holds another run's checkpoints."""
 
 
@@ -224,15 +244,6 @@ def start_fresh(run: Any, control: RunControl) -> None:
         truncate_metrics(run.metrics_path, 0)
 
 
-def budget_spent(budget: float | None, train_clock: float, run: Any) -> bool:
-    """True when a (resumed) run has already used its time budget; says so in the log."""
-    if budget is not None and train_clock >= budget:
-        run.logger.info("time budget already spent (%s of training): skipping to the final validation",
-                        format_seconds(train_clock))
-        return True
-    return False
-
-
 def check_finite(name: str, value: float, step: int) -> None:
     """Raise NonFiniteError with a clear message if ``value`` is NaN or infinite."""
     if not torch.isfinite(torch.tensor(value)):
@@ -249,8 +260,6 @@ class Progress:
         self.total, self.start = total, start
         self.bar = None
         if enabled:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
 
     def eta_seconds(self, done: int, clock_this_session: float) -> float | None:

@@ -1,15 +1,31 @@
 """Command line: ``python -m cs336_alignment <command> --help``.
 
 Each command is a thin wrapper: it parses options, loads a config, and calls one function
-of the package. Heavy imports happen inside the commands, so ``--help`` is instant.
+of the package. Heavy imports happen inside the commands, so ``--help`` is instant. The
+recipe commands (sft, ei, grpo) are registered from one table; every command reports errors
+through :func:`_user_errors`: a :class:`~cs336_alignment.errors.UserError` (bad config, bad
+data, busy run directory, ...) prints one line and exits with its ``exit_code``, anything else
+keeps its traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from .config import load_config
+from .errors import UserError
+
+__all__ = [
+    "RECIPE_COMMANDS",
+    "app",
+    "main",
+]
+
 
 app = typer.Typer(
     name="cs336_alignment",
@@ -52,14 +68,13 @@ def demo(
     overrides: Optional[list[str]] = typer.Argument(None, help="DemoConfig fields as key=value (e.g. grpo_steps=100)."),
 ) -> None:
     """The main job: SFT then GRPO on a tiny model, on CPU, showing validation reward rise (about 2 minutes)."""
+    from .config import to_dict
     from .demo import DemoConfig, format_summary, run_demo
 
     base = DemoConfig.quick(str(out)) if quick else DemoConfig(out=str(out))
-    from .config import to_dict
-
-    fields = {k: v for k, v in to_dict(base).items()}
-    cfg = _load_or_exit(DemoConfig, None, [f"{k}={v}" for k, v in fields.items()] + list(overrides or []))
-    summary = run_demo(cfg)
+    with _user_errors():
+        cfg = load_config(DemoConfig, None, [f"{k}={v}" for k, v in to_dict(base).items()] + list(overrides or []))
+        summary = run_demo(cfg)
     typer.echo(format_summary(summary))
 
 
@@ -90,12 +105,13 @@ def eval_command(
     overrides: Optional[list[str]] = typer.Argument(None, help="More EvalConfig fields as key=value."),
 ) -> None:
     """Zero-shot evaluation: generate, grade, write generations.jsonl and metrics.json."""
-    from .evaluate import EvalConfig, run_evaluation
+    from .recipes.eval import EvalConfig, run_evaluation
 
     flags = {"model": model, "data": data, "prompt": prompt, "out": out, "limit": limit, "seed": seed, "max_tokens": max_tokens}
     extra = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    cfg = _load_or_exit(EvalConfig, config, extra + list(overrides or []))
-    metrics = _run_or_exit(run_evaluation, cfg)
+    with _user_errors():
+        cfg = load_config(EvalConfig, config, extra + list(overrides or []))
+        metrics = run_evaluation(cfg)
     keys = ("n_examples", "accuracy", "format_accuracy", "answer_accuracy", "truncated_fraction",
             "mean_response_length", "mean_token_entropy", "generation_tokens_per_second")
     for key in keys:
@@ -104,46 +120,32 @@ def eval_command(
     typer.echo(f"wrote {Path(cfg.out) / 'generations.jsonl'} and {Path(cfg.out) / 'metrics.json'}")
 
 
-@app.command("sft")
-def sft_command(
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with SFTConfig fields."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="SFTConfig fields as key=value (nested: data.train=...)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in the run directory."),
-    time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop training after this long (e.g. 4h, 90m)."),
-) -> None:
-    """Supervised fine-tuning on (prompt, response) pairs (sft.jsonl or a built-in task's traces)."""
-    from .recipes.sft import SFTConfig, train_sft
-
-    cfg = _load_or_exit(SFTConfig, config, list(overrides or []) + _control_flags(resume, time_budget))
-    _echo_metrics(_run_or_exit(train_sft, cfg))
+RECIPE_COMMANDS = {  # command -> its help; the config class and entry function come from experiments.recipe_classes
+    "sft": "Supervised fine-tuning on (prompt, response) pairs (sft.jsonl or a built-in task's traces).",
+    "ei": "Expert iteration: sample, keep the rewarded responses, fine-tune on them, repeat.",
+    "grpo": "GRPO (and its ablations: loss_type, length normalisation, std normalisation, off-policy epochs).",
+}
 
 
-@app.command("grpo")
-def grpo_command(
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with GRPOConfig fields."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="GRPOConfig fields as key=value (nested: data.train=...)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in the run directory."),
-    time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop training after this long (e.g. 4h, 90m)."),
-) -> None:
-    """GRPO (and its ablations: loss_type, length normalisation, std normalisation, off-policy epochs)."""
-    from .recipes.grpo import GRPOConfig, train_grpo
+def _register_recipe_command(recipe: str, help_text: str) -> None:
+    def command(
+        config: Optional[Path] = typer.Option(None, "--config", help="YAML file with the recipe's config fields."),
+        overrides: Optional[list[str]] = typer.Argument(None, help="Config fields as key=value (nested: data.train=...)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in the run directory."),
+        time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop training after this long (e.g. 4h, 90m)."),
+    ) -> None:
+        from .experiments import recipe_classes
 
-    cfg = _load_or_exit(GRPOConfig, config, list(overrides or []) + _control_flags(resume, time_budget))
-    _echo_metrics(_run_or_exit(train_grpo, cfg))
+        with _user_errors():
+            cls, train = recipe_classes(recipe)
+            cfg = load_config(cls, config, list(overrides or []) + _control_flags(resume, time_budget))
+            _echo_metrics(train(cfg))
+
+    app.command(recipe, help=help_text)(command)
 
 
-@app.command("ei")
-def ei_command(
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with EIConfig fields."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="EIConfig fields as key=value (nested: data.train=...)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in the run directory."),
-    time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop training after this long (e.g. 4h, 90m)."),
-) -> None:
-    """Expert iteration: sample, keep the rewarded responses, fine-tune on them, repeat."""
-    from .recipes.ei import EIConfig, train_ei
-
-    cfg = _load_or_exit(EIConfig, config, list(overrides or []) + _control_flags(resume, time_budget))
-    _echo_metrics(_run_or_exit(train_ei, cfg))
+for _recipe, _help in RECIPE_COMMANDS.items():
+    _register_recipe_command(_recipe, _help)
 
 
 @app.command("run")
@@ -155,16 +157,11 @@ def run_command(
     time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop training after this long (e.g. 4h)."),
 ) -> None:
     """Run one study config (eval, sft, ei or grpo, as its 'recipe:' key says)."""
-    from .config import ConfigError
     from .experiments import load_study, run_study
 
-    try:
-        extra = _control_flags(resume, time_budget)
-        study = load_study(config, list(overrides or []) + extra, smoke=smoke)
-    except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    _echo_metrics(_run_or_exit(run_study, study))
+    with _user_errors():
+        study = load_study(config, list(overrides or []) + _control_flags(resume, time_budget), smoke=smoke)
+        _echo_metrics(run_study(study))
 
 
 @app.command("sweep")
@@ -174,14 +171,10 @@ def sweep_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs without running them."),
 ) -> None:
     """Run a grid of overrides one run after another, skipping runs already complete."""
-    from .config import ConfigError
     from .experiments import run_sweep
 
-    try:
+    with _user_errors():
         run_sweep(sweep, smoke=smoke, dry_run=dry_run, echo=typer.echo)
-    except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
 
 
 @app.command("config")
@@ -191,16 +184,14 @@ def config_command(
     overrides: Optional[list[str]] = typer.Argument(None, help="Fields as key=value."),
 ) -> None:
     """Print a recipe's resolved config as YAML, every field with its default and meaning."""
-    from .config import ConfigError, commented_yaml
+    from .config import commented_yaml
     from .experiments import recipe_classes
 
-    try:
+    with _user_errors():
         cls, _ = recipe_classes(recipe)
-    except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        cfg = load_config(cls, config, list(overrides or []))
     typer.echo(f"# python -m cs336_alignment {recipe} --config FILE, or: run FILE with 'recipe: {recipe}' added")
-    typer.echo(commented_yaml(_load_or_exit(cls, config, list(overrides or []))), nl=False)
+    typer.echo(commented_yaml(cfg), nl=False)
 
 
 @app.command("report")
@@ -210,13 +201,10 @@ def report_command(
     label: Optional[list[str]] = typer.Option(None, "--label", help="A label per run (default: the config keys that differ)."),
 ) -> None:
     """Plots (accuracy vs step and wall-clock, reward, entropy, length, grad norm, clip fraction) and a Markdown report."""
-    from .report import ReportError, report_main
+    from .report import report_main
 
-    try:
+    with _user_errors():
         path = report_main(list(runs), out, list(label) if label else None)
-    except ReportError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
     typer.echo(f"wrote {path}")
 
 
@@ -228,27 +216,23 @@ def download_command(
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N examples per split."),
 ) -> None:
     """Download a public dataset from the Hugging Face hub into our JSONL form (needs the 'datasets' extra)."""
-    from .download import DownloadError, download_main
+    from .download import download_main
 
-    try:
+    with _user_errors():
         download_main(name, out, split, limit)
-    except DownloadError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
 
 
-def _run_or_exit(fn, cfg) -> dict:
-    """Run a recipe; errors a user can act on (bad data, a busy run directory, NaN, a failed
-    checkpoint, a missing model) print one line and exit with status 1 instead of a traceback."""
-    from .checkpoint import CheckpointError, NonFiniteError, RunDirectoryInUse
-    from .config import ConfigError
-    from .data import DataError
-    from .generation.vllm_backend import BackendUnavailable
-
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """The one error path of every command: a UserError (or a missing model directory) prints
+    ``error: <message>`` and exits with its exit code (2: bad input; 1: a run that cannot go on),
+    without a traceback. Anything else is a bug and keeps its traceback."""
     try:
-        return fn(cfg)
-    except (ConfigError, DataError, RunDirectoryInUse, NonFiniteError, CheckpointError, FileNotFoundError,
-            BackendUnavailable) as e:
+        yield
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(e.exit_code) from None
+    except FileNotFoundError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
 
@@ -261,17 +245,6 @@ def _control_flags(resume: bool, time_budget: Optional[str]) -> list[str]:
 def _echo_metrics(metrics: dict) -> None:
     for key, value in metrics.items():
         typer.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
-
-
-def _load_or_exit(cls, config: Optional[Path], overrides: list[str]):
-    """Load a config; on a config error print the one-line message and exit with status 2."""
-    from .config import ConfigError, load_config
-
-    try:
-        return load_config(cls, config, overrides)
-    except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import os
 import re
 import types
@@ -24,11 +25,29 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .errors import UserError
+
+__all__ = [
+    "ConfigError",
+    "apply_overrides",
+    "commented_yaml",
+    "dump_yaml",
+    "expand_env",
+    "field_comments",
+    "from_dict",
+    "load_config",
+    "parse_override",
+    "read_yaml",
+    "to_dict",
+]
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that cannot be turned into the config dataclass."""
+
+    exit_code = 2  # bad input
 
 
 # ---------------------------------------------------------------------------------------
@@ -319,8 +338,6 @@ def dump_yaml(cfg: Any) -> str:
 
 def field_comments(cls: type) -> dict[str, str]:
     """The trailing ``# comment`` of each field in the dataclass's source (the field's documentation)."""
-    import inspect
-
     comments: dict[str, str] = {}
     field_line = re.compile(r"^    (\w+)\s*:(?!\s*$)")  # "    name: type = default"
     comment = re.compile(r"#\s*(.+?)\s*$")

@@ -21,7 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from .config import load_config
+from .recipes.grpo import GRPOConfig, train_grpo
+from .recipes.sft import SFTConfig, train_sft
+from .report import report_main
 from .run_dir import atomic_write_text
+from .tiny import save_tiny_model
+
+__all__ = [
+    "DemoConfig",
+    "format_summary",
+    "run_demo",
+]
 
 
 @dataclass
@@ -54,10 +64,6 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the demo; returns the summary (also written to <out>/summary.json)."""
-    from .recipes.grpo import GRPOConfig, train_grpo
-    from .recipes.sft import SFTConfig, train_sft
-    from .tiny import save_tiny_model
-
     out = Path(cfg.out)
     t_start = time.perf_counter()
     data = {
@@ -93,8 +99,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     # ------------------------------------------------------------------ report and summary
     report_path = None
     try:
-        from .report import report_main
-
         report_path = report_main([out / "sft", out / "grpo"], out / "report", ["SFT warm-up", "GRPO"])
     except Exception as e:  # plots are optional (matplotlib extra); the numbers are not
         print(f"report skipped: {e}")

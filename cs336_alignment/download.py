@@ -33,7 +33,20 @@ from pathlib import Path
 from typing import Any
 
 from .data import gsm8k_final_answer, last_boxed
+from .errors import UserError
 from .run_dir import atomic_write_text
+
+__all__ = [
+    "DATASETS",
+    "DatasetSpec",
+    "DownloadError",
+    "MATH_SUBJECTS",
+    "SplitResult",
+    "convert_rows",
+    "download_main",
+    "download_split",
+    "fetch_rows",
+]
 
 #: Subject configurations of the MATH mirror, in the order they are concatenated.
 MATH_SUBJECTS: tuple[str, ...] = (
@@ -47,8 +60,10 @@ MATH_SUBJECTS: tuple[str, ...] = (
 )
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A download that cannot proceed (unknown name or split, missing ``datasets`` library)."""
+
+    exit_code = 2  # bad input
 
 
 Row = dict[str, Any]
@@ -199,14 +214,3 @@ def download_main(name: str, out_dir: Path, split: str | None = None, limit: int
     return written
 
 
-__all__ = [
-    "DATASETS",
-    "MATH_SUBJECTS",
-    "DatasetSpec",
-    "DownloadError",
-    "SplitResult",
-    "convert_rows",
-    "download_main",
-    "download_split",
-    "fetch_rows",
-]

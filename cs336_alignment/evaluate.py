@@ -10,6 +10,10 @@ completion with a reward function, and writes
 
 ``log_generations`` computes the same per-example records and summary for the handful of
 prompts a training loop logs at each validation.
+
+This is the evaluation core, below the recipes: they call ``evaluate`` in the loop to
+validate. The ``eval`` command (its config, loading a model, writing the run directory) is
+``recipes/eval.py``.
 """
 
 from __future__ import annotations
@@ -17,14 +21,28 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from .generation.types import GenerationResult, Generator, SamplingParams
+from .logprobs import get_response_log_probs
 from .run_dir import atomic_write_text
+from .tokenization import pack_prompt_and_output_ids, pad_token_id
+
+__all__ = [
+    "GenerationRecord",
+    "RewardFn",
+    "evaluate",
+    "log_generations",
+    "response_entropies",
+    "score_results",
+    "summarize",
+    "write_evaluation",
+]
+
 
 RewardFn = Callable[[str, Any], dict[str, float]]
 
@@ -59,7 +77,10 @@ def score_results(
     for p, (result, prompt, truth) in enumerate(zip(results, prompts, ground_truths)):
         for s, c in enumerate(result.completions):
             reward = {k: float(v) for k, v in reward_fn(c.text, truth).items()}
-            records.append(GenerationRecord(p, s, prompt, c.text, truth, c.finish_reason, c.num_tokens, reward))
+            records.append(GenerationRecord(
+                prompt_index=p, sample_index=s, prompt=prompt, generation=c.text, ground_truth=truth,
+                finish_reason=c.finish_reason, num_tokens=c.num_tokens, reward=reward,
+            ))
     return records
 
 
@@ -72,9 +93,6 @@ def response_entropies(
     micro_batch_size: int = 8,
 ) -> list[float]:
     """Mean next-token entropy of ``policy`` over each response's tokens (forward passes, no grad)."""
-    from .logprobs import get_response_log_probs
-    from .tokenization import pack_prompt_and_output_ids
-
     # Longest first keeps padding low within each micro-batch.
     order = sorted(range(len(prompt_ids)), key=lambda i: -(len(prompt_ids[i]) + len(response_ids[i])))
     values: dict[int, float] = {}
@@ -162,13 +180,13 @@ def evaluate(
     t0 = time.perf_counter()
     results = generator.generate(list(prompts), sampling, progress=progress)
     gen_s = time.perf_counter() - t0
-    records = score_results(results, prompts, ground_truths, reward_fn)
+    records = score_results(results, prompts, ground_truths=ground_truths, reward_fn=reward_fn)
     score_s = time.perf_counter() - t0 - gen_s
     if policy is not None:
         pairs = [(res.prompt_token_ids, c.token_ids) for res in results for c in res.completions]
-        from .tokenization import pad_token_id
-
-        ents = response_entropies(policy, [p for p, _ in pairs], [r for _, r in pairs], pad_token_id(generator.tokenizer))
+        ents = response_entropies(
+            policy, [p for p, _ in pairs], [r for _, r in pairs], pad_id=pad_token_id(generator.tokenizer)
+        )
         for rec, e in zip(records, ents):
             rec.mean_entropy = e
     metrics = summarize(records, sampling.max_tokens)
@@ -216,7 +234,9 @@ def log_generations(
     With ``run_dir`` (a :class:`~cs336_alignment.run_dir.RunDir`), records are appended to
     ``<run>/generations.jsonl`` tagged with ``step`` and a summary line goes to the log.
     """
-    metrics, records = evaluate(generator, reward_fn, prompts, sampling, ground_truths, None, policy=policy, progress=False)
+    metrics, records = evaluate(
+        generator, reward_fn, prompts, sampling=sampling, ground_truths=ground_truths, policy=policy, progress=False
+    )
     summary = {
         k: metrics[k]
         for k in ("accuracy", "format_accuracy", "mean_response_length", "mean_response_length_correct",
@@ -232,136 +252,3 @@ def log_generations(
             ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()),
         )
     return records, summary
-
-
-# ---------------------------------------------------------------------------------------
-# The eval command: a config, and one function that runs it
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalConfig:
-    """Zero-shot evaluation of a model directory on a dataset (``python -m cs336_alignment eval``)."""
-
-    model: str = ""  # model directory (from_pretrained), or "tiny" for the random-init tiny model
-    data: str = ""  # MATH / GSM8K / sft-style JSONL, or "task:arithmetic" / "task:countdown" (generated)
-    out: str = "runs/eval"  # output directory for generations.jsonl and metrics.json
-    prompt: str = "r1_zero"  # prompt template: "r1_zero", "question_only", or a path to a .prompt file
-    reward: str = ""  # reward name or "module:function"; "" = the one matching the prompt (or the task's)
-    limit: int | None = None  # evaluate only the first N examples (None: all)
-    seed: int = 0  # sampling seed (and the seed of generated task data)
-    n: int = 1  # samples per prompt
-    temperature: float = 1.0  # sampling temperature (0 = greedy)
-    top_p: float = 1.0  # nucleus sampling
-    max_tokens: int = 1024  # maximum new tokens per response
-    min_tokens: int = 4  # minimum new tokens before EOS / stop strings count
-    stop: list[str] = field(default_factory=lambda: ["</answer>"])  # stop strings (kept in the output)
-    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    backend: Literal["native", "vllm"] = "native"  # generation backend: our engine, or vLLM (CUDA, optional extra)
-    max_num_seqs: int = 256  # native engine: sequences decoded together
-    kv_cache_memory_fraction: float = 0.5  # native engine: share of free GPU memory for the KV cache
-    gpu_memory_utilization: float = 0.85  # vLLM: share of its GPU's memory
-    entropy: bool = True  # also compute mean token entropy with a forward pass of the model
-
-    def __post_init__(self) -> None:
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
-        if not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must be between 0 and max_tokens ({self.max_tokens})")
-        if not 0 < self.kv_cache_memory_fraction < 1:
-            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1), got {self.kv_cache_memory_fraction}")
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            max_tokens=self.max_tokens,
-            min_tokens=self.min_tokens,
-            stop=tuple(self.stop),
-            include_stop_str_in_output=True,
-            n=self.n,
-            seed=self.seed,
-        )
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def load_model_and_tokenizer(path: str, device: torch.device, dtype: torch.dtype | None = None, seed: int = 0):
-    """A model directory (or "tiny") -> (model on device, tokenizer). bf16 on CUDA, fp32 on CPU by default."""
-    if path == "tiny":
-        from .tiny import build_tiny_model, build_tiny_tokenizer
-
-        tokenizer = build_tiny_tokenizer()
-        model = build_tiny_model(tokenizer, seed=seed)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if not Path(path).exists():
-            raise FileNotFoundError(f"model directory {path} does not exist")
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return model.to(device, dtype).eval(), tokenizer
-
-
-def load_eval_data(cfg: EvalConfig) -> tuple[list[Any], RewardFn]:
-    """Examples and the reward function for an eval config."""
-    from .rewards import resolve_reward_fn
-
-    if cfg.data.startswith("task:"):
-        from .data import make_task
-
-        task = make_task(cfg.data.removeprefix("task:"))
-        examples = task.generate(cfg.limit or 200, seed=cfg.seed)
-        reward = resolve_reward_fn(cfg.reward) if cfg.reward else task.reward_fn
-    else:
-        from .data import load_examples
-
-        examples = load_examples(cfg.data)
-        default = "question_only" if cfg.prompt == "question_only" else "r1_zero"
-        reward = resolve_reward_fn(cfg.reward or default)
-    if cfg.limit is not None:
-        examples = examples[: cfg.limit]
-    return examples, reward
-
-
-def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
-    """Load model and data, evaluate, write results into ``cfg.out``; returns the metrics."""
-    from .config import dump_yaml
-    from .data import format_prompt, load_template
-    from .generation import NativeEngine
-
-    if not cfg.model or not cfg.data:
-        raise ValueError("eval needs a model (model directory or 'tiny') and data (a JSONL path or 'task:<name>')")
-    examples, reward_fn = load_eval_data(cfg)
-    template = load_template(cfg.prompt)
-    prompts = [format_prompt(template, ex) for ex in examples]
-    device = resolve_device(cfg.device)
-    if cfg.backend == "vllm":
-        from .generation.vllm_backend import load_vllm_generator
-
-        engine = load_vllm_generator(cfg.model, device=device, seed=cfg.seed, gpu_memory_utilization=cfg.gpu_memory_utilization)
-        model = None  # entropy needs the transformers model; vLLM evaluations skip it unless asked
-        if cfg.entropy:
-            model, _ = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)
-    else:
-        model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)
-        engine = NativeEngine(
-            model, tokenizer, copy_weights=False, max_num_seqs=cfg.max_num_seqs,
-            kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,
-        )
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
-    metrics, _ = evaluate(
-        engine, reward_fn, prompts, cfg.sampling(), [ex.ground_truth for ex in examples], out,
-        policy=model if cfg.entropy else None, extra_metrics={"model": cfg.model, "data": cfg.data, "device": str(device)},
-    )
-    return metrics

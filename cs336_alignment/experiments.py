@@ -35,13 +35,26 @@ from typing import Any
 
 from .config import ConfigError, apply_overrides, expand_env, from_dict, read_yaml, to_dict
 
+__all__ = [
+    "StudyRun",
+    "SweepRun",
+    "expand_sweep",
+    "is_complete",
+    "load_study",
+    "recipe_classes",
+    "run_study",
+    "run_sweep",
+    "smoke_overrides",
+]
+
 RECIPES = ("eval", "sft", "ei", "grpo")
 
 
 def recipe_classes(recipe: str) -> tuple[type, Callable[[Any], dict[str, Any]]]:
-    """The config dataclass and the entry function of a recipe name."""
+    """The config dataclass and the entry function of a recipe name (only that recipe's module
+    is imported: the others, and torch, stay unloaded for ``--help`` and ``sweep --dry-run``)."""
     if recipe == "eval":
-        from .evaluate import EvalConfig, run_evaluation
+        from .recipes.eval import EvalConfig, run_evaluation
 
         return EvalConfig, run_evaluation
     if recipe == "sft":

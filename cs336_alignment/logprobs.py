@@ -21,6 +21,13 @@ from __future__ import annotations
 
 import torch
 
+__all__ = [
+    "chunked_log_probs_from_hidden",
+    "compute_entropy",
+    "get_response_log_probs",
+    "log_probs_from_logits",
+]
+
 DEFAULT_CHUNK_SIZE = 1024  # rows per chunk: 1024 x 151,936 fp32 logits = 622 MB at a time
 
 

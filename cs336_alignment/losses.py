@@ -3,29 +3,50 @@
 Pure tensor math: no I/O, no model. Glossary: B sequences in a micro-batch, T token
 positions (response tokens are marked by ``response_mask``).
 
-Loss normalisation over the sequence is a named choice, each its own small function:
+Length normalisation of the policy-gradient loss is a config value (``length_normalization``)
+that keeps the handout's names; each value selects, with a plain ``if`` in
+:func:`grpo_microbatch_train_step`, the function named after it:
 
-- :func:`sequence_mean_loss` (``"masked_mean"``, the handout's GRPO default): average the
-  per-token loss over each sequence's own response tokens, then over sequences. Short and
-  long responses weigh the same per sequence, so each token of a long response counts less.
-- :func:`constant_normalized_loss` (``"masked_normalize"``, as in Dr. GRPO): sum over each
-  sequence's response tokens and divide by one constant (e.g. the maximum generation
-  length), then average over sequences. Every token counts the same, with no length bias.
-- :func:`token_mean_loss` (``"token_mean"``): divide the sum over all response tokens by a
-  token count: the whole optimizer batch's count when given (exact global token mean
-  across micro-batches), else the micro-batch's own.
+- ``"masked_mean"`` -> :func:`masked_mean_loss` (the handout's GRPO default): the handout's
+  ``masked_mean`` of the per-token loss over each sequence's own response tokens, then the mean
+  over sequences. Each sequence weighs the same, so a token of a long response counts less.
+- ``"masked_normalize"`` -> :func:`masked_normalize_loss` (as in Dr. GRPO): the handout's
+  ``masked_normalize`` of each sequence with one constant (the maximum generation length), then
+  the mean over sequences. Every token counts the same: no length bias.
+- ``"token_mean"`` -> :func:`token_mean_loss`: the sum over all response tokens divided by a
+  token count: the whole optimizer batch's when given (an exact global token mean across
+  micro-batches), else the micro-batch's own.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
+__all__ = [
+    "LENGTH_NORMALIZATIONS",
+    "LOSS_TYPES",
+    "LengthNormalization",
+    "LossType",
+    "compute_grpo_clip_loss",
+    "compute_grpo_no_clip_loss",
+    "compute_naive_policy_gradient_loss",
+    "compute_policy_gradient_loss",
+    "grpo_microbatch_train_step",
+    "masked_mean",
+    "masked_mean_loss",
+    "masked_normalize",
+    "masked_normalize_loss",
+    "sft_microbatch_train_step",
+    "token_mean_loss",
+]
+
+
 LossType = Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip"]
 LengthNormalization = Literal["masked_mean", "masked_normalize", "token_mean"]
-LOSS_TYPES: tuple[str, ...] = ("no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip")
-LENGTH_NORMALIZATIONS: tuple[str, ...] = ("masked_mean", "masked_normalize", "token_mean")
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
+LENGTH_NORMALIZATIONS: tuple[str, ...] = get_args(LengthNormalization)
 
 
 # ---------------------------------------------------------------------------------------
@@ -74,20 +95,26 @@ def masked_mean(tensor: torch.Tensor, mask: torch.Tensor, dim: int | None = None
 # ---------------------------------------------------------------------------------------
 
 
-def sequence_mean_loss(per_token_loss: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """mean_b [ sum_t m_bt l_bt / sum_t m_bt ]; a sequence with no response token adds 0.
+def masked_mean_loss(per_token_loss: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """``length_normalization="masked_mean"``: mean_b [ sum_t m_bt l_bt / sum_t m_bt ].
+
+    Each sequence's loss is the handout's ``masked_mean`` over its response tokens, computed as
+    ``masked_normalize`` by the sequence's token count clamped to 1, so that a sequence with no
+    response token adds 0 where ``masked_mean`` would give NaN (0 / 0); then the mean over B.
 
     Args: per_token_loss (B, T); response_mask (B, T) bool.
     """
     counts = response_mask.sum(dim=-1).clamp(min=1)  # (B,) empty responses count as 1 -> 0/1 = 0
-    per_sequence = _masked(per_token_loss, response_mask).sum(dim=-1) / counts  # (B,)
-    return per_sequence.mean()
+    return masked_normalize(per_token_loss, response_mask, counts, dim=-1).mean()  # (B,) -> ()
 
 
-def constant_normalized_loss(
+def masked_normalize_loss(
     per_token_loss: torch.Tensor, response_mask: torch.Tensor, normalize_constant: float
 ) -> torch.Tensor:
-    """mean_b [ sum_t m_bt l_bt / C ] with one constant C for every sequence (Dr. GRPO).
+    """``length_normalization="masked_normalize"``: mean_b [ sum_t m_bt l_bt / C ] (Dr. GRPO).
+
+    Each sequence's loss is the handout's ``masked_normalize`` with one constant C for every
+    sequence (the maximum generation length), then the mean over B.
 
     Args: per_token_loss (B, T); response_mask (B, T) bool; normalize_constant C > 0.
     """
@@ -97,13 +124,16 @@ def constant_normalized_loss(
 def token_mean_loss(
     per_token_loss: torch.Tensor, response_mask: torch.Tensor, num_tokens: float | None = None
 ) -> torch.Tensor:
-    """sum_bt m_bt l_bt / N, with N = ``num_tokens`` or, when None, this micro-batch's count.
+    """``length_normalization="token_mean"``: sum_bt m_bt l_bt / N.
+
+    N = ``num_tokens`` or, when None, this micro-batch's response-token count; the sum is the
+    handout's ``masked_normalize`` over all elements.
 
     Args: per_token_loss (B, T); response_mask (B, T) bool; num_tokens N: the number of
     response tokens in the whole optimizer batch, for an exact global token mean.
     """
-    count = response_mask.sum().clamp(min=1) if num_tokens is None else num_tokens
-    return _masked(per_token_loss, response_mask).sum() / count
+    count = response_mask.sum().clamp(min=1) if num_tokens is None else num_tokens  # ()
+    return masked_normalize(per_token_loss, response_mask, count)  # ()
 
 
 # ---------------------------------------------------------------------------------------
@@ -232,7 +262,7 @@ def compute_policy_gradient_loss(
         need("advantages", advantages)
         need("old_log_probs", old_log_probs)
         need("cliprange", cliprange)
-        return compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs, cliprange)
+        return compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs=old_log_probs, cliprange=cliprange)
     if loss_type == "grpo_no_clip":
         need("advantages", advantages)
         need("old_log_probs", old_log_probs)
@@ -258,7 +288,7 @@ def grpo_microbatch_train_step(
 
     loss = normalise(per_token_loss, response_mask) / gradient_accumulation_steps
 
-    With the defaults, normalise = :func:`sequence_mean_loss` (masked mean over each
+    With the defaults, normalise = :func:`masked_mean_loss` (masked mean over each
     sequence, then mean over the batch), exactly the handout's step, except that a sequence
     with no response token contributes 0 instead of NaN.
 
@@ -280,18 +310,19 @@ def grpo_microbatch_train_step(
     """
     _check_accumulation(gradient_accumulation_steps)
     per_token_loss, loss_meta = compute_policy_gradient_loss(
-        policy_log_probs, loss_type, raw_rewards, advantages, old_log_probs, cliprange
+        policy_log_probs, loss_type, raw_rewards=raw_rewards, advantages=advantages, old_log_probs=old_log_probs,
+        cliprange=cliprange,
     )  # (B, T)
     scale = gradient_accumulation_steps
     if length_normalization == "masked_mean":
-        unscaled = sequence_mean_loss(per_token_loss, response_mask)
+        unscaled = masked_mean_loss(per_token_loss, response_mask)
     elif length_normalization == "masked_normalize":
         if normalize_constant is None or normalize_constant <= 0:
             raise ValueError(
                 "length_normalization='masked_normalize' needs a positive normalize_constant "
                 f"(e.g. the maximum generation length), got {normalize_constant!r}"
             )
-        unscaled = constant_normalized_loss(per_token_loss, response_mask, normalize_constant)
+        unscaled = masked_normalize_loss(per_token_loss, response_mask, normalize_constant)
     elif length_normalization == "token_mean":
         unscaled = token_mean_loss(per_token_loss, response_mask, num_tokens)
         if num_tokens is not None:
@@ -307,17 +338,14 @@ def grpo_microbatch_train_step(
         "loss_unscaled": unscaled.detach(),
         "num_response_tokens": response_mask.sum().detach(),
     }
-    mask = response_mask.bool()
+    count = response_mask.sum().clamp(min=1)  # () 0 / 1 = 0 for an empty mask
     if "ratio" in loss_meta:
-        metadata["ratio_mean"] = _safe_masked_mean(loss_meta["ratio"], mask)
+        metadata["ratio_sum"] = masked_normalize(loss_meta["ratio"], response_mask)  # ()
+        metadata["ratio_mean"] = metadata["ratio_sum"] / count
     if "clipped" in loss_meta:
-        metadata["clip_fraction"] = _safe_masked_mean(loss_meta["clipped"].float(), mask)
+        metadata["clipped_tokens"] = masked_normalize(loss_meta["clipped"].float(), response_mask)  # ()
+        metadata["clip_fraction"] = metadata["clipped_tokens"] / count
     return loss.detach(), metadata
-
-
-def _safe_masked_mean(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked mean over all elements; 0 when the mask is empty (for logging)."""
-    return _masked(tensor, mask).sum() / mask.sum().clamp(min=1)
 
 
 def _check_accumulation(gradient_accumulation_steps: int) -> None:

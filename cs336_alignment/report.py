@@ -50,7 +50,35 @@ from typing import Any, Literal
 
 import yaml
 
-from .run_dir import atomic_write_text, read_metrics
+from .errors import UserError
+from .run_dir import atomic_write_text, read_jsonl
+
+__all__ = [
+    "Curve",
+    "EvalSnapshot",
+    "PLOTS",
+    "PlotResult",
+    "PlotSpec",
+    "Point",
+    "REPORT_NAME",
+    "ReportError",
+    "Run",
+    "assign_labels",
+    "build_markdown",
+    "category_counts",
+    "config_labels",
+    "differing_keys",
+    "flatten_config",
+    "format_value",
+    "load_run",
+    "number",
+    "pick_examples",
+    "prompt_tail",
+    "render_plot",
+    "report_main",
+    "spread",
+    "truncate_middle",
+]
 
 REPORT_NAME = "report.md"
 #: Config keys that never distinguish runs.
@@ -68,8 +96,10 @@ RESPONSE_HEAD_CHARS = 700
 RESPONSE_TAIL_CHARS = 300
 
 
-class ReportError(RuntimeError):
+class ReportError(UserError, RuntimeError):
     """A report that cannot be made (missing directory, unreadable run, no matplotlib)."""
+
+    exit_code = 2  # bad input
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,26 +215,6 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any
     return flat
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Objects of a JSONL file; blank lines and a torn last line are ignored."""
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    rows = []
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines):
-                break
-            raise ReportError(f"{path}:{i}: invalid JSON: {e.msg}") from e
-        if isinstance(obj, dict):
-            rows.append(obj)
-    return rows
-
-
 _SNAPSHOT_NAME = re.compile(r"^(?P<tag>.+)_step(?P<step>\d+)$")
 
 
@@ -223,10 +233,7 @@ def load_run(path: str | Path) -> Run:
         if isinstance(loaded, Mapping):
             config = flatten_config(loaded)
     if (path / "metrics.jsonl").exists():
-        try:
-            records = read_metrics(path / "metrics.jsonl")
-        except ValueError as e:
-            raise ReportError(str(e)) from e
+        records = _read_jsonl(path / "metrics.jsonl")
         snapshots = []
         eval_root = path / "eval"
         if eval_root.is_dir():
@@ -239,6 +246,13 @@ def load_run(path: str | Path) -> Run:
     if (path / "metrics.json").exists():
         return Run(path=path, kind="evaluation", config=config, eval_metrics=_read_json(path / "metrics.json"))
     raise ReportError(f"{path}: neither metrics.jsonl (a training run) nor metrics.json (an evaluation run)")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    try:
+        return read_jsonl(path)
+    except ValueError as e:
+        raise ReportError(str(e)) from e
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -657,13 +671,13 @@ def _rollout_section(run: Run) -> list[str]:
     snapshots = [s for s in run.snapshots if (s.path / "generations.jsonl").exists()]
     if snapshots:
         for snap in spread(snapshots, ROLLOUT_SNAPSHOTS):
-            gens = read_jsonl(snap.path / "generations.jsonl")
+            gens = _read_jsonl(snap.path / "generations.jsonl")
             metrics = _read_json(snap.path / "metrics.json") if (snap.path / "metrics.json").exists() else {}
             acc = f", accuracy {_fmt(metrics.get('accuracy'))}" if "accuracy" in metrics else ""
             lines += [f"#### Validation at step {snap.step} ({snap.tag}{acc})", ""]
             lines += [line for g in pick_examples(gens) for line in _generation_block(g)] or ["(no generations)", ""]
         return lines
-    logged = read_jsonl(run.path / "generations.jsonl")  # in-loop logged generations, tagged with "step"
+    logged = _read_jsonl(run.path / "generations.jsonl")  # in-loop logged generations, tagged with "step"
     steps = sorted({int(s) for g in logged if (s := number(g.get("step"))) is not None})
     for step in spread(steps, ROLLOUT_SNAPSHOTS):
         lines += [f"#### Logged generations at step {step}", ""]
@@ -755,7 +769,7 @@ def build_markdown(runs: Sequence[Run], plots: Sequence[PlotResult], out_dir: Pa
     if evaluations:
         lines += ["## Evaluation runs", ""]
         for run in evaluations:
-            gens = read_jsonl(run.path / "generations.jsonl")
+            gens = _read_jsonl(run.path / "generations.jsonl")
             lines += [f"### {run.label}", ""]
             model, data = run.config.get("model"), run.config.get("data")
             if model or data:
@@ -795,26 +809,3 @@ def report_main(run_dirs: list[Path], out: Path, labels: list[str] | None = None
     return report
 
 
-__all__ = [
-    "PLOTS",
-    "REPORT_NAME",
-    "Curve",
-    "EvalSnapshot",
-    "PlotResult",
-    "PlotSpec",
-    "ReportError",
-    "Run",
-    "assign_labels",
-    "build_markdown",
-    "category_counts",
-    "config_labels",
-    "differing_keys",
-    "flatten_config",
-    "format_value",
-    "load_run",
-    "pick_examples",
-    "render_plot",
-    "report_main",
-    "spread",
-    "truncate_middle",
-]

@@ -2,21 +2,37 @@
 
 A ``Rollout`` is one sampled response with everything training needs: the exact prompt and
 response token ids (never re-tokenised text), the generator's log-probs of those tokens,
-the reward dict, and the group-normalised advantage. ``pack_rollouts`` turns a list of them
-into the padded tensors of one micro-batch.
+the rewards, and the group-normalised advantage. ``pack_rollouts`` turns a list of them
+into the padded tensors of one micro-batch; ``micro_batches`` cuts a whole rollout batch.
+``sample_rollouts`` makes them with a generator, ``with_rewards`` scores them.
 
 Glossary: b rollouts in a micro-batch, T positions after the one-token shift.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .advantages import score_responses
+from .data import Example, format_prompts
+from .generation import Generator, SamplingParams
+from .models import free_cuda_cache
 from .tokenization import pack_prompt_and_output_ids
+
+__all__ = [
+    "MicroBatch",
+    "Rollout",
+    "micro_batches",
+    "pack_rollouts",
+    "rollout_stats",
+    "sample_rollouts",
+    "with_rewards",
+]
 
 
 @dataclass
@@ -55,6 +71,53 @@ class MicroBatch:
     old_log_probs: torch.Tensor | None = None  # (b, T) fp32, set when the loss or logging needs them
 
 
+def sample_rollouts(
+    generator: Generator,
+    policy: torch.nn.Module,
+    questions: Sequence[Example],
+    *,
+    template: str,
+    sampling: SamplingParams,
+    colocated_device: torch.device | None = None,
+) -> list[Rollout]:
+    """Rollout phase: ``sampling.n`` responses to each question, as typed records, group by group
+    (B * G rollouts; rollouts [g * G, (g + 1) * G) answer question g).
+
+    With ``colocated_device`` (generator and policy share it), cached memory is handed from
+    training to the KV cache before sampling and back after.
+    """
+    prompts = format_prompts(template, list(questions))
+    if colocated_device is not None:
+        free_cuda_cache(colocated_device)
+    policy.eval()
+    results = generator.generate(prompts, sampling)
+    policy.train()
+    if colocated_device is not None:
+        free_cuda_cache(colocated_device)
+    return [
+        Rollout(
+            group=g, prompt=prompts[g], prompt_token_ids=res.prompt_token_ids, response=c.text,
+            response_token_ids=c.token_ids, ground_truth=questions[g].ground_truth, finish_reason=c.finish_reason,
+            generator_logprobs=c.logprobs,
+        )
+        for g, res in enumerate(results)
+        for c in res.completions
+    ]
+
+
+def with_rewards(rollouts: Sequence[Rollout], reward_fn: Callable[[str, Any], dict[str, float]]) -> list[Rollout]:
+    """The rollouts with ``reward``, ``format_reward`` and ``answer_reward`` from
+    ``reward_fn(response, ground_truth)`` (new records; a missing format/answer reward is 0)."""
+    scores = score_responses(reward_fn, [r.response for r in rollouts], [r.ground_truth for r in rollouts])
+    return [
+        dataclasses.replace(
+            r, reward=float(s["reward"]), format_reward=float(s.get("format_reward", 0)),
+            answer_reward=float(s.get("answer_reward", 0)),
+        )
+        for r, s in zip(rollouts, scores)
+    ]
+
+
 def pack_rollouts(rollouts: Sequence[Rollout], pad_id: int, device: torch.device | str = "cpu") -> MicroBatch:
     """Right-pad a few rollouts into one micro-batch on ``device``."""
     packed = pack_prompt_and_output_ids(
@@ -75,22 +138,49 @@ def pack_rollouts(rollouts: Sequence[Rollout], pad_id: int, device: torch.device
     )
 
 
-def rollout_stats(rollouts: Sequence[Rollout], group_size: int, max_tokens: int) -> dict[str, float]:
-    """Reward, length and degeneracy statistics of a rollout batch (floats, for logging)."""
+def micro_batches(
+    rollouts: Sequence[Rollout],
+    *,
+    train_batch_size: int,
+    micro_batch_size: int,
+    pad_id: int,
+    device: torch.device | str = "cpu",
+    length_grouping: bool = True,
+) -> list[MicroBatch]:
+    """Cut a rollout batch into train batches of ``train_batch_size`` rollouts (one optimizer
+    step each), and each train batch into micro-batches of ``micro_batch_size``.
+
+    With ``length_grouping`` each train batch is sorted by length (prompt + response) first:
+    rollouts of similar length share a micro-batch, so there is less padding, and the step's
+    gradient is the same (a sum over the same rollouts). Returns the micro-batches train batch
+    by train batch.
+    """
+    batches = []
+    for first in range(0, len(rollouts), train_batch_size):
+        batch = list(rollouts[first : first + train_batch_size])
+        if length_grouping:
+            batch = sorted(batch, key=lambda r: len(r.prompt_token_ids) + r.num_tokens)
+        for i in range(0, len(batch), micro_batch_size):
+            batches.append(pack_rollouts(batch[i : i + micro_batch_size], pad_id, device))
+    return batches
+
+
+def rollout_stats(rollouts: Sequence[Rollout]) -> dict[str, float]:
+    """Reward, length and truncation statistics of a rollout batch (floats, for logging)."""
     n = len(rollouts)
     lengths = [r.num_tokens for r in rollouts]
     correct = [r.num_tokens for r in rollouts if r.answer_reward > 0]
     incorrect = [r.num_tokens for r in rollouts if r.answer_reward <= 0]
-    groups = [rollouts[i : i + group_size] for i in range(0, n, group_size)]
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     return {
-        "reward_mean": mean([r.reward for r in rollouts]),
-        "format_reward_mean": mean([r.format_reward for r in rollouts]),
-        "answer_reward_mean": mean([r.answer_reward for r in rollouts]),
-        "response_length_mean": mean(lengths),
-        "response_length_correct": mean(correct),
-        "response_length_incorrect": mean(incorrect),
+        "reward_mean": _mean([r.reward for r in rollouts]),
+        "format_reward_mean": _mean([r.format_reward for r in rollouts]),
+        "answer_reward_mean": _mean([r.answer_reward for r in rollouts]),
+        "response_length_mean": _mean(lengths),
+        "response_length_correct": _mean(correct),
+        "response_length_incorrect": _mean(incorrect),
         "truncated_fraction": sum(r.finish_reason == "length" for r in rollouts) / n,
-        "frac_groups_all_equal": mean([float(len({r.reward for r in g}) == 1) for g in groups]),
-        "max_tokens": float(max_tokens),
     }
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")

@@ -5,7 +5,8 @@
       metrics.jsonl    one JSON object per line: every logged step, train and eval
       log.txt          human-readable log (also printed to the console)
 
-Later recipes add ``checkpoints/`` and evaluation outputs beside these.
+Recipes add ``checkpoints/``, ``eval/`` and ``model/`` beside these. ``MetricsSink`` writes each
+record to metrics.jsonl and, when enabled, to wandb.
 """
 
 from __future__ import annotations
@@ -16,10 +17,18 @@ import math
 import os
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
-from .config import dump_yaml
+from .config import dump_yaml, to_dict
+
+__all__ = [
+    "MetricsSink",
+    "RunDir",
+    "atomic_write_text",
+    "read_jsonl",
+]
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -100,7 +109,7 @@ class RunDir:
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every record in metrics.jsonl; a torn last line (from a crash mid-write) is ignored."""
-        return read_metrics(self.metrics_path)
+        return read_jsonl(self.metrics_path)
 
     def close(self) -> None:
         for handler in list(self.logger.handlers):
@@ -108,8 +117,12 @@ class RunDir:
             self.logger.removeHandler(handler)
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a metrics JSONL file. A malformed line other than the last raises, naming the line."""
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file (metrics.jsonl, generations.jsonl); [] when it is missing.
+
+    Blank lines are skipped and a torn last line (a crash mid-write) is ignored; a malformed
+    line anywhere else raises ValueError naming the file and line.
+    """
     path = Path(path)
     if not path.exists():
         return []
@@ -119,9 +132,54 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as e:
             if i == len(lines):  # torn final write
                 break
-            raise ValueError(f"{path}:{i}: invalid JSON in metrics file: {e.msg}") from e
+            raise ValueError(f"{path}:{i}: invalid JSON: {e.msg}") from e
+        if isinstance(record, dict):
+            records.append(record)
     return records
+
+
+class MetricsSink:
+    """Every metric goes to the run's metrics.jsonl; also to wandb when enabled.
+
+    Train records carry ``train_step`` and eval records ``eval_step``; in wandb they are
+    logged as ``train/*`` and ``eval/*`` against those axes. A resumed run continues the same
+    wandb run (its id is kept in the run directory).
+    """
+
+    def __init__(
+        self, run_dir: RunDir, wandb_project: str | None = None, run_name: str | None = None, config: Any = None,
+        resume: bool = False,
+    ):
+        self.run_dir = run_dir
+        self.wandb = None
+        if wandb_project:
+            try:
+                import wandb  # optional extra: only when enabled
+            except ImportError as e:
+                raise RuntimeError("wandb logging is enabled but wandb is not installed: pip install wandb") from e
+            id_file = run_dir.path / "wandb_id.txt"
+            run_id = id_file.read_text().strip() if resume and id_file.exists() else uuid.uuid4().hex[:16]
+            id_file.write_text(run_id + "\n")
+            self.wandb = wandb.init(
+                project=wandb_project, name=run_name, config=to_dict(config) if config else None, id=run_id, resume="allow"
+            )
+            self.wandb.define_metric("train_step")
+            self.wandb.define_metric("eval_step")
+            self.wandb.define_metric("train/*", step_metric="train_step")
+            self.wandb.define_metric("eval/*", step_metric="eval_step")
+
+    def log(self, kind: str, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Append ``{"kind": kind, "<kind>_step": step, **metrics}``; returns the JSON-safe record."""
+        record = self.run_dir.log_metrics({"kind": kind, f"{kind}_step": step, **metrics})
+        if self.wandb is not None:
+            numeric = {f"{kind}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.wandb.log({f"{kind}_step": step, **numeric})
+        return record
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()

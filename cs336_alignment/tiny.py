@@ -23,6 +23,14 @@ from typing import Any
 
 import torch
 
+__all__ = [
+    "build_tiny_model",
+    "build_tiny_tokenizer",
+    "qwen25_math_1p5b_config",
+    "save_tiny_model",
+    "tiny_qwen2_config",
+]
+
 EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = (EOS_TOKEN, "<|im_start|>", "<|im_end|>")
 # Qwen2's pre-tokenisation pattern: contractions, letter runs (with one leading

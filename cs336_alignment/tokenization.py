@@ -11,6 +11,12 @@ from typing import Any
 
 import torch
 
+__all__ = [
+    "pack_prompt_and_output_ids",
+    "pad_token_id",
+    "tokenize_prompt_and_output",
+]
+
 
 def pad_token_id(tokenizer: Any) -> int:
     """The id used for right-padding: the tokenizer's pad id, else its EOS id.

@@ -17,6 +17,12 @@ import torch
 from .evaluate import GenerationRecord, RewardFn, evaluate
 from .generation.vllm_backend import VLLMGenerator, build_llm, from_vllm_sampling, load_policy_weights
 
+__all__ = [
+    "evaluate_vllm",
+    "init_vllm",
+    "load_policy_into_vllm_instance",
+]
+
 
 def init_vllm(model_id: str, device: str | torch.device, seed: int, gpu_memory_utilization: float = 0.85) -> Any:
     """Start a ``vllm.LLM`` for ``model_id`` on its own ``device`` (e.g. "cuda:1"), seeded with ``seed``.
@@ -57,4 +63,7 @@ def evaluate_vllm(
         raise ValueError("evaluate_vllm needs ground_truths=[...] (one per prompt) for reward_fn(response, ground_truth)")
     generator = vllm_model if isinstance(vllm_model, VLLMGenerator) else VLLMGenerator(vllm_model)
     sampling = from_vllm_sampling(eval_sampling_params)
-    return evaluate(generator, reward_fn, prompts, sampling, ground_truths, out_dir, policy=policy, progress=progress)
+    return evaluate(
+        generator, reward_fn, prompts, sampling=sampling, ground_truths=ground_truths, out_dir=out_dir, policy=policy,
+        progress=progress,
+    )

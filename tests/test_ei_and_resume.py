@@ -14,10 +14,10 @@ import torch
 
 from cs336_alignment.checkpoint import Checkpointer, CheckpointError, NonFiniteError, parse_duration
 from cs336_alignment.config import load_config
-from cs336_alignment.generation import Completion, GenerationResult
 from cs336_alignment.recipes.ei import EIConfig, select_expert_responses, train_ei
 from cs336_alignment.recipes.grpo import GRPOConfig, train_grpo
-from cs336_alignment.run_dir import read_metrics
+from cs336_alignment.rollouts import Rollout
+from cs336_alignment.run_dir import read_jsonl
 
 HELPERS = str(Path(__file__).parent / "reward_helpers.py")
 TINY_DATA = {"train": "task:arithmetic", "task_knobs": {"digits": 1}, "n_task_train": 32, "n_task_val": 8}
@@ -30,14 +30,20 @@ def _overrides(d: dict) -> list[str]:
 # --------------------------------------------------------------------------- expert iteration
 
 
+def _rollout(group: int, prompt_ids: list[int], response_ids: list[int], reward: float) -> Rollout:
+    return Rollout(group=group, prompt=f"q{group}", prompt_token_ids=prompt_ids, response="r", response_token_ids=response_ids,
+                   ground_truth="x", finish_reason="stop", generator_logprobs=[0.0] * len(response_ids), reward=reward)
+
+
 def test_select_expert_responses_keeps_only_rewarded_and_dedupes():
-    results = [
-        GenerationResult("q0", [1, 2], [Completion("a", [5, 6], "stop"), Completion("a", [5, 6], "stop"), Completion("b", [7], "eos")]),
-        GenerationResult("q1", [3], [Completion("c", [8], "stop"), Completion("d", [9], "length")]),
+    rollouts = [
+        _rollout(0, [1, 2], [5, 6], 1.0), _rollout(0, [1, 2], [5, 6], 1.0), _rollout(0, [1, 2], [7], 0.0),
+        _rollout(1, [3], [8], 0.0), _rollout(1, [3], [9], 1.0), _rollout(2, [4], [5, 6], 1.0),
     ]
-    rewards = [[1.0, 1.0, 0.0], [0.0, 1.0]]
-    assert select_expert_responses(results, rewards, dedupe=True) == [([1, 2], [5, 6]), ([3], [9])]
-    assert select_expert_responses(results, rewards, dedupe=False) == [([1, 2], [5, 6]), ([1, 2], [5, 6]), ([3], [9])]
+    # the same response to another question is not a duplicate
+    assert select_expert_responses(rollouts, dedupe=True) == [([1, 2], [5, 6]), ([3], [9]), ([4], [5, 6])]
+    assert select_expert_responses(rollouts, dedupe=False) == [
+        ([1, 2], [5, 6]), ([1, 2], [5, 6]), ([3], [9]), ([4], [5, 6])]
 
 
 def test_ei_trains_on_exactly_the_rewarded_rollouts(tmp_path, monkeypatch):
@@ -46,10 +52,10 @@ def test_ei_trains_on_exactly_the_rewarded_rollouts(tmp_path, monkeypatch):
     kept_per_step, trained_per_step = [], []
     real_select, real_step = ei.select_expert_responses, ei.sft_optimizer_step
 
-    def spy_select(results, rewards, dedupe):
-        kept = real_select(results, rewards, dedupe)
+    def spy_select(rollouts, dedupe):
+        kept = real_select(rollouts, dedupe)
         # every kept response really earned reward 1 from the configured reward function
-        texts = {tuple(c.token_ids): c.text for r in results for c in r.completions}
+        texts = {tuple(r.response_token_ids): r.response for r in rollouts}
         for _, response in kept:
             assert "1" in texts[tuple(response)]
         kept_per_step.append(kept)
@@ -72,10 +78,10 @@ def test_ei_trains_on_exactly_the_rewarded_rollouts(tmp_path, monkeypatch):
     for kept, trained in zip(kept_per_step, trained_per_step):
         # two epochs over exactly the kept pairs
         assert sorted(map(repr, trained)) == sorted(map(repr, kept * 2))
-    ei_records = [r for r in read_metrics(tmp_path / "ei" / "metrics.jsonl") if r["kind"] == "ei"]
+    ei_records = [r for r in read_jsonl(tmp_path / "ei" / "metrics.jsonl") if r["kind"] == "ei"]
     assert [r["n_kept"] for r in ei_records] == [len(k) for k in kept_per_step]
     assert all(r["rollout_entropy"] > 0 and r["rollouts"] == 32 for r in ei_records)
-    evals = [r for r in read_metrics(tmp_path / "ei" / "metrics.jsonl") if r["kind"] == "eval"]
+    evals = [r for r in read_jsonl(tmp_path / "ei" / "metrics.jsonl") if r["kind"] == "eval"]
     assert len(evals) == 2  # after EI step 1, and the final one after step 2
 
 
@@ -85,7 +91,7 @@ TIMING = ("time", "seconds", "per_second", "wall_clock")
 
 
 def _comparable(path: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if not any(t in k for t in TIMING)} for r in read_metrics(path)]
+    return [{k: v for k, v in r.items() if not any(t in k for t in TIMING)} for r in read_jsonl(path)]
 
 
 def _grpo_cli_args(out: Path) -> list[str]:
@@ -173,7 +179,7 @@ def nan_reward():
 
 def test_time_budget_stops_checkpoints_and_validates(tmp_path, nan_reward):
     train_grpo(_grpo_cfg(tmp_path / "b", n_grpo_steps=50, control={"time_budget": "0.5s", "checkpoint_every": 0, "progress": False}))
-    records = read_metrics(tmp_path / "b" / "metrics.jsonl")
+    records = read_jsonl(tmp_path / "b" / "metrics.jsonl")
     steps = {r["grpo_step"] for r in records if r["kind"] == "train"}
     assert 1 <= len(steps) < 50
     assert [s for s, _ in Checkpointer(tmp_path / "b").complete()] == [len(steps)]
@@ -189,7 +195,7 @@ def test_injected_nan_stops_with_a_clear_message_and_a_usable_checkpoint(tmp_pat
     assert [s for s, _ in ckpt.complete()] == [1, 2]
     model = torch.nn.Linear(1, 1)  # the checkpoint files load
     state = torch.load(ckpt.latest() / "trainer.pt", weights_only=False)
-    assert state["state"]["next_step"] == 2
+    assert state["state"]["step"] == 2
     weights = torch.load(ckpt.latest() / "model.pt", weights_only=True)
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert "Last checkpoint" in (tmp_path / "n" / "log.txt").read_text()
@@ -206,7 +212,7 @@ def test_skip_nonfinite_counts_skips(tmp_path, nan_reward):
     log = (tmp_path / "s" / "log.txt").read_text()
     assert "skipped an optimizer step of GRPO step 3 (1 skipped so far)" in log
     assert "skipped an optimizer step of GRPO step 5 (3 skipped so far)" in log
-    train = [r for r in read_metrics(tmp_path / "s" / "metrics.jsonl") if r["kind"] == "train"]
+    train = [r for r in read_jsonl(tmp_path / "s" / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["grpo_step"] for r in train] == [0, 1]  # steps with NaN rewards took no optimizer step
     assert [s for s, _ in Checkpointer(tmp_path / "s").complete()][-1] == 5  # and the run went on to the end
 
@@ -253,7 +259,7 @@ def test_grader_timeouts_are_counted_as_wrong_and_logged(tmp_path, monkeypatch):
     monkeypatch.setattr(rewards, "grade_response", slow_first)
     cfg = _grpo_cfg(tmp_path / "g", n_grpo_steps=1, data={**TINY_DATA})
     train_grpo(cfg)
-    train = [r for r in read_metrics(tmp_path / "g" / "metrics.jsonl") if r["kind"] == "train"]
+    train = [r for r in read_jsonl(tmp_path / "g" / "metrics.jsonl") if r["kind"] == "train"]
     assert train[0]["grader_timeouts"] == 16 and train[0]["grader_errors"] == 0
     assert "16 grader timeouts" in (tmp_path / "g" / "log.txt").read_text()
 
@@ -286,7 +292,7 @@ def test_fresh_run_refuses_a_directory_with_checkpoints_unless_overwrite(tmp_pat
     assert [s for s, _ in Checkpointer(tmp_path / "r").complete()] == [1, 2]  # untouched
     train_grpo(_grpo_cfg(tmp_path / "r", n_grpo_steps=1, control={"overwrite": True, "checkpoint_every": 0, "progress": False}))
     assert [s for s, _ in Checkpointer(tmp_path / "r").complete()] == [1]  # the old run's step 2 is gone
-    train = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if r["kind"] == "train"]
+    train = [r for r in read_jsonl(tmp_path / "r" / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["grpo_step"] for r in train] == [0]
 
 
@@ -298,16 +304,16 @@ def test_resuming_a_finished_or_out_of_budget_run_trains_no_more(tmp_path, nan_r
         micro_batch_size=2, n_eval_examples=2, eval_max_tokens=4, control={"progress": False},
     )))
     train_sft(sft)
-    before = [r for r in read_metrics(tmp_path / "s" / "metrics.jsonl") if r["kind"] == "train"]
+    before = [r for r in read_jsonl(tmp_path / "s" / "metrics.jsonl") if r["kind"] == "train"]
     sft.control.resume = True
     train_sft(sft)
-    after = [r for r in read_metrics(tmp_path / "s" / "metrics.jsonl") if r["kind"] == "train"]
+    after = [r for r in read_jsonl(tmp_path / "s" / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["train_step"] for r in after] == [r["train_step"] for r in before] == [1, 2]
 
     cfg = _grpo_cfg(tmp_path / "g", n_grpo_steps=50, control={"time_budget": "0.3s", "progress": False})
     train_grpo(cfg)
-    steps = len([r for r in read_metrics(tmp_path / "g" / "metrics.jsonl") if r["kind"] == "train"])
+    steps = len([r for r in read_jsonl(tmp_path / "g" / "metrics.jsonl") if r["kind"] == "train"])
     cfg.control.resume = True
     train_grpo(cfg)
-    assert len([r for r in read_metrics(tmp_path / "g" / "metrics.jsonl") if r["kind"] == "train"]) == steps
+    assert len([r for r in read_jsonl(tmp_path / "g" / "metrics.jsonl") if r["kind"] == "train"]) == steps
     assert "time budget already spent" in (tmp_path / "g" / "log.txt").read_text()

@@ -17,7 +17,7 @@ from cs336_alignment import (
     masked_normalize,
     sft_microbatch_train_step,
 )
-from cs336_alignment.losses import constant_normalized_loss, sequence_mean_loss, token_mean_loss
+from cs336_alignment.losses import masked_mean_loss, masked_normalize_loss, token_mean_loss
 
 # A 2 x 3 example used throughout:
 #   tensor = [[1, 2, 3],      mask = [[1, 0, 1],
@@ -340,9 +340,9 @@ def test_grpo_step_token_mean_over_microbatches_is_the_global_token_mean():
 def test_length_normalisations_hand_values():
     loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     # masked mean per sequence: (1+3)/2 = 2, (5+6)/2 = 5.5 -> mean 3.75
-    assert sequence_mean_loss(loss, M).item() == pytest.approx(3.75)
+    assert masked_mean_loss(loss, M).item() == pytest.approx(3.75)
     # constant 3: 4/3, 11/3 -> mean 2.5
-    assert constant_normalized_loss(loss, M, 3.0).item() == pytest.approx(2.5)
+    assert masked_normalize_loss(loss, M, 3.0).item() == pytest.approx(2.5)
     # token mean: 15 / 4
     assert token_mean_loss(loss, M).item() == pytest.approx(3.75)
     assert token_mean_loss(loss, M, num_tokens=10).item() == pytest.approx(1.5)

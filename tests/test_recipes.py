@@ -11,7 +11,7 @@ import torch
 from cs336_alignment.config import ConfigError, load_config
 from cs336_alignment.recipes.grpo import GRPOConfig, train_grpo
 from cs336_alignment.recipes.sft import SFTConfig, train_sft
-from cs336_alignment.run_dir import read_metrics
+from cs336_alignment.run_dir import read_jsonl
 
 ARITH = {"train": "task:arithmetic", "task_knobs": {"digits": 1}, "n_task_train": 1000, "n_task_val": 60}
 
@@ -64,7 +64,7 @@ def test_sft_lowers_loss_and_raises_accuracy(tmp_path, tiny_model, tiny_tokenize
     assert after_nll < 0.5 * before_nll, (before_nll, after_nll)
     assert before_acc == 0.0 and after_acc >= 0.1, (before_acc, after_acc)
     assert final["format_accuracy"] > 0.8
-    records = read_metrics(tmp_path / "sft" / "metrics.jsonl")
+    records = read_jsonl(tmp_path / "sft" / "metrics.jsonl")
     train = [r for r in records if r["kind"] == "train"]
     data = next(r for r in records if r["kind"] == "data")
     assert len(train) == 2 * -(-data["n_examples"] // 32)
@@ -75,7 +75,7 @@ def test_sft_lowers_loss_and_raises_accuracy(tmp_path, tiny_model, tiny_tokenize
 
 def test_sft_filter_and_n_examples(tmp_path):
     train_sft(_sft_config(tmp_path / "s", n_examples=64, filter_correct=True, batch_size=32, micro_batch_size=32))
-    data = next(r for r in read_metrics(tmp_path / "s" / "metrics.jsonl") if r["kind"] == "data")
+    data = next(r for r in read_jsonl(tmp_path / "s" / "metrics.jsonl") if r["kind"] == "data")
     assert data["n_examples"] == 64  # reference traces are all correct, so filtering keeps them
 
 
@@ -93,7 +93,7 @@ def _grpo_config(out: Path, model: Path, **kw) -> GRPOConfig:
 
 
 def _train_records(out: Path) -> list[dict]:
-    return [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    return [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
 
 
 def _reward_rises(records: list[dict], k: int = 4) -> tuple[float, float]:
@@ -247,8 +247,7 @@ def test_wandb_sink_uses_train_and_eval_step_axes(tmp_path, monkeypatch):
     fake = types.ModuleType("wandb")
     fake.init = lambda **kw: calls["init"].append(kw) or FakeRun()
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    from cs336_alignment.recipes.common import MetricsSink
-    from cs336_alignment.run_dir import RunDir
+    from cs336_alignment.run_dir import MetricsSink, RunDir
 
     sink = MetricsSink(RunDir(tmp_path / "w", console=False), "proj", "run1", _grpo_config(tmp_path / "w", Path("m")))
     sink.log("train", 3, {"loss": 0.5, "split": "x", "flag": True})
@@ -258,5 +257,5 @@ def test_wandb_sink_uses_train_and_eval_step_axes(tmp_path, monkeypatch):
     assert ("train/*", "train_step") in calls["define_metric"] and ("eval/*", "eval_step") in calls["define_metric"]
     assert calls["log"] == [{"train_step": 3, "train/loss": 0.5}, {"eval_step": 10, "eval/accuracy": 0.25}]
     assert calls["finish"] == [True]
-    lines = read_metrics(tmp_path / "w" / "metrics.jsonl")
+    lines = read_jsonl(tmp_path / "w" / "metrics.jsonl")
     assert lines[0]["kind"] == "train" and lines[0]["train_step"] == 3 and lines[1]["eval_step"] == 10

@@ -116,7 +116,7 @@ def make_eval_run(path: Path) -> Path:
 
     Categories: 2 correct, 1 formatted but wrong, 1 unformatted.
     """
-    from cs336_alignment.evaluate import EvalConfig
+    from cs336_alignment.recipes.eval import EvalConfig
 
     atomic_write_text(path / "config.yaml", dump_yaml(EvalConfig(model="models/qwen", data="data/val.jsonl", out=str(path))))
     write_eval_dir(path, [generation(0, 1, True), generation(1, 1, True), generation(2, 1, False), generation(3, 1, False, formatted=False)])

@@ -13,10 +13,10 @@ import importlib.util
 import json
 import sys
 
+import fake_vllm
 import pytest
 import torch
 
-import fake_vllm
 from cs336_alignment.generation import SamplingParams
 from cs336_alignment.generation.vllm_backend import (
     EXTENSION_CLS,

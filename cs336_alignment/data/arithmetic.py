@@ -23,7 +23,19 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from ..rewards import r1_zero_reward_fn
 from .examples import Example
+
+__all__ = [
+    "ArithmeticTask",
+    "addition_trace",
+    "arithmetic_response",
+    "arithmetic_reward_fn",
+    "arithmetic_trace",
+    "generate_arithmetic",
+    "multiplication_trace",
+    "subtraction_trace",
+]
 
 OPERATIONS: tuple[str, ...] = ("+", "-", "*")
 
@@ -112,8 +124,6 @@ def arithmetic_response(a: int, op: str, b: int) -> str:
 
 def arithmetic_reward_fn(response: str, ground_truth: Any) -> dict[str, float]:
     """Grade with the project's r1_zero grader (:func:`cs336_alignment.rewards.r1_zero_reward_fn`)."""
-    from cs336_alignment.rewards import r1_zero_reward_fn
-
     return r1_zero_reward_fn(response, ground_truth)
 
 

@@ -21,7 +21,14 @@ import random
 from dataclasses import dataclass
 from typing import Any, Union
 
+from ..rewards.countdown import countdown_reward_fn
 from .examples import Example
+
+__all__ = [
+    "CountdownTask",
+    "generate_countdown",
+    "render_expression",
+]
 
 # An expression tree: an int leaf, or (op, left, right).
 Node = Union[int, tuple[str, "Node", "Node"]]
@@ -176,8 +183,6 @@ class CountdownTask:
     @staticmethod
     def reward_fn(response: str, ground_truth: Any) -> dict[str, float]:
         """:func:`cs336_alignment.rewards.countdown.countdown_reward_fn`."""
-        from cs336_alignment.rewards.countdown import countdown_reward_fn
-
         return countdown_reward_fn(response, ground_truth)
 
 

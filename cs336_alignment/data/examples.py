@@ -16,6 +16,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Union
 
+__all__ = [
+    "Example",
+]
+
 #: What a reward function receives as its ``ground_truth`` argument.
 #: ``str`` for MATH / GSM8K / arithmetic, ``list[str]`` when several answers are accepted,
 #: ``dict`` for structured tasks (Countdown: ``{"numbers": [...], "target": N}``).

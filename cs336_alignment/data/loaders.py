@@ -38,7 +38,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from ..errors import UserError
 from .examples import Example, GroundTruth
+
+__all__ = [
+    "DataError",
+    "LoadReport",
+    "LoadResult",
+    "detect_kind",
+    "gsm8k_final_answer",
+    "last_boxed",
+    "load_dataset",
+    "load_examples",
+    "load_gsm8k",
+    "load_math",
+    "load_sft",
+    "question_from_prompt",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +72,7 @@ SFT_GROUND_TRUTH_FIELDS = ("ground_truth", "answer", "gt")
 MAX_REASONS = 10
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A malformed data line. ``str(err)`` is ``"<path>:<line>: <problem>"``.
 
     Attributes:

@@ -13,6 +13,13 @@ from typing import Sequence
 
 from .examples import Example
 
+__all__ = [
+    "example_id",
+    "example_key",
+    "split_examples",
+    "validation_subset",
+]
+
 
 def example_key(example: Example) -> str:
     """The identity used for splitting: the question text (the prompt when it has no question)."""

@@ -13,6 +13,12 @@ from .countdown import CountdownTask
 from .examples import Example
 from .splits import split_examples
 
+__all__ = [
+    "Task",
+    "generate_splits",
+    "make_task",
+]
+
 
 class Task(Protocol):
     """What the recipes need from a generated task."""

@@ -20,6 +20,14 @@ from typing import Any
 
 from .examples import Example
 
+__all__ = [
+    "encode_prompt",
+    "format_prompt",
+    "format_prompts",
+    "load_template",
+    "template_path",
+]
+
 #: Placeholder substituted by :func:`format_prompt`.
 PLACEHOLDER = "{question}"
 

@@ -30,10 +30,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .sampling import sample_tokens, stream_keys, stream_uniforms
 from .text import find_new_stop, token_bytes_table
 from .types import Completion, GenerationResult, SamplingParams
+
+__all__ = [
+    "NativeEngine",
+]
 
 _BUCKET = 32  # attention reads the cache up to a multiple of this many positions
 
@@ -288,7 +293,7 @@ class NativeEngine:
         eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
         stops = [s.encode("utf-8") for s in sampling.stop]
         last_stop_bytes = {s[-1] for s in stops}
-        bar = _progress_bar(n_total, progress)
+        bar = tqdm(total=n_total, desc="generate", unit="seq", dynamic_ncols=True, disable=not progress)
         admit_at = max(1, slots // 4)  # refill once a quarter of the slots are free
         waiting = n_total  # samples not admitted yet
 
@@ -415,19 +420,3 @@ class NativeEngine:
             for h, m in zip(holes, movers):
                 rows[h] = rows[m]
         return rows[:keep]
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="generate", unit="seq", dynamic_ncols=True)

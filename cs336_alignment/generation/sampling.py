@@ -15,6 +15,12 @@ from __future__ import annotations
 
 import torch
 
+__all__ = [
+    "sample_tokens",
+    "stream_keys",
+    "stream_uniforms",
+]
+
 _M32 = 0xFFFFFFFF
 
 

@@ -11,6 +11,11 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+__all__ = [
+    "find_new_stop",
+    "token_bytes_table",
+]
+
 
 @functools.lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:

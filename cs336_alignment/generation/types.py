@@ -12,6 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+__all__ = [
+    "Completion",
+    "GenerationResult",
+    "Generator",
+    "SamplingParams",
+]
+
 FinishReason = Literal["stop", "eos", "length"]
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import random
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
@@ -31,9 +32,28 @@ from types import ModuleType
 from typing import Any, Literal
 from unittest import mock
 
+import numpy as np
 import torch
 
+from ..errors import UserError
 from .types import Completion, GenerationResult, SamplingParams
+
+__all__ = [
+    "BackendUnavailable",
+    "VLLMGenerator",
+    "WeightSyncExtension",
+    "build_llm",
+    "engine_args_fields",
+    "engine_kind",
+    "from_vllm_sampling",
+    "import_vllm",
+    "load_policy_weights",
+    "load_vllm_generator",
+    "parse_version",
+    "policy_weights",
+    "to_completion",
+    "to_vllm_sampling_kwargs",
+]
 
 MIN_VLLM_VERSION = (0, 7, 2)
 EXTENSION_CLS = f"{__name__}.WeightSyncExtension"
@@ -41,7 +61,7 @@ _RPC_METHOD = "cs336_load_weights"
 _INSTALL_HINT = "pip install 'cs336-alignment[vllm]' (needs a CUDA GPU), or use backend: native"
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(UserError, RuntimeError):
     """The vLLM backend was selected but cannot run here (not installed, or unsupported version)."""
 
 
@@ -91,10 +111,6 @@ def _seed_everything(vllm: ModuleType, seed: int) -> None:
         if fn is not None:
             fn(seed)
             return
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

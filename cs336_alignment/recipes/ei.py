@@ -1,13 +1,17 @@
 """Expert iteration, as in the CS336 handout, in one loop.
 
-Each EI step:
-  rollout   sample batch_questions questions (D_b), rollouts_per_question (G) responses each,
-            with the rollout sampling of the handout (T=1, 4..1024 tokens, stop at </answer>)
-  filter    keep the responses that earn reward 1 (optionally one copy of each distinct one)
-  sft       sft_epochs (E) epochs of SFT on the kept pairs, starting from the current policy
-            (the optimizer persists across EI steps unless fresh_optimizer=true)
-  sync      load the new weights into the generator
-  log       rollout entropy, number kept, validation accuracy at every step
+Each EI step names its phases as calls:
+
+  sample_rollouts
+                 batch_questions questions (D_b), rollouts_per_question (G) responses each,
+                 with the handout's rollout sampling (T=1, 4..1024 tokens, stop at </answer>)
+  with_rewards   reward every response
+  select_expert_responses
+                 keep the responses that earn reward 1 (optionally one copy of each distinct one)
+  expert_sft     sft_epochs (E) epochs of SFT on the kept pairs, from the current policy
+                 (the optimizer persists across EI steps unless fresh_optimizer=true)
+  load_weights   the generator gets the new weights
+  end_of_step    log, validation after every step, checkpoints, time budget (``loop.py``)
 
 Glossary: D_b questions, G responses per question, b sequences per micro-batch.
 """
@@ -16,38 +20,39 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..checkpoint import (
-    Progress,
-    RunControl,
-    budget_spent,
-    fault_point,
-    format_seconds,
-    truncate_metrics,
-)
+import torch
+
+from ..checkpoint import RunControl
+from ..data import Example
 from ..evaluate import response_entropies
-from ..generation import SamplingParams
+from ..generation import SamplingParams, load_generator
+from ..models import autocast, load_policy
+from ..rewards import grader_failures
+from ..rollouts import Rollout, sample_rollouts, with_rewards
 from ..tokenization import pad_token_id
 from .common import (
     DataConfig,
-    autocast,
     check_sft_batching,
-    finish_run,
-    free_cuda_cache,
-    grader_counts,
-    grader_delta,
     load_data,
-    load_policy,
-    make_generator,
     make_optimizer,
-    open_run,
+    seeded_sample,
     step_seed,
-    validate,
+    timed,
 )
-from .sft import sft_optimizer_step
+from .loop import RunLoop
+from .sft import TokenPair, sft_optimizer_step
+
+__all__ = [
+    "EIConfig",
+    "expert_sft",
+    "rollout_entropy",
+    "select_expert_responses",
+    "train_ei",
+]
 
 
 @dataclass
@@ -101,145 +106,125 @@ class EIConfig:
             raise ValueError("sampling_min_tokens must be between 0 and sampling_max_tokens")
 
 
-def select_expert_responses(
-    results: list[Any], rewards: list[list[float]], dedupe: bool
-) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids) of every response with reward 1; with ``dedupe``, each distinct
-    response of a question once. ``rewards[q][s]`` is the reward of sample s of question q."""
-    kept = []
-    for result, question_rewards in zip(results, rewards):
-        seen: set[tuple[int, ...]] = set()
-        for completion, reward in zip(result.completions, question_rewards):
-            key = tuple(completion.token_ids)
-            if reward >= 1.0 and not (dedupe and key in seen):
-                seen.add(key)
-                kept.append((list(result.prompt_token_ids), list(completion.token_ids)))
-    return kept
-
-
 def train_ei(cfg: EIConfig) -> dict[str, Any]:
     """Run expert iteration as configured; returns the final validation metrics."""
     # ------------------------------------------------------------------ setup
-    session = open_run(cfg, "expert iteration")
-    run, sink, ckpt, latest, device = session.run, session.sink, session.ckpt, session.latest, session.device
+    loop = RunLoop(cfg, "EI")
+    device = loop.device
     data = load_data(cfg.data, cfg.seed)
     val = data.val or data.train
-    val_subset = random.Random(cfg.eval_seed).sample(val, min(cfg.n_eval_examples, len(val)))
-    policy, tokenizer = load_policy(cfg.model, device, cfg.seed, cfg.gradient_checkpointing)
+    val_subset = seeded_sample(val, cfg.n_eval_examples, cfg.eval_seed)
+    policy, tokenizer = load_policy(cfg.model, device, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
     pad_id = pad_token_id(tokenizer)  # pad, else EOS
-    optimizer = make_optimizer(policy, cfg.learning_rate, cfg.weight_decay, cfg.betas)
-    generator = make_generator(
-        cfg.backend, policy, tokenizer, cfg.model, device, cfg.seed, cfg.max_num_seqs, cfg.kv_cache_memory_fraction,
-        cfg.gpu_memory_utilization,
+    optimizer = make_optimizer(policy, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    generator = load_generator(
+        cfg.backend, policy, tokenizer, model_path=cfg.model, device=device, seed=cfg.seed, max_num_seqs=cfg.max_num_seqs,
+        kv_cache_memory_fraction=cfg.kv_cache_memory_fraction, gpu_memory_utilization=cfg.gpu_memory_utilization,
     )
+    if loop.attach(policy, None if cfg.fresh_optimizer else optimizer).step:
+        generator.load_weights(policy)  # the resumed weights
     rollout_sampling = SamplingParams(
         temperature=cfg.sampling_temperature, max_tokens=cfg.sampling_max_tokens, min_tokens=cfg.sampling_min_tokens,
         stop=("</answer>",), include_stop_str_in_output=True, n=cfg.rollouts_per_question,
     )
     eval_sampling = SamplingParams.r1_zero(max_tokens=cfg.sampling_max_tokens, seed=cfg.eval_seed)
     n_questions = min(cfg.batch_questions, len(data.train))
-    run.logger.info(
+    loop.logger.info(
         "EI: %d steps, %d questions x %d rollouts, %d SFT epoch(s) per step, %s optimizer, duplicates %s",
         cfg.n_ei_steps, n_questions, cfg.rollouts_per_question, cfg.sft_epochs,
         "fresh" if cfg.fresh_optimizer else "persistent", "dropped" if cfg.dedupe_correct else "kept",
     )
 
-    def validate_now(step: int, examples: list[Any], tag: str) -> dict[str, Any]:
-        return validate(session, generator, policy, data, examples, eval_sampling, step, tag)
+    def validate(step: int, examples: list[Example] = val_subset, tag: str = "subset") -> dict[str, Any]:
+        return loop.validate(generator, policy, data=data, examples=examples, sampling=eval_sampling, step=step, tag=tag)
 
-    # ------------------------------------------------------------------ resume
-    start, optimizer_step, train_clock = 0, 0, 0.0
-    if latest is not None:
-        state = ckpt.load(latest, policy, None if cfg.fresh_optimizer else optimizer)
-        start, optimizer_step, train_clock = state["next_step"], state["optimizer_step"], state["train_clock"]
-        truncate_metrics(run.metrics_path, state["metrics_bytes"])
-        generator.load_weights(policy)
-        run.logger.info("resumed from %s: continuing at EI step %d", latest, start + 1)
-
-    budget = cfg.control.budget_seconds
-    progress = Progress(cfg.n_ei_steps, start, cfg.control.progress, "ei")
-    clock_at_start = train_clock
-    final: dict[str, Any] = {}
-    last_step = start
-    if budget_spent(budget, train_clock, run):  # a resumed run whose budget ran out only validates
-        start = cfg.n_ei_steps
-    for ei_step in range(start, cfg.n_ei_steps):
-        step_start = time.perf_counter()
-        # ------------------------------------------------------------------ rollout
-        from ..data import format_prompt
-
+    for ei_step in loop.steps(cfg.n_ei_steps, eval_every=1, evaluate=validate):
         questions = random.Random(step_seed(cfg.seed, ei_step)).sample(data.train, n_questions)
-        prompts = [format_prompt(data.template, ex) for ex in questions]
-        t0 = time.perf_counter()
-        policy.eval()
-        results = generator.generate(prompts, dataclasses.replace(rollout_sampling, seed=step_seed(cfg.seed, ei_step, 1)))
-        policy.train()
-        free_cuda_cache(device)
-        rollout_seconds = time.perf_counter() - t0
-
-        # ------------------------------------------------------------------ filter
-        graded_before = grader_counts()
-        rewards = [[float(data.reward_fn(c.text, q.ground_truth)["reward"]) for c in r.completions] for q, r in zip(questions, results)]
-        grader = grader_delta(graded_before)  # timeouts count as wrong answers; logged, never fatal
-        kept = select_expert_responses(results, rewards, cfg.dedupe_correct)
-        n_rollouts = sum(len(r) for r in rewards)
-        entropy = None
-        if cfg.log_entropy:
-            pairs = [(r.prompt_token_ids, c.token_ids) for r in results for c in r.completions]
-            with autocast(device):
-                ents = response_entropies(policy, [p for p, _ in pairs], [c for _, c in pairs], pad_id)
-            entropy = sum(ents) / len(ents)
-
-        # ------------------------------------------------------------------ sft on the kept responses
-        t0 = time.perf_counter()
-        if cfg.fresh_optimizer and ei_step > start:
-            optimizer = make_optimizer(policy, cfg.learning_rate, cfg.weight_decay, cfg.betas)
-        losses = []
-        for epoch in range(cfg.sft_epochs):
-            order = list(range(len(kept)))
-            random.Random(step_seed(cfg.seed, ei_step, 2, epoch)).shuffle(order)
-            for first in range(0, len(order), cfg.batch_size):
-                batch = [kept[i] for i in order[first : first + cfg.batch_size]]
-                metrics = sft_optimizer_step(policy, optimizer, batch, cfg, cfg.learning_rate, pad_id, device, optimizer_step + 1)
-                optimizer_step += 1
-                if metrics is not None:
-                    losses.append(metrics["loss"])
-                    sink.log("train", optimizer_step, {"ei_step": ei_step, "epoch": epoch, **metrics})
-        sft_seconds = time.perf_counter() - t0
-
-        # ------------------------------------------------------------------ sync and log
+        sampling = dataclasses.replace(rollout_sampling, seed=step_seed(cfg.seed, ei_step, 1))
+        rollouts, rollout_seconds = timed(
+            sample_rollouts, generator=generator, policy=policy, questions=questions, template=data.template,
+            sampling=sampling, colocated_device=device,
+        )
+        with grader_failures() as grader:  # timeouts count as wrong answers: logged, never fatal
+            rollouts = with_rewards(rollouts, data.reward_fn)
+        kept = select_expert_responses(rollouts, cfg.dedupe_correct)
+        entropy = rollout_entropy(policy, rollouts, pad_id=pad_id) if cfg.log_entropy else None
+        if cfg.fresh_optimizer:
+            optimizer = make_optimizer(policy, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=cfg.betas)
+        losses, sft_seconds = timed(
+            expert_sft, policy=policy, optimizer=optimizer, kept=kept, cfg=cfg, loop=loop, ei_step=ei_step, pad_id=pad_id
+        )
         generator.load_weights(policy)
-        train_clock += time.perf_counter() - step_start
-        last_step = ei_step + 1
-        sink.log("ei", last_step, {
-            "rollouts": n_rollouts,
-            "n_correct": int(sum(sum(r >= 1.0 for r in q) for q in rewards)),
+        # ------------------------------------------------------------------ log, end of step
+        loop.sink.log("ei", ei_step + 1, {
+            "rollouts": len(rollouts),
+            "n_correct": sum(r.reward >= 1.0 for r in rollouts),
             "n_kept": len(kept),
-            "rollout_reward_mean": sum(map(sum, rewards)) / n_rollouts,
+            "rollout_reward_mean": sum(r.reward for r in rollouts) / len(rollouts),
             "rollout_entropy": entropy,
             "sft_loss_mean": sum(losses) / len(losses) if losses else None,
-            "optimizer_steps": optimizer_step,
+            "optimizer_steps": loop.state.optimizer_step,
             "rollout_seconds": rollout_seconds,
             "sft_seconds": sft_seconds,
-            "wall_clock_train": train_clock,
-            **grader,
+            "wall_clock_train": loop.clock(),
+            "grader_timeouts": grader.timeouts,
+            "grader_errors": grader.errors,
         })
-        eta = progress.update(last_step, train_clock - clock_at_start, kept=len(kept))
-        run.logger.info("EI step %d/%d: kept %d of %d rollouts, %s", last_step, cfg.n_ei_steps, len(kept), n_rollouts, eta)
-        fault_point("step", last_step)
-        out_of_time = budget is not None and train_clock >= budget
-        if last_step < cfg.n_ei_steps and not out_of_time:
-            final = validate_now(last_step, val_subset, "subset")
-        if out_of_time or last_step == cfg.n_ei_steps or cfg.control.checkpoint_every and last_step % cfg.control.checkpoint_every == 0:
-            ckpt.save(last_step, policy, None if cfg.fresh_optimizer else optimizer, {
-                "next_step": last_step, "optimizer_step": optimizer_step, "train_clock": train_clock,
-                "metrics_bytes": run.metrics_path.stat().st_size,
-            })
-        if out_of_time:
-            run.logger.info("time budget %s reached after %d EI steps (%s)", cfg.control.time_budget, last_step,
-                            format_seconds(train_clock))
-            break
-    progress.close()
+        loop.end_of_step(f"kept {len(kept)} of {len(rollouts)} rollouts", kept=len(kept))
+    final = validate(loop.state.step, val, "full") if cfg.final_eval_full else validate(loop.state.step)
+    return loop.finish(policy, tokenizer, final)
 
-    final = validate_now(last_step, val if cfg.final_eval_full else val_subset, "full" if cfg.final_eval_full else "subset")
-    return finish_run(session, policy, tokenizer, final)
+
+# ---------------------------------------------------------------------------------------
+# The phases
+# ---------------------------------------------------------------------------------------
+
+
+def select_expert_responses(rollouts: Sequence[Rollout], dedupe: bool) -> list[TokenPair]:
+    """(prompt ids, response ids) of every rollout with reward 1, in order; with ``dedupe``,
+    each distinct response of a question (a group) once."""
+    kept, seen = [], set()
+    for r in rollouts:
+        key = (r.group, tuple(r.response_token_ids))
+        if r.reward >= 1.0 and not (dedupe and key in seen):
+            seen.add(key)
+            kept.append((list(r.prompt_token_ids), list(r.response_token_ids)))
+    return kept
+
+
+def rollout_entropy(policy: torch.nn.Module, rollouts: Sequence[Rollout], *, pad_id: int) -> float:
+    """Mean over rollouts of each response's mean next-token entropy under ``policy`` (nats)."""
+    with autocast(next(policy.parameters()).device):
+        entropies = response_entropies(
+            policy, [r.prompt_token_ids for r in rollouts], [r.response_token_ids for r in rollouts], pad_id=pad_id
+        )
+    return sum(entropies) / len(entropies)
+
+
+def expert_sft(
+    policy: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    kept: Sequence[TokenPair],
+    cfg: EIConfig,
+    *,
+    loop: RunLoop,
+    ei_step: int,
+    pad_id: int,
+) -> list[float]:
+    """SFT phase: ``sft_epochs`` epochs over the kept pairs, shuffled per epoch with a seed of
+    the step; a train record per optimizer step. Returns the losses of the steps taken."""
+    losses = []
+    for epoch in range(cfg.sft_epochs):
+        order = list(range(len(kept)))
+        random.Random(step_seed(cfg.seed, ei_step, 2, epoch)).shuffle(order)  # the step seed of (step, phase 2, epoch)
+        for first in range(0, len(order), cfg.batch_size):
+            batch = [kept[i] for i in order[first : first + cfg.batch_size]]
+            metrics = sft_optimizer_step(
+                policy, optimizer, batch, cfg=cfg, lr=cfg.learning_rate, pad_id=pad_id,
+                step=loop.state.optimizer_step + 1, on_nonfinite=loop.nonfinite,
+            )
+            loop.state.optimizer_step += 1
+            if metrics is not None:
+                losses.append(metrics["loss"])
+                loop.sink.log("train", loop.state.optimizer_step, {"ei_step": ei_step, "epoch": epoch, **metrics})
+    return losses

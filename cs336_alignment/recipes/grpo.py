@@ -1,61 +1,55 @@
 """GRPO: group-relative policy optimisation, as in the CS336 handout, in one loop.
 
-Each GRPO step:
-  rollout   sample rollout_batch_size / group_size questions, group_size responses each
-  score     reward every response; advantages = reward minus its group's mean (/ std)
-  old lp    off-policy only: log-probs of the sampling policy, once per rollout batch
-  train     epochs_per_rollout_batch passes over the rollouts, one optimizer step per
-            train_batch_size rollouts, gradient accumulation over micro-batches
-  sync      load the new weights into the generator
-  log       one record per optimizer step; validation every eval_every steps
+Each GRPO step names its phases as calls:
 
-Glossary: B prompts per rollout batch, G = group_size, b rollouts per micro-batch, T positions.
+  sample_rollouts  rollout_batch_size / group_size questions, group_size responses each (rollouts.py)
+  score            reward every response; advantage = reward minus its group's mean (/ std)
+  micro_batches    train batches of train_batch_size rollouts, cut into micro-batches
+  old_log_probs    off-policy only: log-probs of the sampling policy, once per rollout batch
+  policy_update    epochs_per_rollout_batch passes, one optimizer step per train batch
+  load_weights     the generator gets the new weights
+  end_of_step      log, validation and checkpoint cadence, time budget (``loop.py``)
+
+Glossary: B questions per rollout batch, G = group_size, b rollouts per micro-batch,
+T positions after the one-token shift.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
-import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
-from ..advantages import compute_group_normalized_rewards
-from ..checkpoint import (
-    NonFiniteError,
-    Progress,
-    RunControl,
-    budget_spent,
-    check_finite,
-    fault_point,
-    format_seconds,
-    truncate_metrics,
-)
-from ..generation import SamplingParams
+from ..advantages import frac_groups_all_equal, group_normalize
+from ..checkpoint import NonFiniteError, RunControl
+from ..data import Example
+from ..generation import SamplingParams, load_generator
 from ..logprobs import get_response_log_probs
-from ..losses import LENGTH_NORMALIZATIONS, LOSS_TYPES, grpo_microbatch_train_step
-from ..rollouts import Rollout, pack_rollouts, rollout_stats
+from ..losses import LengthNormalization, LossType, grpo_microbatch_train_step
+from ..models import autocast, load_policy, resolve_device
+from ..rewards import RewardFn, grader_failures
+from ..rollouts import MicroBatch, Rollout, micro_batches, rollout_stats, sample_rollouts, with_rewards
 from ..tokenization import pad_token_id
-from .common import (
-    DataConfig,
-    autocast,
-    finish_run,
-    free_cuda_cache,
-    grader_counts,
-    grader_delta,
-    load_data,
-    load_policy,
-    make_generator,
-    make_optimizer,
-    open_run,
-    resolve_device,
-    step_seed,
-    validate,
-)
+from .common import DataConfig, clip_and_step, load_data, make_optimizer, seeded_sample, step_seed, timed
+from .loop import RunLoop
 
-_DEFAULT_ACCUMULATION = 128
+__all__ = [
+    "GRPOConfig",
+    "LogprobGap",
+    "StepStats",
+    "accumulate_gradients",
+    "old_log_probs",
+    "policy_update",
+    "score",
+    "train_grpo",
+]
+
+
+HANDOUT_GRADIENT_ACCUMULATION_STEPS = 128  # the handout's default: micro-batches of 2 at train_batch_size 256
 
 
 @dataclass
@@ -77,13 +71,11 @@ class GRPOConfig:
     sampling_max_tokens: int = 1024  # and at most this many
     epochs_per_rollout_batch: int = 1  # passes over each rollout batch (> 1 is off-policy)
     train_batch_size: int = 256  # rollouts per optimizer step (< rollout_batch_size is off-policy)
-    gradient_accumulation_steps: int = _DEFAULT_ACCUMULATION  # micro-batches per optimizer step
-    micro_batch_size: int | None = None  # memory knob: when set, gradient_accumulation_steps = train_batch_size / this
-    loss_type: Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip"] = (
-        "reinforce_with_baseline"
-    )  # per-token loss: -r log pi, -A log pi, clipped ratio x A, or unclipped ratio x A
+    gradient_accumulation_steps: int | None = None  # micro-batches per optimizer step (unset: derived, 128 by default)
+    micro_batch_size: int | None = None  # memory knob: rollouts per forward/backward; sets gradient_accumulation_steps
+    loss_type: LossType = "reinforce_with_baseline"  # -r log pi, -A log pi, clipped ratio x A, or unclipped ratio x A
     use_std_normalization: bool = True  # divide advantages by the group std
-    length_normalization: Literal["masked_mean", "masked_normalize", "token_mean"] = "masked_mean"  # see losses.py
+    length_normalization: LengthNormalization = "masked_mean"  # or masked_normalize (/ max tokens), token_mean; losses.py
     cliprange: float = 0.2  # epsilon of grpo_clip
     weight_decay: float = 0.0  # AdamW weight decay
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
@@ -113,22 +105,11 @@ class GRPOConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
-        problems = []
-        for name in ("rollout_batch_size", "group_size", "train_batch_size", "gradient_accumulation_steps"):
+        for name in ("rollout_batch_size", "group_size", "train_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.micro_batch_size is not None:
-            if self.micro_batch_size < 1 or self.train_batch_size % self.micro_batch_size:
-                raise ValueError(
-                    f"micro_batch_size ({self.micro_batch_size}) must divide train_batch_size ({self.train_batch_size})"
-                )
-            derived = self.train_batch_size // self.micro_batch_size
-            if self.gradient_accumulation_steps not in (derived, _DEFAULT_ACCUMULATION):
-                raise ValueError(
-                    f"micro_batch_size={self.micro_batch_size} implies gradient_accumulation_steps={derived}, but "
-                    f"gradient_accumulation_steps={self.gradient_accumulation_steps} was given; set only one of them"
-                )
-            self.gradient_accumulation_steps = derived
+        self._derive_gradient_accumulation_steps()
+        problems = []
         if self.train_batch_size % self.gradient_accumulation_steps:
             problems.append(
                 f"train_batch_size ({self.train_batch_size}) must be divisible by gradient_accumulation_steps "
@@ -149,10 +130,6 @@ class GRPOConfig:
             )
         if self.use_std_normalization and self.group_size < 2:
             problems.append("use_std_normalization needs group_size >= 2")
-        if self.loss_type not in LOSS_TYPES:
-            problems.append(f"loss_type {self.loss_type!r} is not one of {LOSS_TYPES}")
-        if self.length_normalization not in LENGTH_NORMALIZATIONS:
-            problems.append(f"length_normalization {self.length_normalization!r} is not one of {LENGTH_NORMALIZATIONS}")
         if self.loss_type == "grpo_clip" and not self.cliprange > 0:
             problems.append(f"grpo_clip needs cliprange > 0, got {self.cliprange}")
         if not 0 <= self.sampling_min_tokens <= self.sampling_max_tokens:
@@ -161,6 +138,27 @@ class GRPOConfig:
             problems.append("n_grpo_steps and epochs_per_rollout_batch must be >= 1")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _derive_gradient_accumulation_steps(self) -> None:
+        """gradient_accumulation_steps from micro_batch_size when only that is set; the handout's
+        128 when neither is; both set must agree."""
+        if self.micro_batch_size is None:
+            if self.gradient_accumulation_steps is None:
+                self.gradient_accumulation_steps = HANDOUT_GRADIENT_ACCUMULATION_STEPS
+        else:
+            if self.micro_batch_size < 1 or self.train_batch_size % self.micro_batch_size:
+                raise ValueError(
+                    f"micro_batch_size ({self.micro_batch_size}) must divide train_batch_size ({self.train_batch_size})"
+                )
+            derived = self.train_batch_size // self.micro_batch_size
+            if self.gradient_accumulation_steps not in (None, derived):
+                raise ValueError(
+                    f"micro_batch_size={self.micro_batch_size} implies gradient_accumulation_steps={derived}, but "
+                    f"gradient_accumulation_steps={self.gradient_accumulation_steps} was given; set only one of them"
+                )
+            self.gradient_accumulation_steps = derived
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
 
     @property
     def n_prompts_per_rollout_batch(self) -> int:
@@ -182,9 +180,8 @@ class GRPOConfig:
 def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     """Run GRPO as configured; returns the final validation metrics."""
     # ------------------------------------------------------------------ setup
-    session = open_run(cfg, "GRPO")
-    run, sink, ckpt, latest, device = session.run, session.sink, session.ckpt, session.latest, session.device
-    colocated = cfg.generator_device == "same"
+    loop = RunLoop(cfg, "GRPO")
+    device, colocated = loop.device, cfg.generator_device == "same"
     gen_device = device if colocated else resolve_device(cfg.generator_device)
     data = load_data(cfg.data, cfg.seed)
     if len(data.train) < cfg.n_prompts_per_rollout_batch:
@@ -192,196 +189,66 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
             f"{len(data.train)} training questions cannot fill a rollout batch of {cfg.n_prompts_per_rollout_batch}"
         )
     val = data.val or data.train
-    val_subset = random.Random(cfg.eval_seed).sample(val, min(cfg.n_eval_examples, len(val)))
-    policy, tokenizer = load_policy(cfg.model, device, cfg.seed, cfg.gradient_checkpointing)
+    val_subset = seeded_sample(val, cfg.n_eval_examples, cfg.eval_seed)
+    policy, tokenizer = load_policy(cfg.model, device, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
     pad_id = pad_token_id(tokenizer)  # pad, else EOS
-    optimizer = make_optimizer(policy, cfg.learning_rate, cfg.weight_decay, cfg.betas)
-    generator = make_generator(
-        cfg.backend, policy, tokenizer, cfg.model, gen_device, cfg.seed, cfg.max_num_seqs, cfg.kv_cache_memory_fraction,
-        cfg.gpu_memory_utilization,
+    optimizer = make_optimizer(policy, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    generator = load_generator(
+        cfg.backend, policy, tokenizer, model_path=cfg.model, device=gen_device, seed=cfg.seed,
+        max_num_seqs=cfg.max_num_seqs, kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
     )
+    if loop.attach(policy, optimizer).step:
+        generator.load_weights(policy)  # the resumed weights
     rollout_sampling = SamplingParams(
-        temperature=cfg.sampling_temperature,
-        max_tokens=cfg.sampling_max_tokens,
-        min_tokens=cfg.sampling_min_tokens,
-        stop=("</answer>",),
-        include_stop_str_in_output=True,
-        n=cfg.group_size,
+        temperature=cfg.sampling_temperature, max_tokens=cfg.sampling_max_tokens, min_tokens=cfg.sampling_min_tokens,
+        stop=("</answer>",), include_stop_str_in_output=True, n=cfg.group_size,
     )
     eval_sampling = SamplingParams.r1_zero(max_tokens=cfg.sampling_max_tokens, seed=cfg.eval_seed)
-    gas = cfg.gradient_accumulation_steps
-    micro = cfg.micro_train_batch_size
-    run.logger.info(
+    loop.logger.info(
         "GRPO: %d steps, %d questions x %d responses, %d optimizer step(s) per rollout batch (%s), micro-batch %d, "
         "policy on %s, generator on %s (%s)",
         cfg.n_grpo_steps, cfg.n_prompts_per_rollout_batch, cfg.group_size, cfg.optimizer_steps_per_rollout_batch,
-        "off-policy" if cfg.off_policy else "on-policy", micro, device, gen_device, "colocated" if colocated else "separate",
+        "off-policy" if cfg.off_policy else "on-policy", cfg.micro_train_batch_size, device, gen_device,
+        "colocated" if colocated else "separate",
     )
 
-    def validate_now(step: int, examples: list[Any], tag: str) -> dict[str, Any]:
-        return validate(session, generator, policy, data, examples, eval_sampling, step, tag, cfg.log_rollout_examples)
+    def validate(step: int, examples: list[Example] = val_subset, tag: str = "subset") -> dict[str, Any]:
+        return loop.validate(generator, policy, data=data, examples=examples, sampling=eval_sampling, step=step, tag=tag,
+                             n_logged=cfg.log_rollout_examples)
 
-    # ------------------------------------------------------------------ resume
-    start_step, optimizer_step, train_clock, skipped = 0, 0, 0.0, 0  # train_clock: seconds outside validation
-    if latest is not None:
-        state = ckpt.load(latest, policy, optimizer)
-        start_step, optimizer_step, train_clock, skipped = (
-            state["next_step"], state["optimizer_step"], state["train_clock"], state["skipped_steps"])
-        truncate_metrics(run.metrics_path, state["metrics_bytes"])
-        generator.load_weights(policy)
-        run.logger.info("resumed from %s: continuing at GRPO step %d", latest, start_step + 1)
-
-    def save_checkpoint(next_step: int) -> None:
-        ckpt.save(next_step, policy, optimizer, {
-            "next_step": next_step, "optimizer_step": optimizer_step, "train_clock": train_clock,
-            "skipped_steps": skipped, "metrics_bytes": run.metrics_path.stat().st_size if run.metrics_path.exists() else 0,
-        })
-
-    budget = cfg.control.budget_seconds
-    progress = Progress(cfg.n_grpo_steps, start_step, cfg.control.progress, "grpo")
-    clock_at_start = train_clock
-    final: dict[str, Any] = {}
-    last_step = start_step
-    if cfg.eval_at_start and start_step == 0:
-        validate_now(0, val_subset, "subset")
-    if budget_spent(budget, train_clock, run):  # a resumed run whose budget ran out only validates
-        start_step = cfg.n_grpo_steps
-    for grpo_step in range(start_step, cfg.n_grpo_steps):
-        step_start = time.perf_counter()
-        # ------------------------------------------------------------------ rollout
-        rng = random.Random(step_seed(cfg.seed, grpo_step))
-        questions = rng.sample(data.train, cfg.n_prompts_per_rollout_batch)
-        prompts = [_prompt(data.template, ex) for ex in questions]
-        t0 = time.perf_counter()
-        if colocated:
-            free_cuda_cache(device)  # hand the training phase's cached blocks to the KV cache
-        policy.eval()
-        results = generator.generate(prompts, dataclasses.replace(rollout_sampling, seed=step_seed(cfg.seed, grpo_step, 1)))
-        policy.train()
-        if colocated:
-            free_cuda_cache(device)
-        rollout_seconds = time.perf_counter() - t0
-        rollouts = [
-            Rollout(
-                group=g, prompt=prompts[g], prompt_token_ids=res.prompt_token_ids, response=c.text,
-                response_token_ids=c.token_ids, ground_truth=questions[g].ground_truth, finish_reason=c.finish_reason,
-                generator_logprobs=c.logprobs,
-            )
-            for g, res in enumerate(results)
-            for c in res.completions
-        ]  # B * G rollouts, group by group
-
-        # ------------------------------------------------------------------ score and advantages
-        scores: list[dict[str, float]] = []
-        graded_before = grader_counts()
-
-        def scored_reward(response: str, truth: Any) -> dict[str, float]:
-            scores.append(data.reward_fn(response, truth))
-            return scores[-1]
-
-        advantages, raw_rewards, reward_meta = compute_group_normalized_rewards(
-            scored_reward, [r.response for r in rollouts], [r.ground_truth for r in rollouts],
-            cfg.group_size, cfg.advantage_eps, cfg.use_std_normalization,
+    if cfg.eval_at_start and loop.state.step == 0:
+        validate(0)
+    for grpo_step in loop.steps(cfg.n_grpo_steps, eval_every=cfg.eval_every, evaluate=validate):
+        questions = random.Random(step_seed(cfg.seed, grpo_step)).sample(data.train, cfg.n_prompts_per_rollout_batch)
+        sampling = dataclasses.replace(rollout_sampling, seed=step_seed(cfg.seed, grpo_step, 1))
+        rollouts, rollout_seconds = timed(
+            sample_rollouts, generator=generator, policy=policy, questions=questions, template=data.template,
+            sampling=sampling, colocated_device=device if colocated else None,
         )
-        for r, s, a in zip(rollouts, scores, advantages.tolist()):
-            r.reward, r.format_reward, r.answer_reward = float(s["reward"]), float(s.get("format_reward", 0)), float(s.get("answer_reward", 0))
-            r.advantage = a
-        stats = rollout_stats(rollouts, cfg.group_size, cfg.sampling_max_tokens)
-        grader = grader_delta(graded_before)  # timeouts count as wrong answers; logged, never fatal
-        if grader["grader_timeouts"] or grader["grader_errors"]:
-            run.logger.warning("GRPO step %d: %d grader timeouts, %d grader errors (scored as wrong)",
-                               grpo_step + 1, grader["grader_timeouts"], grader["grader_errors"])
-        micro_batches = []  # train batch by train batch, each cut into micro-batches of similar length
-        for first in range(0, len(rollouts), cfg.train_batch_size):
-            batch = rollouts[first : first + cfg.train_batch_size]
-            if cfg.length_grouping:
-                batch = sorted(batch, key=lambda r: len(r.prompt_token_ids) + r.num_tokens)
-            micro_batches += [pack_rollouts(batch[i : i + micro], pad_id, device) for i in range(0, len(batch), micro)]
-
-        # ------------------------------------------------------------------ old log-probs (once per rollout batch)
-        t0 = time.perf_counter()
-        gap = _LogprobGap()  # generator-vs-policy log-prob gap over response tokens
-        if cfg.off_policy:  # on-policy, the old policy is the current one: its log-probs come from the train forward
-            with torch.inference_mode(), autocast(device):
-                for mb in micro_batches:
-                    mb.old_log_probs = get_response_log_probs(
-                        policy, mb.input_ids, mb.labels, chunk_size=cfg.logprob_chunk_size, positions_mask=mb.response_mask
-                    )["log_probs"].float()  # (b, T)
-                    gap.add(mb.old_log_probs, mb)
-        old_lp_seconds = time.perf_counter() - t0
-
-        # ------------------------------------------------------------------ train
-        t0 = time.perf_counter()
-        mbs_per_step = cfg.train_batch_size // micro
-        train_tokens = 0
-        step_records: list[tuple[int, dict[str, Any]]] = []  # (optimizer step, metrics) of this rollout batch
-        for epoch in range(cfg.epochs_per_rollout_batch):
-            for first in range(0, len(micro_batches), mbs_per_step):
-                step_mbs = micro_batches[first : first + mbs_per_step]
-                tokens = sum(mb.num_response_tokens for mb in step_mbs)
-                # loss, entropy sum, clip-fraction sum, ratio sum: summed on the device, read once per step
-                sums = torch.zeros(4, device=device)
-                for mb in step_mbs:
-                    with autocast(device):
-                        out = get_response_log_probs(
-                            policy, mb.input_ids, mb.labels, return_token_entropy=True,
-                            chunk_size=cfg.logprob_chunk_size, positions_mask=mb.response_mask,
-                        )
-                    log_probs = out["log_probs"]  # (b, T) fp32
-                    old = mb.old_log_probs if mb.old_log_probs is not None else log_probs.detach()  # (b, T)
-                    loss, meta = grpo_microbatch_train_step(
-                        log_probs, mb.response_mask, gas, cfg.loss_type,
-                        raw_rewards=mb.raw_rewards, advantages=mb.advantages, old_log_probs=old,
-                        cliprange=cfg.cliprange, length_normalization=cfg.length_normalization,
-                        normalize_constant=float(cfg.sampling_max_tokens),
-                        num_tokens=tokens if cfg.length_normalization == "token_mean" else None,
-                    )
-                    n_tok = mb.num_response_tokens
-                    sums[0] += loss
-                    sums[1] += (out["token_entropy"].detach() * mb.response_mask).sum()
-                    sums[2] += meta.get("clip_fraction", 0.0) * n_tok
-                    sums[3] += meta.get("ratio_mean", 0.0) * n_tok
-                    if not cfg.off_policy and epoch == 0:  # the sampling policy itself: the gap is measurable here
-                        gap.add(log_probs.detach(), mb)
-                train_tokens += tokens
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm).item()
-                loss_sum, entropy_sum, clip_sum, ratio_sum = sums.tolist()
-                try:
-                    check_finite("loss", loss_sum, optimizer_step + 1)
-                    check_finite("gradient norm", grad_norm, optimizer_step + 1)
-                except NonFiniteError as e:
-                    optimizer.zero_grad(set_to_none=True)
-                    if not cfg.control.skip_nonfinite:
-                        run.logger.error("%s Last checkpoint: %s", e, ckpt.latest())
-                        raise
-                    skipped += 1
-                    run.logger.warning("skipped an optimizer step of GRPO step %d (%d skipped so far): %s", grpo_step + 1, skipped, e)
-                    continue
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                optimizer_step += 1
-                record = {
-                    "grpo_step": grpo_step,
-                    "epoch": epoch,
-                    "loss": loss_sum,
-                    "grad_norm": grad_norm,
-                    "token_entropy": entropy_sum / max(tokens, 1),
-                    "lr": optimizer.param_groups[0]["lr"],
-                }
-                if cfg.loss_type in ("grpo_clip", "grpo_no_clip"):
-                    record["ratio_mean"] = ratio_sum / max(tokens, 1)
-                if cfg.loss_type == "grpo_clip":
-                    record["clip_fraction"] = clip_sum / max(tokens, 1)
-                step_records.append((optimizer_step, record))
-        train_seconds = time.perf_counter() - t0
-
-        # ------------------------------------------------------------------ sync
+        with grader_failures() as grader:  # timeouts count as wrong answers: logged, never fatal
+            rollouts = score(rollouts, data.reward_fn, cfg)
+        if grader.timeouts or grader.errors:
+            loop.logger.warning("GRPO step %d: %d grader timeouts, %d grader errors (scored as wrong)",
+                                grpo_step + 1, grader.timeouts, grader.errors)
+        batches = micro_batches(
+            rollouts, train_batch_size=cfg.train_batch_size, micro_batch_size=cfg.micro_train_batch_size, pad_id=pad_id,
+            device=device, length_grouping=cfg.length_grouping,
+        )
+        gap = LogprobGap()  # generator-vs-policy log-prob gap over response tokens
+        old_lp_seconds = timed(old_log_probs, policy=policy, batches=batches, cfg=cfg, gap=gap)[1] if cfg.off_policy else 0.0
+        steps, train_seconds = timed(
+            policy_update, policy=policy, optimizer=optimizer, batches=batches, cfg=cfg,
+            optimizer_step=loop.state.optimizer_step, gap=None if cfg.off_policy else gap, on_nonfinite=loop.nonfinite,
+        )
         generator.load_weights(policy)
-        train_clock += time.perf_counter() - step_start
+        # ------------------------------------------------------------------ log, end of step
+        stats = rollout_stats(rollouts)
         rollout_tokens = sum(r.num_tokens for r in rollouts)
+        train_tokens = cfg.epochs_per_rollout_batch * rollout_tokens
         shared = {
             **{f"train_{k}": v for k, v in stats.items()},
-            "frac_groups_all_equal": reward_meta["frac_groups_all_equal"],
+            "frac_groups_all_equal": frac_groups_all_equal(torch.tensor([r.reward for r in rollouts]), cfg.group_size),
             "generator_policy_logprob_gap_mean": gap.mean,
             "generator_policy_logprob_gap_max": gap.max,
             "rollout_seconds": rollout_seconds,
@@ -389,40 +256,160 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
             "old_logprob_seconds": old_lp_seconds,
             "train_seconds": train_seconds,
             "train_tokens_per_second": train_tokens / train_seconds if train_seconds > 0 else None,
-            "wall_clock_train": train_clock,
-            "skipped_steps": skipped,
-            **grader,
+            "wall_clock_train": loop.clock(),
+            "skipped_steps": loop.state.skipped_steps,
+            "grader_timeouts": grader.timeouts,
+            "grader_errors": grader.errors,
         }
-        # ------------------------------------------------------------------ log
-        for step_index, record in step_records:
-            sink.log("train", step_index, {**record, **shared})
-        last = step_records[-1][1] if step_records else {"loss": float("nan"), "grad_norm": float("nan"), "token_entropy": float("nan")}
-        eta = progress.update(grpo_step + 1, train_clock - clock_at_start, reward=stats["reward_mean"])
-        run.logger.info(
-            "step %d/%d: reward %.3f (format %.3f), loss %.4f, grad norm %.3f, entropy %.3f, length %.1f, %.1fs, %s",
-            grpo_step + 1, cfg.n_grpo_steps, stats["reward_mean"], stats["format_reward_mean"], last["loss"],
-            last["grad_norm"], last["token_entropy"], stats["response_length_mean"], time.perf_counter() - step_start, eta,
+        for step_stats in steps:
+            loop.state.optimizer_step += 1
+            loop.sink.log("train", loop.state.optimizer_step,
+                          {"grpo_step": grpo_step, **step_stats.record(cfg.loss_type), **shared})
+        last = steps[-1] if steps else StepStats.nan()
+        loop.end_of_step(
+            f"reward {stats['reward_mean']:.3f} (format {stats['format_reward_mean']:.3f}), loss {last.loss:.4f}, "
+            f"grad norm {last.grad_norm:.3f}, entropy {last.token_entropy:.3f}, length {stats['response_length_mean']:.1f}",
+            reward=stats["reward_mean"],
         )
-        fault_point("step", grpo_step + 1)
-        last_step = grpo_step + 1
-        out_of_time = budget is not None and train_clock >= budget
-        if cfg.eval_every and last_step % cfg.eval_every == 0 and last_step < cfg.n_grpo_steps and not out_of_time:
-            final = validate_now(last_step, val_subset, "subset")
-        if out_of_time or last_step == cfg.n_grpo_steps or (
-            cfg.control.checkpoint_every and last_step % cfg.control.checkpoint_every == 0
-        ):
-            save_checkpoint(last_step)
-        if out_of_time:
-            run.logger.info("time budget %s reached after %d steps (%s of training)", cfg.control.time_budget,
-                            last_step, format_seconds(train_clock))
-            break
-    progress.close()
-
-    final = validate_now(last_step, val if cfg.final_eval_full else val_subset, "full" if cfg.final_eval_full else "subset")
-    return finish_run(session, policy, tokenizer, final)
+    final = validate(loop.state.step, val, "full") if cfg.final_eval_full else validate(loop.state.step)
+    return loop.finish(policy, tokenizer, final)
 
 
-class _LogprobGap:
+# ---------------------------------------------------------------------------------------
+# The phases
+# ---------------------------------------------------------------------------------------
+
+
+def score(rollouts: Sequence[Rollout], reward_fn: RewardFn, cfg: GRPOConfig) -> list[Rollout]:
+    """Score phase: each rollout's rewards and its group-normalised advantage (new records).
+
+    A_i = (r_i - mean_group(r)) / (std_group(r) + advantage_eps), or without the division
+    when ``use_std_normalization`` is off (:func:`~cs336_alignment.advantages.group_normalize`).
+    """
+    scored = with_rewards(rollouts, reward_fn)
+    raw = torch.tensor([r.reward for r in scored], dtype=torch.float32)  # (B*G,)
+    advantages = group_normalize(
+        raw, group_size=cfg.group_size, advantage_eps=cfg.advantage_eps, normalize_by_std=cfg.use_std_normalization
+    )  # (B*G,)
+    return [dataclasses.replace(r, advantage=a) for r, a in zip(scored, advantages.tolist())]
+
+
+@torch.inference_mode()
+def old_log_probs(policy: torch.nn.Module, batches: Sequence[MicroBatch], cfg: GRPOConfig, *, gap: LogprobGap) -> None:
+    """Old log-probs phase (off-policy only): log pi_old of each response token under the
+    sampling policy, once per rollout batch, into each micro-batch's ``old_log_probs`` (b, T).
+
+    On-policy the old policy is the current one: its log-probs come from the update's forward.
+    """
+    device = next(policy.parameters()).device
+    with autocast(device):
+        for mb in batches:
+            mb.old_log_probs = get_response_log_probs(
+                policy, mb.input_ids, mb.labels, chunk_size=cfg.logprob_chunk_size, positions_mask=mb.response_mask
+            )["log_probs"].float()  # (b, T)
+            gap.add(mb.old_log_probs, mb)
+
+
+@dataclass
+class StepStats:
+    """One optimizer step of the update phase: token-weighted sums, read from the device once."""
+
+    epoch: int  # pass over the rollout batch
+    tokens: int  # response tokens in the step's train batch
+    loss: float  # the step's loss: the sum of its micro-batches' back-propagated losses
+    grad_norm: float  # gradient norm before clipping
+    entropy_sum: float  # sum of next-token entropies over response tokens
+    clipped_tokens: float  # response tokens whose clipped term was taken (grpo_clip)
+    ratio_sum: float  # sum of pi / pi_old over response tokens (grpo_clip, grpo_no_clip)
+    lr: float  # learning rate of the step
+
+    @property
+    def token_entropy(self) -> float:
+        return self.entropy_sum / max(self.tokens, 1)
+
+    @classmethod
+    def nan(cls) -> StepStats:
+        """Stands in for a rollout batch whose optimizer steps were all skipped."""
+        return cls(epoch=0, tokens=0, loss=float("nan"), grad_norm=float("nan"), entropy_sum=float("nan"),
+                   clipped_tokens=0.0, ratio_sum=0.0, lr=float("nan"))
+
+    def record(self, loss_type: str) -> dict[str, float]:
+        """The step's metrics as logged: per-token means of the sums."""
+        record = {"epoch": self.epoch, "loss": self.loss, "grad_norm": self.grad_norm,
+                  "token_entropy": self.token_entropy, "lr": self.lr}
+        if loss_type in ("grpo_clip", "grpo_no_clip"):
+            record["ratio_mean"] = self.ratio_sum / max(self.tokens, 1)
+        if loss_type == "grpo_clip":
+            record["clip_fraction"] = self.clipped_tokens / max(self.tokens, 1)
+        return record
+
+
+def policy_update(
+    policy: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Sequence[MicroBatch],
+    cfg: GRPOConfig,
+    *,
+    optimizer_step: int,
+    gap: LogprobGap | None,
+    on_nonfinite: Callable[[NonFiniteError], None],
+) -> list[StepStats]:
+    """Update phase: ``epochs_per_rollout_batch`` passes over the micro-batches, one optimizer
+    step per train batch (gradient accumulation over its micro-batches).
+
+    ``optimizer_step`` counts the steps taken before; ``gap`` (on-policy) collects the
+    generator-vs-policy log-prob gap from the forward passes. Returns the stats of the steps
+    taken (a non-finite step is left out when ``on_nonfinite`` skips it).
+    """
+    per_step = cfg.train_batch_size // cfg.micro_train_batch_size  # micro-batches per optimizer step
+    taken = []
+    for epoch in range(cfg.epochs_per_rollout_batch):
+        for first in range(0, len(batches), per_step):
+            step_batches = batches[first : first + per_step]
+            tokens = sum(mb.num_response_tokens for mb in step_batches)
+            loss, entropy_sum, clipped, ratio_sum = accumulate_gradients(policy, step_batches, cfg, tokens=tokens, gap=gap)
+            grad_norm = clip_and_step(policy, optimizer, max_grad_norm=cfg.max_grad_norm, loss=loss,
+                                      step=optimizer_step + len(taken) + 1, on_nonfinite=on_nonfinite)
+            if grad_norm is not None:
+                taken.append(StepStats(epoch=epoch, tokens=tokens, loss=loss, grad_norm=grad_norm, entropy_sum=entropy_sum,
+                                       clipped_tokens=clipped, ratio_sum=ratio_sum, lr=optimizer.param_groups[0]["lr"]))
+    return taken
+
+
+def accumulate_gradients(
+    policy: torch.nn.Module, step_batches: Sequence[MicroBatch], cfg: GRPOConfig, *, tokens: int, gap: LogprobGap | None
+) -> tuple[float, float, float, float]:
+    """Forward and backward over one optimizer step's micro-batches (gradients accumulate).
+
+    Returns (loss, entropy sum, clipped tokens, ratio sum) over the step's response tokens,
+    summed on the device and read once.
+    """
+    device = next(policy.parameters()).device
+    loss_sum, entropy_sum, clipped_sum, ratio_sum = (torch.zeros((), device=device) for _ in range(4))  # () each
+    for mb in step_batches:
+        with autocast(device):
+            out = get_response_log_probs(
+                policy, mb.input_ids, mb.labels, return_token_entropy=True, chunk_size=cfg.logprob_chunk_size,
+                positions_mask=mb.response_mask,
+            )
+        log_probs = out["log_probs"]  # (b, T) fp32
+        old = mb.old_log_probs if mb.old_log_probs is not None else log_probs.detach()  # (b, T)
+        loss, meta = grpo_microbatch_train_step(
+            log_probs, mb.response_mask, gradient_accumulation_steps=cfg.gradient_accumulation_steps, loss_type=cfg.loss_type,
+            raw_rewards=mb.raw_rewards, advantages=mb.advantages, old_log_probs=old, cliprange=cfg.cliprange,
+            length_normalization=cfg.length_normalization, normalize_constant=float(cfg.sampling_max_tokens),
+            num_tokens=tokens if cfg.length_normalization == "token_mean" else None,
+        )
+        loss_sum += loss
+        entropy_sum += (out["token_entropy"].detach() * mb.response_mask).sum()  # ()
+        clipped_sum += meta.get("clipped_tokens", 0.0)
+        ratio_sum += meta.get("ratio_sum", 0.0)
+        if gap is not None:
+            gap.add(log_probs.detach(), mb)
+    return tuple(torch.stack([loss_sum, entropy_sum, clipped_sum, ratio_sum]).tolist())
+
+
+class LogprobGap:
     """|log pi_policy - log pi_generator| over response tokens: mean and max (read once per rollout batch)."""
 
     def __init__(self) -> None:
@@ -430,7 +417,7 @@ class _LogprobGap:
         self.peak: torch.Tensor | float = 0.0
         self.count = 0
 
-    def add(self, policy_log_probs: torch.Tensor, mb: Any) -> None:
+    def add(self, policy_log_probs: torch.Tensor, mb: MicroBatch) -> None:
         diff = (policy_log_probs - mb.generator_logprobs).abs() * mb.response_mask  # (b, T), 0 off the response
         self.total = self.total + diff.sum()
         self.peak = torch.maximum(torch.as_tensor(self.peak, device=diff.device), diff.max())
@@ -443,9 +430,3 @@ class _LogprobGap:
     @property
     def max(self) -> float | None:
         return float(self.peak) if self.count else None
-
-
-def _prompt(template: str, example: Any) -> str:
-    from ..data import format_prompt
-
-    return format_prompt(template, example)

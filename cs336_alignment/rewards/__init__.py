@@ -27,33 +27,38 @@ from .grader import (
     DEFAULT_TIMEOUT_S,
     BatchResult,
     GradeResult,
+    GraderFailures,
     Mode,
     grade_answer,
     grade_batch,
     grade_response,
+    grader_failures,
     grading_stats,
     reset_grading_stats,
 )
 from .sandbox import get_pool, shutdown_pool
 
 __all__ = [
-    "r1_zero_reward_fn",
-    "question_only_reward_fn",
-    "r1_zero_lenient_reward_fn",
-    "question_only_lenient_reward_fn",
-    "grade_response",
+    "BatchResult",
+    "DEFAULT_TIMEOUT_S",
+    "GradeResult",
+    "GraderFailures",
+    "RewardFn",
     "grade_answer",
     "grade_batch",
-    "GradeResult",
-    "BatchResult",
+    "grade_response",
+    "grader_failures",
     "grading_stats",
+    "question_only_lenient_reward_fn",
+    "question_only_reward_fn",
+    "r1_zero_lenient_reward_fn",
+    "r1_zero_reward_fn",
     "reset_grading_stats",
-    "warm_up",
-    "shutdown_pool",
     "resolve_reward_fn",
-    "RewardFn",
-    "DEFAULT_TIMEOUT_S",
+    "shutdown_pool",
+    "warm_up",
 ]
+
 
 RewardFn = Callable[[str, Any], dict[str, float]]
 

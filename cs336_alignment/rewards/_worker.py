@@ -21,6 +21,11 @@ import threading
 import time
 from typing import Any, BinaryIO
 
+__all__ = [
+    "main",
+    "run_task",
+]
+
 _HEADER = struct.Struct(">I")
 
 

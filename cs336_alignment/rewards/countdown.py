@@ -27,6 +27,17 @@ import re
 from fractions import Fraction
 from typing import Any, Mapping
 
+__all__ = [
+    "ExpressionError",
+    "check_countdown_answer",
+    "countdown_reward_fn",
+    "evaluate_expression",
+    "expression_numbers",
+    "extract_answer",
+    "parse_countdown_ground_truth",
+    "tokenize_expression",
+]
+
 MAX_EXPRESSION_CHARS = 200
 MAX_LITERAL_DIGITS = 12
 MAX_DEPTH = 32

@@ -34,7 +34,14 @@ from .normalize import (
     sympy_eval_allowed,
 )
 
-__all__ = ["NeedsSympy", "reference_equivalent", "cheap_sympy_equal", "sympy_equal", "sympy_difference_is_zero"]
+__all__ = [
+    "NeedsSympy",
+    "cheap_sympy_equal",
+    "reference_equivalent",
+    "sympy_difference_is_zero",
+    "sympy_equal",
+]
+
 
 SympyEqual = Callable[[str, str], bool]
 

@@ -5,7 +5,14 @@ All functions here are linear-time string scans and safe to run on any input siz
 
 from __future__ import annotations
 
-__all__ = ["R1_ZERO_OPEN", "R1_ZERO_CLOSE", "last_boxed_content", "r1_zero_answer", "question_only_answer"]
+__all__ = [
+    "R1_ZERO_CLOSE",
+    "R1_ZERO_OPEN",
+    "last_boxed_content",
+    "question_only_answer",
+    "r1_zero_answer",
+]
+
 
 R1_ZERO_OPEN = "</think> <answer>"
 R1_ZERO_CLOSE = "</answer>"

@@ -10,10 +10,11 @@ recorded in the result (and in :func:`grading_stats`) and never raise.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -23,16 +24,19 @@ from .extract import question_only_answer, r1_zero_answer
 from .sandbox import TaskOutcome, get_pool
 
 __all__ = [
-    "DEFAULT_TIMEOUT_S",
-    "INLINE_MAX_CHARS",
-    "GradeResult",
     "BatchResult",
+    "DEFAULT_TIMEOUT_S",
+    "GradeResult",
+    "GraderFailures",
+    "INLINE_MAX_CHARS",
     "grade_answer",
-    "grade_response",
     "grade_batch",
+    "grade_response",
+    "grader_failures",
     "grading_stats",
     "reset_grading_stats",
 ]
+
 
 Mode = Literal["default", "lenient"]
 RewardKind = Literal["r1_zero", "question_only"]
@@ -123,6 +127,32 @@ def reset_grading_stats() -> None:
     with _stats_lock:
         for key in _STAT_KEYS:
             _stats[key] = 0
+
+
+@dataclass
+class GraderFailures:
+    """Grader timeouts and errors during a ``with grader_failures()`` block (each scored as wrong)."""
+
+    timeouts: int = 0
+    errors: int = 0
+
+
+@contextlib.contextmanager
+def grader_failures() -> Iterator[GraderFailures]:
+    """Count the grader timeouts and errors of the block (from :func:`grading_stats`)::
+
+        with grader_failures() as failures:
+            rewards = [reward_fn(r, gt) for r, gt in pairs]
+        failures.timeouts, failures.errors
+    """
+    before = grading_stats()
+    failures = GraderFailures()
+    try:
+        yield failures
+    finally:
+        after = grading_stats()
+        failures.timeouts = after["timeouts"] - before["timeouts"]
+        failures.errors = after["errors"] - before["errors"]
 
 
 # --- input handling ---------------------------------------------------------------------

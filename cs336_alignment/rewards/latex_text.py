@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import unicodedata
 
-__all__ = ["LatexRenderError", "latex_to_text"]
+__all__ = [
+    "LatexRenderError",
+    "latex_to_text",
+]
 
 
 class LatexRenderError(ValueError):

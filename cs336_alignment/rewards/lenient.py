@@ -14,7 +14,11 @@ from typing import Any
 
 from .extract import last_boxed_content
 
-__all__ = ["math_verify_available", "math_verify_equivalent"]
+__all__ = [
+    "math_verify_available",
+    "math_verify_equivalent",
+]
+
 
 _CONFIGS: Any = None
 

@@ -21,11 +21,12 @@ import re
 from .latex_text import latex_to_text
 
 __all__ = [
-    "hendrycks_normalize",
     "canonical_form",
-    "split_tuple",
+    "hendrycks_normalize",
     "is_simple_fraction",
     "looks_like_integer",
+    "split_tuple",
+    "strip_thousands_commas",
     "sympy_eval_allowed",
 ]
 

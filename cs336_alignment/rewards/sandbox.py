@@ -32,7 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TaskOutcome", "GraderPool", "get_pool", "shutdown_pool", "default_max_workers"]
+__all__ = [
+    "GraderPool",
+    "TaskOutcome",
+    "default_max_workers",
+    "encode_frame",
+    "get_pool",
+    "shutdown_pool",
+]
+
 
 _HEADER = struct.Struct(">I")
 _WORKER_MODULE = "cs336_alignment.rewards._worker"

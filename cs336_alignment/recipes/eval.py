@@ -1,0 +1,116 @@
+"""The ``eval`` command: zero-shot evaluation of a model directory on a dataset.
+
+    python -m cs336_alignment eval --model DIR --data validation.jsonl --out runs/eval
+
+Loads the model and the examples, generates with the native engine or vLLM, grades with the
+evaluation core (``evaluate.py``) and writes ``config.yaml``, ``generations.jsonl`` and
+``metrics.json`` into the output directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..config import dump_yaml
+from ..data import Example, format_prompts, load_examples, load_template, make_task
+from ..evaluate import evaluate
+from ..generation import NativeEngine, SamplingParams
+from ..generation.vllm_backend import load_vllm_generator
+from ..models import load_model_and_tokenizer, resolve_device
+from ..rewards import RewardFn
+from ..run_dir import atomic_write_text
+from .common import reward_for
+
+__all__ = [
+    "EvalConfig",
+    "load_eval_data",
+    "run_evaluation",
+]
+
+
+@dataclass
+class EvalConfig:
+    """Zero-shot evaluation of a model directory on a dataset (``python -m cs336_alignment eval``)."""
+
+    model: str = ""  # model directory (from_pretrained), or "tiny" for the random-init tiny model
+    data: str = ""  # MATH / GSM8K / sft-style JSONL, or "task:arithmetic" / "task:countdown" (generated)
+    out: str = "runs/eval"  # output directory for generations.jsonl and metrics.json
+    prompt: str = "r1_zero"  # prompt template: "r1_zero", "question_only", or a path to a .prompt file
+    reward: str = ""  # reward name or "module:function"; "" = the one matching the prompt (or the task's)
+    limit: int | None = None  # evaluate only the first N examples (None: all)
+    seed: int = 0  # sampling seed (and the seed of generated task data)
+    n: int = 1  # samples per prompt
+    temperature: float = 1.0  # sampling temperature (0 = greedy)
+    top_p: float = 1.0  # nucleus sampling
+    max_tokens: int = 1024  # maximum new tokens per response
+    min_tokens: int = 4  # minimum new tokens before EOS / stop strings count
+    stop: list[str] = field(default_factory=lambda: ["</answer>"])  # stop strings (kept in the output)
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    backend: Literal["native", "vllm"] = "native"  # generation backend: our engine, or vLLM (CUDA, optional extra)
+    max_num_seqs: int = 256  # native engine: sequences decoded together
+    kv_cache_memory_fraction: float = 0.5  # native engine: share of free GPU memory for the KV cache
+    gpu_memory_utilization: float = 0.85  # vLLM: share of its GPU's memory
+    entropy: bool = True  # also compute mean token entropy with a forward pass of the model
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be between 0 and max_tokens ({self.max_tokens})")
+        if not 0 < self.kv_cache_memory_fraction < 1:
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1), got {self.kv_cache_memory_fraction}")
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_tokens=self.max_tokens,
+            min_tokens=self.min_tokens,
+            stop=tuple(self.stop),
+            include_stop_str_in_output=True,
+            n=self.n,
+            seed=self.seed,
+        )
+
+
+def load_eval_data(cfg: EvalConfig) -> tuple[list[Example], RewardFn]:
+    """Examples (the first ``limit``; a task generates ``limit`` or 200) and the reward of an eval config."""
+    task = None
+    if cfg.data.startswith("task:"):
+        task = make_task(cfg.data.removeprefix("task:"))
+        examples = task.generate(cfg.limit or 200, seed=cfg.seed)
+    else:
+        examples = load_examples(cfg.data)
+    if cfg.limit is not None:
+        examples = examples[: cfg.limit]
+    return examples, reward_for(cfg.reward, cfg.prompt, task)
+
+
+def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
+    """Load model and data, evaluate, write results into ``cfg.out``; returns the metrics."""
+    if not cfg.model or not cfg.data:
+        raise ValueError("eval needs a model (model directory or 'tiny') and data (a JSONL path or 'task:<name>')")
+    examples, reward_fn = load_eval_data(cfg)
+    prompts = format_prompts(load_template(cfg.prompt), examples)
+    device = resolve_device(cfg.device)
+    if cfg.backend == "vllm":
+        engine = load_vllm_generator(cfg.model, device=device, seed=cfg.seed, gpu_memory_utilization=cfg.gpu_memory_utilization)
+        model = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)[0] if cfg.entropy else None  # entropy needs it
+    else:
+        model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)
+        engine = NativeEngine(
+            model, tokenizer, copy_weights=False, max_num_seqs=cfg.max_num_seqs,
+            kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,
+        )
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    metrics, _ = evaluate(
+        engine, reward_fn, prompts, sampling=cfg.sampling(), ground_truths=[ex.ground_truth for ex in examples], out_dir=out,
+        policy=model if cfg.entropy else None, extra_metrics={"model": cfg.model, "data": cfg.data, "device": str(device)},
+    )
+    return metrics

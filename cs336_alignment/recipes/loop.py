@@ -1,0 +1,249 @@
+"""The run plumbing of every recipe, written once: the run directory, resume, the training
+clock and time budget, progress, validation and checkpoint cadence, fault points, the end.
+
+A recipe's outer loop reads::
+
+    loop = RunLoop(cfg, "GRPO")                      # seed, run directory, resolved config, metrics sink
+    ...load data, policy, optimizer, generator...
+    loop.attach(policy, optimizer)                   # what checkpoints hold; restored when resuming
+    for step in loop.steps(cfg.n_grpo_steps, eval_every=cfg.eval_every, evaluate=validate_subset):
+        ...the algorithm's phases...
+        loop.end_of_step(summary)                    # everything below, in this order
+    return loop.finish(policy, tokenizer, final_metrics)
+
+``end_of_step`` closes a step:
+
+  clock       the step's seconds join the training clock (validation is never counted)
+  progress    progress bar, ETA, the step's log line
+  fault       the fault-injection point of the kill-and-resume tests
+  validate    every ``eval_every`` steps, except after the last (the recipe validates at the end)
+  checkpoint  every ``control.checkpoint_every`` steps, after the last step, when the budget runs out
+  budget      the loop stops once the training clock reaches ``control.time_budget``
+
+A resumed run continues after its last complete checkpoint with the same counters, RNG
+states and metrics.jsonl (cut back to that moment), so it writes what an uninterrupted run
+writes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import (
+    Checkpointer,
+    NonFiniteError,
+    Progress,
+    RunControl,
+    fault_point,
+    format_seconds,
+    start_fresh,
+    truncate_metrics,
+)
+from ..data import Example, format_prompts
+from ..evaluate import evaluate
+from ..generation import Generator, SamplingParams
+from ..models import autocast, resolve_device
+from ..run_dir import MetricsSink, RunDir, atomic_write_text
+from .common import LoadedData, seed_everything
+
+__all__ = [
+    "EVAL_KEYS",
+    "RunLoop",
+    "RunState",
+]
+
+
+EVAL_KEYS = (
+    "accuracy", "format_accuracy", "answer_accuracy", "mean_token_entropy", "mean_response_length",
+    "mean_response_length_correct", "mean_response_length_incorrect", "truncated_fraction", "n_examples",
+)  # the summary of a validation that goes into metrics.jsonl
+
+
+@dataclass
+class RunState:
+    """The loop's counters: what a checkpoint restores besides weights, optimizer and RNG states."""
+
+    step: int = 0  # steps done: GRPO or EI steps, SFT optimizer steps
+    optimizer_step: int = 0  # optimizer steps taken
+    train_clock: float = 0.0  # seconds of training so far (validation excluded)
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
+    metrics_bytes: int = 0  # length of metrics.jsonl when the state was saved
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> RunState:
+        """The state a checkpoint holds (also the earlier spelling "next_step" for ``step``)."""
+        saved = {"step": saved.get("next_step", 0), **saved}
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+
+
+class RunLoop:
+    """A recipe's run: its directory, metrics sink, device and checkpoints, and the plumbing of
+    its outer loop (see the module docstring).
+
+    Args:
+        cfg: the recipe's config; reads model, out, seed, device, control, wandb_project, run_name.
+        recipe: the recipe's name in messages ("GRPO", "SFT", "EI").
+    """
+
+    def __init__(self, cfg: Any, recipe: str):
+        if not cfg.model:
+            raise ValueError(f"{recipe} needs a starting model: model=<directory> (e.g. an SFT output) or model=tiny")
+        seed_everything(cfg.seed)
+        self.recipe = recipe
+        self.control: RunControl = cfg.control
+        self.run = RunDir(cfg.out)
+        self.logger = self.run.logger
+        self.checkpoints = Checkpointer(self.run.path, cfg.control.keep_last)
+        self._latest = self.checkpoints.latest() if cfg.control.resume else None
+        if self._latest is None:
+            start_fresh(self.run, cfg.control)  # a new run: clear what an earlier attempt left here
+        self.run.save_config(cfg)
+        self.sink = MetricsSink(
+            self.run, wandb_project=cfg.wandb_project or None, run_name=cfg.run_name or None, config=cfg, resume=self.resuming
+        )
+        self.device = resolve_device(cfg.device)
+        self.state = RunState()
+        self._policy: torch.nn.Module | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._total = 0
+        self._eval_every = 0
+        self._evaluate: Callable[[int], Any] | None = None
+        self._progress: Progress | None = None
+        self._clock_at_start = 0.0
+        self._step_start = time.perf_counter()
+        self._out_of_time = False
+
+    @property
+    def resuming(self) -> bool:
+        """Whether this run continues from a checkpoint."""
+        return self._latest is not None
+
+    def attach(self, policy: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> RunState:
+        """Name the model and optimizer (None: not checkpointed) that checkpoints hold. When
+        resuming, restore them, every RNG state and the counters from the latest checkpoint,
+        and cut metrics.jsonl back to its length at that moment."""
+        self._policy, self._optimizer = policy, optimizer
+        if self._latest is not None:
+            self.state = RunState.from_saved(self.checkpoints.load(self._latest, policy, optimizer))
+            truncate_metrics(self.run.metrics_path, self.state.metrics_bytes)
+            self.logger.info("resumed from %s: continuing after %s step %d", self._latest, self.recipe, self.state.step)
+        return self.state
+
+    # ---------------------------------------------------------------------------- the loop
+
+    def steps(self, total: int, *, eval_every: int = 0, evaluate: Callable[[int], Any] | None = None) -> Iterator[int]:
+        """The 0-based indices of the steps still to run, from where the run stands, until
+        ``total`` steps are done or the time budget is spent. Every step's body must end with
+        :meth:`end_of_step`, which calls ``evaluate(steps_done)`` every ``eval_every`` steps."""
+        self._total, self._eval_every, self._evaluate = total, eval_every, evaluate
+        budget = self.control.budget_seconds
+        if budget is not None and self.state.train_clock >= budget:  # a resumed run whose budget ran out
+            self.logger.info("time budget already spent (%s of training): skipping to the final validation",
+                             format_seconds(self.state.train_clock))
+            return
+        self._progress = Progress(total, start=self.state.step, enabled=self.control.progress, desc=self.recipe.lower())
+        self._clock_at_start = self.state.train_clock
+        try:
+            while self.state.step < total and not self._out_of_time:
+                step = self.state.step
+                self._step_start = time.perf_counter()
+                yield step
+                if self.state.step != step + 1:
+                    raise RuntimeError(f"{self.recipe} step {step + 1} ended without loop.end_of_step()")
+        finally:
+            self._progress.close()
+
+    def clock(self) -> float:
+        """Seconds of training so far, the running step included (validation excluded)."""
+        return self.state.train_clock + time.perf_counter() - self._step_start
+
+    def end_of_step(self, summary: str = "", *, log: bool = True, **progress: float) -> None:
+        """Close the running step: clock, progress and log line (``summary``; ``progress``
+        values go on the bar), fault point, validation cadence, checkpoint cadence, budget."""
+        s, control = self.state, self.control
+        s.train_clock = self.clock()
+        s.step += 1
+        eta = self._progress.update(s.step, s.train_clock - self._clock_at_start, **progress)
+        if log:
+            self.logger.info("%s step %d/%d: %s%s", self.recipe, s.step, self._total, f"{summary}, " if summary else "", eta)
+        fault_point("step", s.step)
+        budget = control.budget_seconds
+        self._out_of_time = budget is not None and s.train_clock >= budget
+        last = s.step == self._total
+        if self._eval_every and s.step % self._eval_every == 0 and not last and not self._out_of_time:
+            self._evaluate(s.step)
+        if self._out_of_time or last or (control.checkpoint_every and s.step % control.checkpoint_every == 0):
+            self.save_checkpoint()
+        if self._out_of_time:
+            self.logger.info("time budget %s reached after %d %s steps (%s of training)", control.time_budget, s.step,
+                             self.recipe, format_seconds(s.train_clock))
+
+    def save_checkpoint(self) -> Path:
+        """Checkpoint the attached model and optimizer, the RNG states and the counters, atomically."""
+        s = self.state
+        s.metrics_bytes = self.run.metrics_path.stat().st_size if self.run.metrics_path.exists() else 0
+        return self.checkpoints.save(s.step, model=self._policy, optimizer=self._optimizer, state=asdict(s))
+
+    def nonfinite(self, error: NonFiniteError) -> None:
+        """A NaN or infinite loss or gradient: with ``control.skip_nonfinite`` the optimizer step
+        is skipped and counted; otherwise the run stops with ``error``."""
+        if not self.control.skip_nonfinite:
+            self.logger.error("%s Last checkpoint: %s", error, self.checkpoints.latest())
+            raise error
+        self.state.skipped_steps += 1
+        self.logger.warning("skipped an optimizer step of %s step %d (%d skipped so far): %s", self.recipe,
+                            self.state.step + 1, self.state.skipped_steps, error)
+
+    # ---------------------------------------------------------------------------- validation and the end
+
+    def validate(
+        self,
+        generator: Generator,
+        policy: torch.nn.Module,
+        *,
+        data: LoadedData,
+        examples: Sequence[Example],
+        sampling: SamplingParams,
+        step: int,
+        tag: str,
+        n_logged: int = 0,
+    ) -> dict[str, Any]:
+        """Evaluate ``policy`` through ``generator`` (which must hold its weights) on ``examples``.
+
+        Writes <run>/eval/<tag>_stepNNNNN/{generations.jsonl,metrics.json}, logs an eval record
+        (:data:`EVAL_KEYS`, split, seconds) and ``n_logged`` example rollouts; returns the record.
+        """
+        t0 = time.perf_counter()
+        with autocast(self.device):
+            metrics, records = evaluate(
+                generator, data.reward_fn, format_prompts(data.template, list(examples)), sampling=sampling,
+                ground_truths=[ex.ground_truth for ex in examples], out_dir=self.run.path / "eval" / f"{tag}_step{step:05d}",
+                policy=policy, progress=False,
+            )
+        policy.train()
+        record = {k: metrics[k] for k in EVAL_KEYS} | {"split": tag, "seconds": time.perf_counter() - t0}
+        self.sink.log("eval", step, record)
+        for r in records[:n_logged]:
+            self.logger.info("eval step %d example: reward=%s | %r -> %r", step, r.reward, r.prompt[-80:], r.generation[:300])
+        self.logger.info("eval step %d (%s): accuracy %.4f, format %.4f", step, tag, record["accuracy"],
+                         record["format_accuracy"])
+        return record
+
+    def finish(self, policy: torch.nn.Module, tokenizer: Any, final: dict[str, Any]) -> dict[str, Any]:
+        """Save the final model and tokenizer, write final.json (which marks the run complete),
+        close the sinks; returns ``final``."""
+        out = self.run.path
+        policy.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+        self.logger.info("saved model and tokenizer to %s", out / "model")
+        atomic_write_text(out / "final.json", json.dumps(final, indent=2, default=str) + "\n")
+        self.sink.close()
+        self.run.close()
+        return final
