@@ -1,12 +1,16 @@
 """Checkpoints that survive kills, crashes and full disks; exact resume; time budgets.
 
 A checkpoint is a directory ``<run>/checkpoints/step_<N>/`` holding the policy weights,
-the optimizer state, every RNG state, and the recipe's own counters (step, data position,
-training clock, and how many bytes of metrics.jsonl existed at that moment). It is
+the optimizer state, every RNG state, and the run loop's counters (``recipes/loop.py``'s
+``RunState``: steps done, training clock, and how many bytes of metrics.jsonl existed at
+that moment). It is
 written to a temporary directory next to it, fsynced, then renamed into place: a kill
 during the write leaves the previous checkpoint untouched, and a directory without the
 ``COMPLETE`` marker is never loaded. On resume, metrics.jsonl is cut back to its length at
 the checkpoint, so a resumed run writes exactly the records an uninterrupted run would.
+
+Also here: ``RunControl`` (checkpoint cadence, resume, time budget, non-finite policy),
+fault injection for the kill tests, the non-finite check, and the progress bar with ETA.
 """
 
 from __future__ import annotations

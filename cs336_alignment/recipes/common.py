@@ -17,6 +17,8 @@ import torch
 
 from ..checkpoint import NonFiniteError, check_finite
 from ..data import Example, generate_splits, load_examples, load_template, make_task
+from ..generation import Generator, load_generator
+from ..models import load_policy
 from ..rewards import RewardFn, resolve_reward_fn
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "check_sft_batching",
     "clip_and_step",
     "load_data",
+    "load_policy_and_generator",
     "lr_at",
     "make_optimizer",
     "reward_for",
@@ -150,6 +153,23 @@ def lr_at(step: int, total: int, base: float, warmup: int = 0, schedule: str = "
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def load_policy_and_generator(
+    cfg: Any, *, device: torch.device, generator_device: torch.device
+) -> tuple[torch.nn.Module, Any, torch.optim.Optimizer, Generator]:
+    """What GRPO and expert iteration start from: the trainable policy (fp32) and its tokenizer,
+    its AdamW, and the generator ``cfg.backend`` names, on ``generator_device``, holding the
+    policy's weights. Reads model, seed, gradient_checkpointing, learning_rate, weight_decay,
+    betas, backend, max_num_seqs, kv_cache_memory_fraction, gpu_memory_utilization."""
+    policy, tokenizer = load_policy(cfg.model, device, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
+    optimizer = make_optimizer(policy, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    generator = load_generator(
+        cfg.backend, policy, tokenizer, model_path=cfg.model, device=generator_device, seed=cfg.seed,
+        max_num_seqs=cfg.max_num_seqs, kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+    )
+    return policy, tokenizer, optimizer, generator
 
 
 def clip_and_step(

@@ -29,8 +29,8 @@ import torch
 from ..checkpoint import RunControl
 from ..data import Example
 from ..evaluate import response_entropies
-from ..generation import SamplingParams, load_generator
-from ..models import autocast, load_policy
+from ..generation import SamplingParams
+from ..models import autocast
 from ..rewards import grader_failures
 from ..rollouts import Rollout, sample_rollouts, with_rewards
 from ..tokenization import pad_token_id
@@ -38,6 +38,7 @@ from .common import (
     DataConfig,
     check_sft_batching,
     load_data,
+    load_policy_and_generator,
     make_optimizer,
     seeded_sample,
     step_seed,
@@ -114,13 +115,8 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
     data = load_data(cfg.data, cfg.seed)
     val = data.val or data.train
     val_subset = seeded_sample(val, cfg.n_eval_examples, cfg.eval_seed)
-    policy, tokenizer = load_policy(cfg.model, device, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
+    policy, tokenizer, optimizer, generator = load_policy_and_generator(cfg, device=device, generator_device=device)
     pad_id = pad_token_id(tokenizer)  # pad, else EOS
-    optimizer = make_optimizer(policy, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=cfg.betas)
-    generator = load_generator(
-        cfg.backend, policy, tokenizer, model_path=cfg.model, device=device, seed=cfg.seed, max_num_seqs=cfg.max_num_seqs,
-        kv_cache_memory_fraction=cfg.kv_cache_memory_fraction, gpu_memory_utilization=cfg.gpu_memory_utilization,
-    )
     if loop.attach(policy, None if cfg.fresh_optimizer else optimizer).step:
         generator.load_weights(policy)  # the resumed weights
     rollout_sampling = SamplingParams(

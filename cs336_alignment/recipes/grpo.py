@@ -27,14 +27,14 @@ import torch
 from ..advantages import frac_groups_all_equal, group_normalize
 from ..checkpoint import NonFiniteError, RunControl
 from ..data import Example
-from ..generation import SamplingParams, load_generator
+from ..generation import SamplingParams
 from ..logprobs import get_response_log_probs
 from ..losses import LengthNormalization, LossType, grpo_microbatch_train_step
-from ..models import autocast, load_policy, resolve_device
+from ..models import autocast, resolve_device
 from ..rewards import RewardFn, grader_failures
 from ..rollouts import MicroBatch, Rollout, micro_batches, rollout_stats, sample_rollouts, with_rewards
 from ..tokenization import pad_token_id
-from .common import DataConfig, clip_and_step, load_data, make_optimizer, seeded_sample, step_seed, timed
+from .common import DataConfig, clip_and_step, load_data, load_policy_and_generator, seeded_sample, step_seed, timed
 from .loop import RunLoop
 
 __all__ = [
@@ -190,14 +190,8 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         )
     val = data.val or data.train
     val_subset = seeded_sample(val, cfg.n_eval_examples, cfg.eval_seed)
-    policy, tokenizer = load_policy(cfg.model, device, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
+    policy, tokenizer, optimizer, generator = load_policy_and_generator(cfg, device=device, generator_device=gen_device)
     pad_id = pad_token_id(tokenizer)  # pad, else EOS
-    optimizer = make_optimizer(policy, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=cfg.betas)
-    generator = load_generator(
-        cfg.backend, policy, tokenizer, model_path=cfg.model, device=gen_device, seed=cfg.seed,
-        max_num_seqs=cfg.max_num_seqs, kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,
-        gpu_memory_utilization=cfg.gpu_memory_utilization,
-    )
     if loop.attach(policy, optimizer).step:
         generator.load_weights(policy)  # the resumed weights
     rollout_sampling = SamplingParams(
