@@ -31,7 +31,6 @@ from ..data import Example
 from ..evaluate import response_entropies
 from ..generation import SamplingParams
 from ..models import autocast
-from ..rewards import grader_failures
 from ..rollouts import Rollout, sample_rollouts, with_rewards
 from ..tokenization import pad_token_id
 from .common import (
@@ -117,7 +116,8 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
     val_subset = seeded_sample(val, cfg.n_eval_examples, cfg.eval_seed)
     policy, tokenizer, optimizer, generator = load_policy_and_generator(cfg, device=device, generator_device=device)
     pad_id = pad_token_id(tokenizer)  # pad, else EOS
-    if loop.attach(policy, None if cfg.fresh_optimizer else optimizer).step:
+    loop.attach(policy, None if cfg.fresh_optimizer else optimizer)  # a fresh optimizer per step is not checkpointed
+    if loop.resuming:
         generator.load_weights(policy)  # the resumed weights
     rollout_sampling = SamplingParams(
         temperature=cfg.sampling_temperature, max_tokens=cfg.sampling_max_tokens, min_tokens=cfg.sampling_min_tokens,
@@ -141,7 +141,7 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
             sample_rollouts, generator=generator, policy=policy, questions=questions, template=data.template,
             sampling=sampling, colocated_device=device,
         )
-        with grader_failures() as grader:  # timeouts count as wrong answers: logged, never fatal
+        with loop.grading() as grader:  # timeouts count as wrong answers: logged, never fatal
             rollouts = with_rewards(rollouts, data.reward_fn)
         kept = select_expert_responses(rollouts, cfg.dedupe_correct)
         entropy = rollout_entropy(policy, rollouts, pad_id=pad_id) if cfg.log_entropy else None

@@ -31,7 +31,7 @@ from ..generation import SamplingParams
 from ..logprobs import get_response_log_probs
 from ..losses import LengthNormalization, LossType, grpo_microbatch_train_step
 from ..models import autocast, resolve_device
-from ..rewards import RewardFn, grader_failures
+from ..rewards import GraderFailures, RewardFn
 from ..rollouts import MicroBatch, Rollout, micro_batches, rollout_stats, sample_rollouts, with_rewards
 from ..tokenization import pad_token_id
 from .common import DataConfig, clip_and_step, load_data, load_policy_and_generator, seeded_sample, step_seed, timed
@@ -44,6 +44,7 @@ __all__ = [
     "accumulate_gradients",
     "old_log_probs",
     "policy_update",
+    "rollout_batch_metrics",
     "score",
     "train_grpo",
 ]
@@ -192,7 +193,8 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     val_subset = seeded_sample(val, cfg.n_eval_examples, cfg.eval_seed)
     policy, tokenizer, optimizer, generator = load_policy_and_generator(cfg, device=device, generator_device=gen_device)
     pad_id = pad_token_id(tokenizer)  # pad, else EOS
-    if loop.attach(policy, optimizer).step:
+    loop.attach(policy, optimizer)
+    if loop.resuming:
         generator.load_weights(policy)  # the resumed weights
     rollout_sampling = SamplingParams(
         temperature=cfg.sampling_temperature, max_tokens=cfg.sampling_max_tokens, min_tokens=cfg.sampling_min_tokens,
@@ -214,56 +216,44 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     if cfg.eval_at_start and loop.state.step == 0:
         validate(0)
     for grpo_step in loop.steps(cfg.n_grpo_steps, eval_every=cfg.eval_every, evaluate=validate):
+        # ------------------------------------------------------------------ rollout
         questions = random.Random(step_seed(cfg.seed, grpo_step)).sample(data.train, cfg.n_prompts_per_rollout_batch)
         sampling = dataclasses.replace(rollout_sampling, seed=step_seed(cfg.seed, grpo_step, 1))
         rollouts, rollout_seconds = timed(
             sample_rollouts, generator=generator, policy=policy, questions=questions, template=data.template,
             sampling=sampling, colocated_device=device if colocated else None,
         )
-        with grader_failures() as grader:  # timeouts count as wrong answers: logged, never fatal
+        # ------------------------------------------------------------------ score and advantages
+        with loop.grading() as grader:  # timeouts count as wrong answers: logged, never fatal
             rollouts = score(rollouts, data.reward_fn, cfg)
-        if grader.timeouts or grader.errors:
-            loop.logger.warning("GRPO step %d: %d grader timeouts, %d grader errors (scored as wrong)",
-                                grpo_step + 1, grader.timeouts, grader.errors)
+        # ------------------------------------------------------------------ micro-batches, old log-probs
         batches = micro_batches(
             rollouts, train_batch_size=cfg.train_batch_size, micro_batch_size=cfg.micro_train_batch_size, pad_id=pad_id,
             device=device, length_grouping=cfg.length_grouping,
         )
         gap = LogprobGap()  # generator-vs-policy log-prob gap over response tokens
         old_lp_seconds = timed(old_log_probs, policy=policy, batches=batches, cfg=cfg, gap=gap)[1] if cfg.off_policy else 0.0
+        # ------------------------------------------------------------------ update, sync
         steps, train_seconds = timed(
             policy_update, policy=policy, optimizer=optimizer, batches=batches, cfg=cfg,
             optimizer_step=loop.state.optimizer_step, gap=None if cfg.off_policy else gap, on_nonfinite=loop.nonfinite,
         )
         generator.load_weights(policy)
         # ------------------------------------------------------------------ log, end of step
-        stats = rollout_stats(rollouts)
-        rollout_tokens = sum(r.num_tokens for r in rollouts)
-        train_tokens = cfg.epochs_per_rollout_batch * rollout_tokens
-        shared = {
-            **{f"train_{k}": v for k, v in stats.items()},
-            "frac_groups_all_equal": frac_groups_all_equal(torch.tensor([r.reward for r in rollouts]), cfg.group_size),
-            "generator_policy_logprob_gap_mean": gap.mean,
-            "generator_policy_logprob_gap_max": gap.max,
-            "rollout_seconds": rollout_seconds,
-            "rollout_tokens_per_second": rollout_tokens / rollout_seconds,
-            "old_logprob_seconds": old_lp_seconds,
-            "train_seconds": train_seconds,
-            "train_tokens_per_second": train_tokens / train_seconds if train_seconds > 0 else None,
-            "wall_clock_train": loop.clock(),
-            "skipped_steps": loop.state.skipped_steps,
-            "grader_timeouts": grader.timeouts,
-            "grader_errors": grader.errors,
-        }
+        shared = rollout_batch_metrics(
+            rollouts, cfg, gap=gap, grader=grader, rollout_seconds=rollout_seconds, old_logprob_seconds=old_lp_seconds,
+            train_seconds=train_seconds, wall_clock_train=loop.clock(), skipped_steps=loop.state.skipped_steps,
+        )
         for step_stats in steps:
             loop.state.optimizer_step += 1
             loop.sink.log("train", loop.state.optimizer_step,
                           {"grpo_step": grpo_step, **step_stats.record(cfg.loss_type), **shared})
         last = steps[-1] if steps else StepStats.nan()
         loop.end_of_step(
-            f"reward {stats['reward_mean']:.3f} (format {stats['format_reward_mean']:.3f}), loss {last.loss:.4f}, "
-            f"grad norm {last.grad_norm:.3f}, entropy {last.token_entropy:.3f}, length {stats['response_length_mean']:.1f}",
-            reward=stats["reward_mean"],
+            f"reward {shared['train_reward_mean']:.3f} (format {shared['train_format_reward_mean']:.3f}), "
+            f"loss {last.loss:.4f}, grad norm {last.grad_norm:.3f}, entropy {last.token_entropy:.3f}, "
+            f"length {shared['train_response_length_mean']:.1f}",
+            reward=shared["train_reward_mean"],
         )
     final = validate(loop.state.step, val, "full") if cfg.final_eval_full else validate(loop.state.step)
     return loop.finish(policy, tokenizer, final)
@@ -401,6 +391,39 @@ def accumulate_gradients(
         if gap is not None:
             gap.add(log_probs.detach(), mb)
     return tuple(torch.stack([loss_sum, entropy_sum, clipped_sum, ratio_sum]).tolist())
+
+
+def rollout_batch_metrics(
+    rollouts: Sequence[Rollout],
+    cfg: GRPOConfig,
+    *,
+    gap: LogprobGap,
+    grader: GraderFailures,
+    rollout_seconds: float,
+    old_logprob_seconds: float,
+    train_seconds: float,
+    wall_clock_train: float,
+    skipped_steps: int,
+) -> dict[str, Any]:
+    """The metrics a GRPO step shares among its optimizer steps' records: the rollouts' rewards,
+    lengths and degeneracy, the generator-vs-policy gap, each phase's time and throughput."""
+    rollout_tokens = sum(r.num_tokens for r in rollouts)
+    train_tokens = cfg.epochs_per_rollout_batch * rollout_tokens  # every epoch trains on every rollout
+    return {
+        **{f"train_{k}": v for k, v in rollout_stats(rollouts).items()},
+        "frac_groups_all_equal": frac_groups_all_equal(torch.tensor([r.reward for r in rollouts]), cfg.group_size),
+        "generator_policy_logprob_gap_mean": gap.mean,
+        "generator_policy_logprob_gap_max": gap.max,
+        "rollout_seconds": rollout_seconds,
+        "rollout_tokens_per_second": rollout_tokens / rollout_seconds,
+        "old_logprob_seconds": old_logprob_seconds,
+        "train_seconds": train_seconds,
+        "train_tokens_per_second": train_tokens / train_seconds if train_seconds > 0 else None,
+        "wall_clock_train": wall_clock_train,
+        "skipped_steps": skipped_steps,
+        "grader_timeouts": grader.timeouts,
+        "grader_errors": grader.errors,
+    }
 
 
 class LogprobGap:

@@ -20,6 +20,9 @@ A recipe's outer loop reads::
   checkpoint  every ``control.checkpoint_every`` steps, after the last step, when the budget runs out
   budget      the loop stops once the training clock reaches ``control.time_budget``
 
+Also here: ``nonfinite`` (skip or stop on a NaN loss or gradient), ``grading`` (count and
+report grader timeouts), ``validate`` (in-loop evaluation into <run>/eval/).
+
 A resumed run continues after its last complete checkpoint with the same counters, RNG
 states and metrics.jsonl (cut back to that moment), so it writes what an uninterrupted run
 writes.
@@ -27,6 +30,7 @@ writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +54,7 @@ from ..data import Example, format_prompts
 from ..evaluate import evaluate
 from ..generation import Generator, SamplingParams
 from ..models import autocast, resolve_device
+from ..rewards import GraderFailures, grader_failures
 from ..run_dir import MetricsSink, RunDir, atomic_write_text
 from .common import LoadedData, seed_everything
 
@@ -200,6 +205,16 @@ class RunLoop:
         self.state.skipped_steps += 1
         self.logger.warning("skipped an optimizer step of %s step %d (%d skipped so far): %s", self.recipe,
                             self.state.step + 1, self.state.skipped_steps, error)
+
+    @contextlib.contextmanager
+    def grading(self) -> Iterator[GraderFailures]:
+        """Count the grader timeouts and errors of the block (each scored as a wrong answer,
+        never fatal); warn in the log when there were any."""
+        with grader_failures() as failures:
+            yield failures
+        if failures.timeouts or failures.errors:
+            self.logger.warning("%s step %d: %d grader timeouts, %d grader errors (scored as wrong)", self.recipe,
+                                self.state.step + 1, failures.timeouts, failures.errors)
 
     # ---------------------------------------------------------------------------- validation and the end
 

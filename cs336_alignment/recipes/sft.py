@@ -125,7 +125,8 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         steps_per_epoch, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.micro_batch_size,
     )
     optimizer = make_optimizer(policy, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=cfg.betas)
-    if not loop.attach(policy, optimizer).step:
+    loop.attach(policy, optimizer)
+    if not loop.resuming:
         loop.sink.log("data", 0, {"n_examples": len(examples.pairs), "n_available": examples.n_available,
                                   "n_cut": examples.n_cut})
     eval_sampling = SamplingParams.r1_zero(max_tokens=cfg.eval_max_tokens, seed=cfg.eval_seed)
