@@ -224,9 +224,10 @@ def download_command(
 
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
-    """The one error path of every command: a UserError (or a missing model directory) prints
-    ``error: <message>`` and exits with its exit code (2: bad input; 1: a run that cannot go on),
-    without a traceback. Anything else is a bug and keeps its traceback."""
+    """The one error path of every command: a UserError (or a missing file) prints
+    ``error: <message>`` and exits with the error's ``exit_code`` (2: a bad config, report or
+    download request; 1: bad data, a busy run directory, NaN, a failed checkpoint, a missing
+    backend or file), without a traceback. Anything else is a bug and keeps its traceback."""
     try:
         yield
     except UserError as e:

@@ -51,8 +51,8 @@ RECIPES = ("eval", "sft", "ei", "grpo")
 
 
 def recipe_classes(recipe: str) -> tuple[type, Callable[[Any], dict[str, Any]]]:
-    """The config dataclass and the entry function of a recipe name (only that recipe's module
-    is imported: the others, and torch, stay unloaded for ``--help`` and ``sweep --dry-run``)."""
+    """The config dataclass and the entry function of a recipe name. Only that recipe's module
+    is imported, and only when a command needs it, so ``--help`` stays instant."""
     if recipe == "eval":
         from .recipes.eval import EvalConfig, run_evaluation
 
@@ -148,8 +148,8 @@ def smoke_overrides(recipe: str, cfg: Any) -> list[str]:
         micro = next(m for m in (4, 2, 1) if train % m == 0)
         return _kv({**common, **data, "generator_device": "same", "n_grpo_steps": 1,
                     "rollout_batch_size": cfg.rollout_batch_size // factor, "train_batch_size": train,
-                    "gradient_accumulation_steps": train // micro, "sampling_max_tokens": 16, "n_eval_examples": 4,
-                    "final_eval_full": False, "control.progress": False, "control.time_budget": ""})
+                    "micro_batch_size": micro, "gradient_accumulation_steps": None, "sampling_max_tokens": 16,
+                    "n_eval_examples": 4, "final_eval_full": False, "control.progress": False, "control.time_budget": ""})
     raise ConfigError(f"unknown recipe {recipe!r}")
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .tiny import build_tiny_model, build_tiny_tokenizer
 
@@ -45,6 +44,10 @@ def load_model_and_tokenizer(
         tokenizer = build_tiny_tokenizer()
         model = build_tiny_model(tokenizer, seed=seed)
     else:
+        # transformers takes seconds to import: only when a model directory is loaded, so that
+        # `config`, `run --help` and `sweep --dry-run` (which import the recipes) stay quick
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         if not Path(path).exists():
             raise FileNotFoundError(f"model directory {path} does not exist")
         tokenizer = AutoTokenizer.from_pretrained(path)

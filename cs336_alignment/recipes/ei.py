@@ -162,7 +162,7 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
             "optimizer_steps": loop.state.optimizer_step,
             "rollout_seconds": rollout_seconds,
             "sft_seconds": sft_seconds,
-            "wall_clock_train": loop.clock(),
+            "wall_clock_train": loop.stop_clock(),
             "grader_timeouts": grader.timeouts,
             "grader_errors": grader.errors,
         })

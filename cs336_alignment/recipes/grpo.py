@@ -242,7 +242,7 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         # ------------------------------------------------------------------ log, end of step
         shared = rollout_batch_metrics(
             rollouts, cfg, gap=gap, grader=grader, rollout_seconds=rollout_seconds, old_logprob_seconds=old_lp_seconds,
-            train_seconds=train_seconds, wall_clock_train=loop.clock(), skipped_steps=loop.state.skipped_steps,
+            train_seconds=train_seconds, wall_clock_train=loop.stop_clock(), skipped_steps=loop.state.skipped_steps,
         )
         for step_stats in steps:
             loop.state.optimizer_step += 1

@@ -13,10 +13,12 @@ A recipe's outer loop reads::
 
 ``end_of_step`` closes a step:
 
-  clock       the step's seconds join the training clock (validation is never counted)
+  clock       the step's seconds join the training clock (up to ``stop_clock``, which the recipe
+              calls before logging; validation and logging are never counted)
   progress    progress bar, ETA, the step's log line
   fault       the fault-injection point of the kill-and-resume tests
   validate    every ``eval_every`` steps, except after the last (the recipe validates at the end)
+              and once the time budget has run out
   checkpoint  every ``control.checkpoint_every`` steps, after the last step, when the budget runs out
   budget      the loop stops once the training clock reaches ``control.time_budget``
 
@@ -76,7 +78,7 @@ class RunState:
     """The loop's counters: what a checkpoint restores besides weights, optimizer and RNG states."""
 
     step: int = 0  # steps done: GRPO or EI steps, SFT optimizer steps
-    optimizer_step: int = 0  # optimizer steps taken
+    optimizer_step: int = 0  # optimizer steps: taken (GRPO), or attempted including skipped ones (SFT, EI)
     train_clock: float = 0.0  # seconds of training so far (validation excluded)
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
     metrics_bytes: int = 0  # length of metrics.jsonl when the state was saved
@@ -123,6 +125,7 @@ class RunLoop:
         self._progress: Progress | None = None
         self._clock_at_start = 0.0
         self._step_start = time.perf_counter()
+        self._step_end: float | None = None
         self._out_of_time = False
 
     @property
@@ -158,22 +161,26 @@ class RunLoop:
         try:
             while self.state.step < total and not self._out_of_time:
                 step = self.state.step
-                self._step_start = time.perf_counter()
+                self._step_start, self._step_end = time.perf_counter(), None
                 yield step
                 if self.state.step != step + 1:
                     raise RuntimeError(f"{self.recipe} step {step + 1} ended without loop.end_of_step()")
         finally:
             self._progress.close()
 
-    def clock(self) -> float:
-        """Seconds of training so far, the running step included (validation excluded)."""
-        return self.state.train_clock + time.perf_counter() - self._step_start
+    def stop_clock(self) -> float:
+        """Stop the running step's clock (before its metrics are logged) and return the training
+        clock: seconds of training so far, this step included, validation and logging excluded.
+        Later calls in the same step return the same reading."""
+        if self._step_end is None:
+            self._step_end = time.perf_counter()
+        return self.state.train_clock + self._step_end - self._step_start
 
     def end_of_step(self, summary: str = "", *, log: bool = True, **progress: float) -> None:
         """Close the running step: clock, progress and log line (``summary``; ``progress``
         values go on the bar), fault point, validation cadence, checkpoint cadence, budget."""
         s, control = self.state, self.control
-        s.train_clock = self.clock()
+        s.train_clock = self.stop_clock()
         s.step += 1
         eta = self._progress.update(s.step, s.train_clock - self._clock_at_start, **progress)
         if log:

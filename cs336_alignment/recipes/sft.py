@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import math
 import random
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -40,6 +39,7 @@ from .common import (
     make_optimizer,
     seeded_sample,
     set_lr,
+    timed,
 )
 from .loop import RunLoop
 
@@ -153,16 +153,15 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         epoch, position = divmod(step, steps_per_epoch)
         batch = [examples.pairs[i] for i in epoch_order(epoch)[position * cfg.batch_size : (position + 1) * cfg.batch_size]]
         lr = lr_at(step, total=total_steps, base=cfg.learning_rate, warmup=cfg.warmup_steps, schedule=cfg.schedule)
-        t0 = time.perf_counter()
-        metrics = sft_optimizer_step(
-            policy, optimizer, batch, cfg=cfg, lr=lr, pad_id=pad_id, step=step + 1, on_nonfinite=loop.nonfinite
+        metrics, seconds = timed(
+            sft_optimizer_step, policy=policy, optimizer=optimizer, batch=batch, cfg=cfg, lr=lr, pad_id=pad_id,
+            step=step + 1, on_nonfinite=loop.nonfinite,
         )
-        seconds = time.perf_counter() - t0
         loop.state.optimizer_step += 1
         if metrics is not None:
             tokens = sum(len(p) + len(r) for p, r in batch)
             loop.sink.log("train", step + 1, {"epoch": epoch, **metrics, "tokens_per_second": tokens / seconds,
-                                              "wall_clock_train": loop.clock(), "skipped_steps": loop.state.skipped_steps})
+                                              "wall_clock_train": loop.stop_clock(), "skipped_steps": loop.state.skipped_steps})
         loss = (metrics or {}).get("loss", float("nan"))
         log = (step + 1) % max(1, total_steps // 20) == 0 or step + 1 == total_steps  # about 20 log lines a run
         loop.end_of_step(f"loss {loss:.4f}, lr {lr:.2e}", log=log, loss=loss)
