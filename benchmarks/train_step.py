@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from cs336_alignment.models import enable_gradient_checkpointing, resolve_device  # noqa: F401 (resolve_device: siblings)
+
 PATHS = ("plain", "chunked", "chunked_response_only")
 PRECISIONS = ("bf16", "fp32-master-autocast", "fp32")
 
@@ -48,10 +50,6 @@ PRECISIONS = ("bf16", "fp32-master-autocast", "fp32")
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def resolve_device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 def build_model(shape: str, device: torch.device, param_dtype: torch.dtype, checkpointing: bool = False):
@@ -68,8 +66,8 @@ def build_model(shape: str, device: torch.device, param_dtype: torch.dtype, chec
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(qwen25_math_1p5b_config(), dtype=param_dtype)
     model = model.to(device, param_dtype)
-    if checkpointing:  # renamed in transformers 5.2x; older versions have only the second name
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    if checkpointing:
+        enable_gradient_checkpointing(model)
     model.config.use_cache = False
     return model.train(), tokenizer
 

@@ -18,6 +18,7 @@ from .tiny import build_tiny_model, build_tiny_tokenizer
 
 __all__ = [
     "autocast",
+    "enable_gradient_checkpointing",
     "free_cuda_cache",
     "load_model_and_tokenizer",
     "load_policy",
@@ -61,11 +62,17 @@ def load_policy(
 ) -> tuple[Any, Any]:
     """The trainable policy in fp32 (master weights), in train mode, and its tokenizer."""
     model, tokenizer = load_model_and_tokenizer(path, device, dtype=torch.float32, seed=seed)
-    if gradient_checkpointing:  # the method was renamed in transformers 5.2x; older versions have only the first
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
-        model.config.use_cache = False
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return model.train(), tokenizer
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Recompute each decoder layer's activations in the backward instead of keeping them."""
+    # renamed in transformers 5.2x; older versions have only the second name
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    model.config.use_cache = False
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:

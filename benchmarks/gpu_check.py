@@ -1,0 +1,357 @@
+"""Every GPU figure of the project from one command, section by section.
+
+    bash benchmarks/gpu_check.sh                      # all sections, Qwen2.5-Math-1.5B shape, first GPU
+    bash benchmarks/gpu_check.sh --only numerics train
+    bash benchmarks/gpu_check.sh --dry-run            # the same code on CPU at tiny shapes, in seconds
+
+Sections (each at the Qwen2.5-Math-1.5B shape with random weights, bf16 where the recipes use
+it, nothing downloaded; the tokenizer is the offline tiny one, the vocabulary the real model's):
+
+  numerics   bf16-autocast vs fp32 log-probs and entropy on one batch; the native engine's
+             sampled-token log-probs vs the fp32 policy's
+  generate   native engine vs transformers ``generate`` (batch 256, 128-token prompts, 512 new
+             tokens, fixed lengths); the native engine at the GRPO rollout shape (256 rollouts,
+             up to 1024 tokens, stop at </answer>)
+  train      policy-gradient train step: tokens/s, share of a bf16 matmul rate measured in the
+             same run, peak memory; plain vs chunked log-probs, with and without checkpointing
+  grpo_step  one GRPO step at the handout's defaults, seconds and peak memory per phase
+             (generate, rollouts, old log-probs, train, sync), colocated
+  grpo_step_2gpu  the same with the generator on a second GPU ("skipped: needs 2 GPUs" otherwise)
+
+The JSON result (device, driver/CUDA, versions, date, every setting and figure) is rewritten
+after every section, so a run cut short keeps every figure measured so far; the table at the
+end is Markdown. Adding a section: write ``def my_section(ctx: Context) -> Figures`` and
+decorate it with ``@section("name", "what it measures", gpus=1)``; it runs in registration
+order, gets the sizes of ``ctx.sizes`` (full and dry-run) and returns rows of
+(figure, value, unit). Methods: benchmarks/TRAINING.md ("The GPU check").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
+import generation as generation_bench  # noqa: E402
+import grpo_step as grpo_step_bench  # noqa: E402
+import train_step as train_step_bench  # noqa: E402
+
+from cs336_alignment.generation import NativeEngine, SamplingParams  # noqa: E402
+from cs336_alignment.logprobs import get_response_log_probs  # noqa: E402
+from cs336_alignment.models import resolve_device  # noqa: E402
+from cs336_alignment.tokenization import pack_prompt_and_output_ids  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Sizes of every section: the real run (Qwen2.5-Math-1.5B shape on one H100/H200, chosen so that
+# each section stays under 2 minutes and all of them under 5) and the dry run (tiny model, CPU).
+SIZES: dict[str, dict[str, Any]] = {
+    "full": {
+        "shape": "1.5b", "numerics_batch": 4, "numerics_seq_len": 512, "numerics_prompt_len": 128,
+        "engine_samples": 64, "engine_new_tokens": 64,
+        "gen_batch": 256, "gen_prompt_len": 128, "gen_new_tokens": 512, "gen_repeats": 1,
+        "rollout_prompts": 32, "rollout_group": 8, "rollout_max_tokens": 1024,
+        "train_micro_batch": 2, "train_seq_len": 1024, "train_prompt_len": 128, "train_chunk_size": 1024,
+        "train_steps": 3, "train_warmup": 1, "peak_size": 8192,
+        "grpo_prompts": 32, "grpo_group": 8, "grpo_prompt_len": 128, "grpo_new_tokens": 512, "grpo_micro_batch": 2,
+    },
+    "dry_run": {
+        "shape": "tiny", "numerics_batch": 2, "numerics_seq_len": 24, "numerics_prompt_len": 8,
+        "engine_samples": 4, "engine_new_tokens": 8,
+        "gen_batch": 4, "gen_prompt_len": 8, "gen_new_tokens": 8, "gen_repeats": 1,
+        "rollout_prompts": 2, "rollout_group": 2, "rollout_max_tokens": 8,
+        "train_micro_batch": 2, "train_seq_len": 24, "train_prompt_len": 8, "train_chunk_size": 16,
+        "train_steps": 1, "train_warmup": 1, "peak_size": 128,
+        "grpo_prompts": 1, "grpo_group": 2, "grpo_prompt_len": 8, "grpo_new_tokens": 4, "grpo_micro_batch": 2,
+    },
+}
+
+Figures = list[tuple[str, Any, str]]  # (figure, value, unit) rows of a section
+
+
+@dataclass
+class Context:
+    """What every section gets: the device, the sizes, and the models built so far (reused)."""
+
+    device: torch.device
+    sizes: dict[str, Any]
+    dry_run: bool
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def model(self, dtype: torch.dtype, checkpointing: bool = False) -> tuple[Any, Any]:
+        """The policy at the section's shape (random weights, seed 0) and the tokenizer; one at a time."""
+        key = (str(dtype), checkpointing)
+        if self.cache.get("key") != key:
+            self.cache.clear()
+            free_memory(self.device)
+            model, tokenizer = train_step_bench.build_model(self.sizes["shape"], self.device, dtype, checkpointing)
+            self.cache.update(key=key, model=model, tokenizer=tokenizer)
+        return self.cache["model"], self.cache["tokenizer"]
+
+    def prompts(self, n: int, length: int) -> list[list[int]]:
+        """``n`` random prompts of ``length`` real token ids (seeded)."""
+        _, tokenizer = self.cache.get("model"), self.cache.get("tokenizer")
+        vocab = len(tokenizer) if self.sizes["shape"] == "tiny" else self.cache["model"].config.vocab_size - 1000
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(1, vocab, (n, length), generator=g).tolist()
+
+
+@dataclass
+class Section:
+    name: str
+    description: str
+    run: Callable[[Context], Figures]
+    gpus: int = 1  # GPUs it needs (skipped with a reason when fewer are present)
+
+
+SECTIONS: dict[str, Section] = {}
+
+
+def section(name: str, description: str, gpus: int = 1) -> Callable[[Callable[[Context], Figures]], Callable]:
+    """Register a section (run in registration order)."""
+
+    def register(fn: Callable[[Context], Figures]) -> Callable[[Context], Figures]:
+        SECTIONS[name] = Section(name, description, fn, gpus)
+        return fn
+
+    return register
+
+
+def free_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------
+
+
+@section("numerics", "bf16 autocast vs fp32 log-probs and entropy; engine vs policy sampled-token log-probs")
+def numerics(ctx: Context) -> Figures:
+    s = ctx.sizes
+    policy, tokenizer = ctx.model(torch.float32)
+    policy.eval()
+    batch = train_step_bench.make_batch(s["numerics_batch"], s["numerics_seq_len"], s["numerics_prompt_len"],
+                                        policy.config.vocab_size, ctx.device)
+    mask = batch["response_mask"]  # (B, T)
+    with torch.no_grad():
+        fp32 = get_response_log_probs(policy, batch["input_ids"], batch["labels"], True)
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16):  # CPU autocast too: the same path in the dry run
+            bf16 = get_response_log_probs(policy, batch["input_ids"], batch["labels"], True)
+    rows: Figures = []
+    for key, name in (("log_probs", "log-prob"), ("token_entropy", "entropy")):
+        diff = (bf16[key].float() - fp32[key]).abs()[mask]  # (response positions,)
+        rows += [(f"bf16 autocast vs fp32 {name}: max |diff|", diff.max().item(), "nats"),
+                 (f"bf16 autocast vs fp32 {name}: mean |diff|", diff.mean().item(), "nats")]
+    # the engine samples from its own bf16 copy (fp32 on CPU); score its tokens with the fp32 policy
+    engine = NativeEngine(policy, tokenizer, max_num_seqs=s["engine_samples"])
+    prompts = ctx.prompts(s["engine_samples"], s["numerics_prompt_len"])
+    results = engine.generate(prompts, SamplingParams(max_tokens=s["engine_new_tokens"], ignore_eos=True, seed=0))
+    packed = pack_prompt_and_output_ids([r.prompt_token_ids for r in results],
+                                        [r.completions[0].token_ids for r in results], tokenizer.eos_token_id)
+    gen = torch.zeros(packed["response_mask"].shape)  # (B, T)
+    gen[packed["response_mask"]] = torch.tensor([lp for r in results for lp in r.completions[0].logprobs])
+    with torch.no_grad():
+        scored = get_response_log_probs(policy, packed["input_ids"].to(ctx.device), packed["labels"].to(ctx.device))
+    gap = (scored["log_probs"].cpu() - gen).abs()[packed["response_mask"]]  # (response tokens,)
+    del engine
+    policy.train()
+    return rows + [("engine vs fp32 policy sampled-token log-prob: max |diff|", gap.max().item(), "nats"),
+                   ("engine vs fp32 policy sampled-token log-prob: mean |diff|", gap.mean().item(), "nats")]
+
+
+@section("generate", "native engine vs transformers generate; the native engine at the GRPO rollout shape")
+def generate(ctx: Context) -> Figures:
+    s = ctx.sizes
+    dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
+    model, tokenizer = ctx.model(dtype)
+    model.config.use_cache = True  # transformers' generate needs its KV cache (build_model turns it off)
+    model.eval()
+    prompts = ctx.prompts(s["gen_batch"], s["gen_prompt_len"])
+    native = generation_bench.bench_native(model, tokenizer, prompts, s["gen_new_tokens"], ctx.device, s["gen_batch"],
+                                           s["gen_repeats"])
+    hf = generation_bench.bench_hf(model, prompts, s["gen_new_tokens"], ctx.device, s["gen_repeats"])
+    # the GRPO rollout shape: 32 prompts x 8 samples, stop at </answer>, at most 1024 tokens
+    engine = NativeEngine(model, tokenizer, copy_weights=False, max_num_seqs=s["rollout_prompts"] * s["rollout_group"])
+    rollout_prompts = ctx.prompts(s["rollout_prompts"], s["gen_prompt_len"])
+    params = SamplingParams.r1_zero(max_tokens=s["rollout_max_tokens"], n=s["rollout_group"], seed=2)
+    t0 = time.perf_counter()
+    results = engine.generate(rollout_prompts, params)
+    free_memory(ctx.device)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(c.token_ids) for r in results for c in r.completions)
+    model.config.use_cache = False
+    model.train()
+    return [
+        (f"native engine, batch {s['gen_batch']} x {s['gen_new_tokens']} new tokens", native["tokens_per_second"], "tokens/s"),
+        ("transformers generate (dynamic cache), same batch", hf["tokens_per_second"], "tokens/s"),
+        ("native engine / transformers", native["tokens_per_second"] / hf["tokens_per_second"], "x"),
+        (f"native engine, GRPO rollouts ({s['rollout_prompts']} x {s['rollout_group']}, <= {s['rollout_max_tokens']} "
+         "tokens, stop strings)", tokens / seconds, "tokens/s"),
+        ("GRPO rollout batch", seconds, "s"),
+    ]
+
+
+@section("train", "policy-gradient train step: tokens/s, share of the matmul rate, peak memory")
+def train(ctx: Context) -> Figures:
+    s = ctx.sizes
+    precision = "fp32-master-autocast" if ctx.device.type == "cuda" else "fp32"
+    param_dtype, autocast = train_step_bench.precision_setup(precision, ctx.device)
+    peak_dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
+    peak = train_step_bench.matmul_peak_flops(ctx.device, s["peak_size"], peak_dtype)
+    rows: Figures = [(f"dense matmul rate ({str(peak_dtype).removeprefix('torch.')} {s['peak_size']}^3)", peak / 1e12,
+                      "TFLOP/s")]
+    for checkpointing in (False, True):
+        model, _ = ctx.model(param_dtype, checkpointing)
+        batch = train_step_bench.make_batch(s["train_micro_batch"], s["train_seq_len"], s["train_prompt_len"],
+                                            model.config.vocab_size, ctx.device)
+        flops = train_step_bench.flops_per_token(model, s["train_seq_len"])
+        for path in ("plain", "chunked"):
+            r = train_step_bench.bench_path(model, batch, path, s["train_chunk_size"], autocast, ctx.device,
+                                            s["train_steps"], s["train_warmup"])
+            what = f"{path} log-probs, checkpointing {'on' if checkpointing else 'off'}"
+            if "error" in r:
+                rows.append((f"{what}: tokens/s", r["error"], ""))
+                continue
+            rows += [(f"{what}: tokens/s", r["tokens_per_second"], "tokens/s"),
+                     (f"{what}: share of the matmul rate", 100 * r["tokens_per_second"] * flops["total"] / peak, "%"),
+                     (f"{what}: peak memory", r["peak_memory_gb"], "GB")]
+    return rows
+
+
+def _grpo_step(ctx: Context, generator_device: torch.device) -> Figures:
+    s = ctx.sizes
+    precision = "fp32-master-autocast" if ctx.device.type == "cuda" else "fp32"
+    param_dtype, autocast = train_step_bench.precision_setup(precision, ctx.device)
+    policy, tokenizer = ctx.model(param_dtype)
+    prompts = ctx.prompts(s["grpo_prompts"], s["grpo_prompt_len"])
+    rollouts = s["grpo_prompts"] * s["grpo_group"]
+    engine = NativeEngine(policy, tokenizer, device=generator_device, max_num_seqs=rollouts, kv_cache_memory_fraction=0.3)
+    args = argparse.Namespace(group_size=s["grpo_group"], new_tokens=s["grpo_new_tokens"], micro_batch=s["grpo_micro_batch"],
+                              chunk_size=s["train_chunk_size"])
+    r = grpo_step_bench.grpo_step("ours", policy, tokenizer, engine, prompts, args, autocast, ctx.device)
+    del engine
+    free_memory(generator_device)
+    rows: Figures = []
+    for phase in grpo_step_bench.PHASES:
+        rows += [(f"{phase}: seconds", r["phases"][phase]["seconds"], "s"),
+                 (f"{phase}: peak memory", r["phases"][phase]["peak_memory_gb"], "GB")]
+    shape = f"{rollouts} x ({s['grpo_prompt_len']} + {s['grpo_new_tokens']})"
+    return rows + [("GRPO step total", r["total_seconds"], "s"), ("rollouts x (prompt + response) tokens", shape, "")]
+
+
+@section("grpo_step", "one GRPO step at the handout's defaults, per phase, generator colocated")
+def grpo_step(ctx: Context) -> Figures:
+    return _grpo_step(ctx, ctx.device)
+
+
+@section("grpo_step_2gpu", "one GRPO step with the generator on a second GPU", gpus=2)
+def grpo_step_2gpu(ctx: Context) -> Figures:
+    return _grpo_step(ctx, torch.device("cuda", (ctx.device.index or 0) + 1))
+
+
+# ---------------------------------------------------------------------------------------
+# Running, recording, printing
+# ---------------------------------------------------------------------------------------
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Device, driver/CUDA, versions and date of this run."""
+    env = train_step_bench.environment(device)
+    env["cuda"] = torch.version.cuda
+    env["gpus"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    env["driver"] = None
+    if device.type == "cuda":
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=10).stdout.split("\n")[0].strip() or None
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return env
+
+
+def run(names: Sequence[str], *, dry_run: bool, out: Path, device: torch.device) -> dict[str, Any]:
+    """Run the named sections in registration order; the JSON at ``out`` is rewritten after each."""
+    sizes = SIZES["dry_run" if dry_run else "full"]
+    ctx = Context(device=device, sizes=sizes, dry_run=dry_run)
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    record: dict[str, Any] = {**environment(device), "dry_run": dry_run, "sizes": sizes, "sections": {}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    for name in [n for n in SECTIONS if n in names]:
+        sec = SECTIONS[name]
+        if sec.gpus > 1 and gpus < sec.gpus:
+            result: dict[str, Any] = {"status": f"skipped: needs {sec.gpus} GPUs", "figures": []}
+        else:
+            t0 = time.perf_counter()
+            try:
+                figures = sec.run(ctx)
+                result = {"status": "ok", "figures": [list(f) for f in figures]}
+            except Exception as e:  # one failing section leaves the others' figures (and says why)
+                traceback.print_exc()
+                result = {"status": f"failed: {type(e).__name__}: {e}", "figures": []}
+            result["seconds"] = time.perf_counter() - t0
+        record["sections"][name] = {"description": sec.description, **result}
+        record["total_seconds"] = time.perf_counter() - t_start
+        out.write_text(json.dumps(record, indent=2, default=str) + "\n")  # after every section
+        print(f"[{name}] {result['status']}" + (f" ({result['seconds']:.1f} s)" if "seconds" in result else ""), flush=True)
+    return record
+
+
+def format_value(value: Any) -> str:
+    if value is None:
+        return "not measured"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+    return str(value)
+
+
+def table(record: dict[str, Any]) -> str:
+    """One screen of Markdown: section, figure, value."""
+    lines = [f"GPU check on {record['device']} (torch {record['torch']}, CUDA {record['cuda']}, driver {record['driver']}), "
+             f"{record['date']}{', DRY RUN (tiny model, CPU)' if record['dry_run'] else ''}",
+             "", "| section | figure | value |", "| --- | --- | ---: |"]
+    for name, sec in record["sections"].items():
+        if sec["status"] != "ok":
+            lines.append(f"| {name} | {sec['status']} | |")
+        for figure, value, unit in sec["figures"]:
+            lines.append(f"| {name} | {figure} | {format_value(value)} {unit if value is not None else ''} |".rstrip())
+    lines.append(f"\ntotal {record.get('total_seconds', 0):.0f} s")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__)
+    ap.add_argument("--only", nargs="+", choices=list(SECTIONS), default=None, metavar="SECTION",
+                    help=f"run only these sections ({', '.join(SECTIONS)})")
+    ap.add_argument("--dry-run", action="store_true", help="the same code on CPU at tiny shapes (seconds)")
+    ap.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/gpu_check_<device>.json)")
+    ap.add_argument("--device", default=None, help="default: cuda:0 (cpu with --dry-run)")
+    args = ap.parse_args(argv)
+    device = resolve_device(args.device or ("cpu" if args.dry_run else "cuda:0"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device here: run with --dry-run to check the script on CPU")
+    default_name = f"gpu_check_{'dry_run' if args.dry_run else device.type}.json"
+    out = Path(args.out) if args.out else RESULTS / default_name
+    torch.manual_seed(0)
+    record = run(args.only or list(SECTIONS), dry_run=args.dry_run, out=out, device=device)
+    print(table(record))
+    print(f"wrote {out}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
