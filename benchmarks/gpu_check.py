@@ -99,9 +99,9 @@ class Context:
         return self.cache["model"], self.cache["tokenizer"]
 
     def prompts(self, n: int, length: int) -> list[list[int]]:
-        """``n`` random prompts of ``length`` real token ids (seeded)."""
-        _, tokenizer = self.cache.get("model"), self.cache.get("tokenizer")
-        vocab = len(tokenizer) if self.sizes["shape"] == "tiny" else self.cache["model"].config.vocab_size - 1000
+        """``n`` random prompts of ``length`` real token ids (seeded); call after :meth:`model`."""
+        tiny = self.sizes["shape"] == "tiny"
+        vocab = len(self.cache["tokenizer"]) if tiny else self.cache["model"].config.vocab_size - 1000  # real ids
         g = torch.Generator().manual_seed(0)
         return torch.randint(1, vocab, (n, length), generator=g).tolist()
 
