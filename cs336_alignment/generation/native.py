@@ -309,17 +309,19 @@ class NativeEngine:
                         free -= len(unit[1])
                         waiting -= len(unit[1])
                 if batch:
-                    new_rows, first_logits = self._admit(batch, prompt_ids, cache, len(rows), seed)
+                    new_rows, first_logits = self._admit(batch, prompt_ids, cache, first_row=len(rows), seed=seed)
                     rows.extend(new_rows)
-                    self._step(rows, len(rows) - len(new_rows), first_logits, sampling, eos, stops, last_stop_bytes, done, bar)
+                    self._step(rows, len(rows) - len(new_rows), first_logits, sampling=sampling, eos=eos, stops=stops,
+                               last_stop_bytes=last_stop_bytes, done=done, bar=bar)
                     rows = self._compact(rows, cache, done)
                     continue
                 # ---- decode one token for every active row
                 tokens = torch.tensor([r.tokens[-1] for r in rows], dtype=torch.long, device=self.device)
                 positions = torch.tensor([r.position for r in rows], dtype=torch.long, device=self.device)
                 span = min(capacity, math.ceil((max(r.position for r in rows) + 1) / _BUCKET) * _BUCKET)
-                logits = self._decode(cache, tokens, positions, span)  # (A, V)
-                self._step(rows, 0, logits, sampling, eos, stops, last_stop_bytes, done, bar)
+                logits = self._decode(cache, tokens, positions=positions, span=span)  # (A, V)
+                self._step(rows, 0, logits, sampling=sampling, eos=eos, stops=stops, last_stop_bytes=last_stop_bytes,
+                           done=done, bar=bar)
                 rows = self._compact(rows, cache, done)
         finally:
             bar.close()
@@ -368,9 +370,9 @@ class NativeEngine:
         tokens, logprobs = sample_tokens(
             logits,
             stream_uniforms(keys, counts).to(self.device),
-            sampling.temperature,
-            sampling.top_p,
-            sampling.top_k,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
             suppress=suppress,
             suppress_ids=eos,
         )
