@@ -6,7 +6,9 @@ the optimizer state, every RNG state, and the run loop's counters (``recipes/loo
 that moment). It is
 written to a temporary directory next to it, fsynced, then renamed into place: a kill
 during the write leaves the previous checkpoint untouched, and a directory without the
-``COMPLETE`` marker is never loaded. On resume, metrics.jsonl is cut back to its length at
+``COMPLETE`` marker is never loaded. A manifest records every file's size and SHA-256 (hashed
+while writing); on resume a checkpoint that no longer matches is skipped for the newest intact
+one. Files load with ``weights_only=True``: a checkpoint cannot run code. On resume, metrics.jsonl is cut back to its length at
 the checkpoint, so a resumed run writes exactly the records an uninterrupted run would.
 
 Also here: ``RunControl`` (checkpoint cadence, resume, time budget, non-finite policy),
@@ -16,12 +18,16 @@ fault injection for the kill tests, the non-finite check, and the progress bar w
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
+import pickle
 import random
 import re
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +44,7 @@ __all__ = [
     "Progress",
     "RunControl",
     "RunDirectoryInUse",
+    "UnsafeCheckpoint",
     "check_finite",
     "fault_point",
     "format_seconds",
@@ -46,14 +53,23 @@ __all__ = [
     "set_rng_state",
     "start_fresh",
     "truncate_metrics",
+    "verify",
 ]
 
+
 COMPLETE = "COMPLETE"
+MANIFEST = "manifest.json"  # {file: {"bytes": size, "sha256": hex digest}}, written with the files
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 class CheckpointError(UserError, RuntimeError):
     """Writing a checkpoint failed; the previous checkpoint is intact."""
+
+
+class UnsafeCheckpoint(UserError, RuntimeError):
+    """A checkpoint file that would need arbitrary objects unpickled: refused, no fallback."""
+
+    exit_code = 2  # the run directory was tampered with: the user's to inspect
 
 
 class NonFiniteError(UserError, RuntimeError):
@@ -161,35 +177,52 @@ class Checkpointer:
         done = self.complete()
         return done[-1][1] if done else None
 
+    def latest_intact(self, warn: Callable[[str], None] = lambda message: None) -> Path | None:
+        """The newest complete checkpoint whose files match their manifest; each newer one that does
+        not (truncated, corrupted, a file missing) is skipped with ``warn(<one line: file, reason>)``."""
+        for _, path in reversed(self.complete()):
+            problem = verify(path)
+            if problem is None:
+                return path
+            warn(f"skipping checkpoint {path}: {problem}")
+        return None
+
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> Path:
-        """Write checkpoint ``step`` atomically. Raises CheckpointError (previous one intact) on failure."""
+        """Write checkpoint ``step`` atomically, with a manifest of every file's size and SHA-256
+        (hashed while writing). Any failure raises CheckpointError, removes the partial temporary
+        directory and leaves the previous checkpoint intact."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"step_{step:06d}"
         tmp = self.root / f".tmp_step_{step:06d}_{os.getpid()}_{time.time_ns()}"
         try:
             tmp.mkdir()
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "model.pt")
+            manifest = {"model.pt": _save(tmp / "model.pt", {k: v.detach().cpu() for k, v in model.state_dict().items()})}
             fault_point("checkpoint", step)
             if optimizer is not None:
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save({"state": state, "rng": rng_state(), "step": step}, tmp / "trainer.pt")
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            (tmp / COMPLETE).write_text(f"{step}\n")
+                manifest["optimizer.pt"] = _save(tmp / "optimizer.pt", optimizer.state_dict())
+            manifest["trainer.pt"] = _save(tmp / "trainer.pt", {"state": state, "rng": rng_state(), "step": step})
+            _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+            _write_synced(tmp / COMPLETE, f"{step}\n")
             _fsync_dir(tmp)
             if final.exists():  # a re-run of the same step after resume
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(self.root)
-        except OSError as e:
+        except Exception as e:  # a full disk surfaces as torch's RuntimeError as often as an OSError
             shutil.rmtree(tmp, ignore_errors=True)
             previous = self.latest()
-            why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            if isinstance(e, OSError):
+                why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            else:
+                first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                why = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", first_line)  # torch's C++ location prefix
             raise CheckpointError(
                 f"writing the checkpoint of step {step} to {self.root} failed ({why}); "
                 f"the previous checkpoint {previous or '(none)'} is intact"
             ) from e
+        except BaseException:  # Ctrl-C mid-write: no partial directory left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         self.prune()
         return final
 
@@ -201,14 +234,89 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-        """Restore weights, optimizer and RNG states from ``path``; returns the recipe state."""
+        """Restore weights, optimizer and RNG states from ``path``; returns the recipe state.
+
+        Every file loads with ``weights_only=True``: tensors and plain Python values only. A file
+        that would need anything else unpickled (code could run) raises UnsafeCheckpoint.
+        """
         device = next(model.parameters()).device
-        model.load_state_dict(torch.load(path / "model.pt", map_location=device, weights_only=True))
+        model.load_state_dict(_load(path / "model.pt", device))
         if optimizer is not None and (path / "optimizer.pt").exists():
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=False))
-        trainer = torch.load(path / "trainer.pt", weights_only=False)
+            optimizer.load_state_dict(_load(path / "optimizer.pt", device))
+        trainer = _load(path / "trainer.pt", None)
         set_rng_state(trainer["rng"])
         return trainer["state"]
+
+
+class _HashingWriter:
+    """A binary file that hashes and counts what is written to it (so nothing is read twice)."""
+
+    def __init__(self, f: Any):
+        self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _save(path: Path, obj: Any) -> dict[str, Any]:
+    """torch.save ``obj`` to ``path``, fsynced; returns its manifest entry {"bytes", "sha256"}."""
+    with open(path, "wb") as f:
+        writer = _HashingWriter(f)
+        torch.save(obj, writer)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": writer.bytes, "sha256": writer.sha256.hexdigest()}
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _load(path: Path, device: torch.device | None) -> Any:
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpoint(
+            f"{path} holds objects that are not tensors or plain values (loading them could run code); "
+            "refusing to load it: inspect the run directory"
+        ) from e
+
+
+def verify(path: Path) -> str | None:
+    """Why checkpoint ``path`` cannot be trusted (a file missing, truncated or changed), or None.
+
+    Checks each file's size, then its SHA-256, against the manifest written with it; a checkpoint
+    written before manifests existed is accepted as it is.
+    """
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as e:
+        return f"{MANIFEST} unreadable ({e})"
+    for name, expected in manifest.items():
+        f = path / name
+        if not f.exists():
+            return f"{name} is missing"
+        size = f.stat().st_size
+        if size != expected["bytes"]:
+            return f"{name} has {size} bytes, {expected['bytes']} were written"
+        digest = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(block)
+        if digest.hexdigest() != expected["sha256"]:
+            return f"{name} does not match its checksum (changed or corrupted)"
+    return None
 
 
 def truncate_metrics(metrics_path: Path, size: int) -> None:

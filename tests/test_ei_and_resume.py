@@ -217,27 +217,34 @@ def test_skip_nonfinite_counts_skips(tmp_path, nan_reward):
     assert [s for s, _ in Checkpointer(tmp_path / "s").complete()][-1] == 5  # and the run went on to the end
 
 
-def test_full_disk_fails_loudly_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure, why", [
+    (OSError(errno.ENOSPC, "No space left on device"), "no space left on device"),
+    # torch reports a full disk as a RuntimeError of its zip writer, not as an OSError
+    (RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: "
+                  "file write failed\nmore detail"), "PytorchStreamWriter failed writing file data/0"),
+])
+def test_full_disk_fails_loudly_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failure, why):
     import cs336_alignment.checkpoint as ck
 
     model = torch.nn.Linear(2, 2)
     saver = Checkpointer(tmp_path)
-    saver.save(1, model, None, {"next_step": 1})
+    saver.save(1, model, None, {"step": 1})
     real_save = torch.save
 
     def full_disk(obj, f, *a, **k):
-        if str(f).endswith("trainer.pt"):
-            raise OSError(errno.ENOSPC, "No space left on device")
+        if isinstance(obj, dict) and "rng" in obj:  # the trainer state, written last
+            raise failure
         return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(ck.torch, "save", full_disk)
-    with pytest.raises(CheckpointError, match=r"step 2 .*no space left on device.*step_000001 is intact"):
-        saver.save(2, model, None, {"next_step": 2})
+    with pytest.raises(CheckpointError, match=rf"step 2 .*\({why}.*\); the previous checkpoint .*step_000001 is intact") as e:
+        saver.save(2, model, None, {"step": 2})
+    assert "\n" not in str(e.value)  # one line
     monkeypatch.setattr(ck.torch, "save", real_save)
     assert [s for s, _ in saver.complete()] == [1]
-    assert not list((tmp_path / "checkpoints").glob(".tmp_*"))
+    assert not list((tmp_path / "checkpoints").glob(".tmp_*"))  # no partial directory left
     fresh = torch.nn.Linear(2, 2)
-    assert saver.load(saver.latest(), fresh, None) == {"next_step": 1}
+    assert saver.load(saver.latest(), fresh, None) == {"step": 1}
     assert torch.equal(fresh.weight, model.weight)
 
 

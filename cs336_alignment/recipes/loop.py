@@ -44,6 +44,7 @@ import torch
 
 from ..checkpoint import (
     Checkpointer,
+    CheckpointError,
     NonFiniteError,
     Progress,
     RunControl,
@@ -108,7 +109,9 @@ class RunLoop:
         self.run = RunDir(cfg.out)
         self.logger = self.run.logger
         self.checkpoints = Checkpointer(self.run.path, cfg.control.keep_last)
-        self._latest = self.checkpoints.latest() if cfg.control.resume else None
+        self._latest = self.checkpoints.latest_intact(warn=self.logger.warning) if cfg.control.resume else None
+        if cfg.control.resume and self._latest is None and self.checkpoints.complete():
+            raise CheckpointError(f"--resume: no checkpoint in {self.checkpoints.root} is intact (see the warnings above)")
         if self._latest is None:
             start_fresh(self.run, cfg.control)  # a new run: clear what an earlier attempt left here
         self.run.save_config(cfg)
