@@ -11,10 +11,13 @@ record to metrics.jsonl and, when enabled, to wandb.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import math
 import os
+import socket
 import tempfile
 import time
 import uuid
@@ -22,10 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from .config import dump_yaml, to_dict
+from .errors import UserError
 
 __all__ = [
     "MetricsSink",
     "RunDir",
+    "RunDirectoryLocked",
+    "RunLock",
     "atomic_write_text",
     "read_jsonl",
 ]
@@ -48,6 +54,57 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class RunDirectoryLocked(UserError, RuntimeError):
+    """Another process holds the run directory."""
+
+    exit_code = 2  # found before the run starts
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<directory>/.lock``: one process per run directory.
+
+    The lock file is opened without truncation and close-on-exec, and never deleted or moved;
+    it records the holder's pid, host and start time. The kernel drops the lock when the
+    holder exits, however it exits (kill -9 included), so a lock is never stale. On a
+    filesystem that refuses ``flock`` (ENOLCK / ENOSYS / EOPNOTSUPP, e.g. some network
+    filesystems) it warns once and goes on unlocked.
+    """
+
+    FILE = ".lock"
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.path = self.directory / self.FILE
+        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self.path.read_text(encoding="utf-8", errors="replace").strip() or "holder unknown"
+            os.close(self.fd)
+            self.fd = None
+            raise RunDirectoryLocked(
+                f"{self.directory} is in use by another process ({holder}); wait for it to finish or choose another out=..."
+            ) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+                os.close(self.fd)
+                raise
+            logging.getLogger(__name__).warning("%s: this filesystem refuses file locks (%s); running unlocked",
+                                                self.directory, e.strerror)
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+
+    def release(self) -> None:
+        """Unlock (idempotent); the file stays."""
+        if self.fd is not None:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            except OSError:  # a filesystem without locks: there was nothing to unlock
+                pass
+            os.close(self.fd)
+            self.fd = None
 
 
 def _json_safe(value: Any) -> Any:

@@ -81,10 +81,10 @@ def test_a_crafted_checkpoint_file_is_refused_and_runs_no_code(tmp_path, name):
     latest = saver.latest()
     torch.save({"state": WritesAMarker(marker)}, latest / name)
     _rewrite_manifest(latest)  # intact as far as the manifest can tell: the load itself must refuse
-    loop = RunLoop(LoopConfig(out=str(run), control=RunControl(resume=True, progress=False)), "TEST")
     model = torch.nn.Linear(3, 2)
-    with pytest.raises(UnsafeCheckpoint, match=rf"{name} holds objects that are not tensors or plain values") as e:
-        loop.attach(model, torch.optim.AdamW(model.parameters()))
+    with RunLoop(LoopConfig(out=str(run), control=RunControl(resume=True, progress=False)), "TEST") as loop:
+        with pytest.raises(UnsafeCheckpoint, match=rf"{name} holds objects that are not tensors or plain values") as e:
+            loop.attach(model, torch.optim.AdamW(model.parameters()))
     assert not marker.exists()
     assert e.value.exit_code == 2 and "\n" not in str(e.value)  # one line, exit 2, no fallback to step 1
     assert "step_000002" in str(e.value)

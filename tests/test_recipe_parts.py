@@ -34,15 +34,15 @@ class LoopConfig:
 
 
 def _run_loop(cfg: LoopConfig, total: int, eval_every: int) -> tuple[RunLoop, list[int], torch.nn.Linear]:
-    loop = RunLoop(cfg, "TEST")
     model = torch.nn.Linear(2, 1)
-    loop.attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
     evaluated = []
-    for step in loop.steps(total, eval_every=eval_every, evaluate=evaluated.append):
-        with torch.no_grad():
-            model.bias += 1.0  # the "training" of step `step`
-        loop.sink.log("train", step + 1, {"bias": model.bias.item()})
-        loop.end_of_step(f"bias {model.bias.item()}")
+    with RunLoop(cfg, "TEST") as loop:
+        loop.attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        for step in loop.steps(total, eval_every=eval_every, evaluate=evaluated.append):
+            with torch.no_grad():
+                model.bias += 1.0  # the "training" of step `step`
+            loop.sink.log("train", step + 1, {"bias": model.bias.item()})
+            loop.end_of_step(f"bias {model.bias.item()}")
     return loop, evaluated, model
 
 
@@ -78,11 +78,11 @@ def test_time_budget_stops_after_the_step_that_spends_it_and_checkpoints(tmp_pat
 
 
 def test_a_step_body_without_end_of_step_is_an_error(tmp_path):
-    loop = RunLoop(LoopConfig(out=str(tmp_path / "r")), "TEST")
-    loop.attach(torch.nn.Linear(1, 1), None)
-    with pytest.raises(RuntimeError, match="ended without loop.end_of_step"):
-        for _ in loop.steps(3):
-            pass
+    with RunLoop(LoopConfig(out=str(tmp_path / "r")), "TEST") as loop:
+        loop.attach(torch.nn.Linear(1, 1), None)
+        with pytest.raises(RuntimeError, match="ended without loop.end_of_step"):
+            for _ in loop.steps(3):
+                pass
 
 
 def test_run_state_reads_the_earlier_checkpoint_layout():

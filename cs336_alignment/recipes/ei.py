@@ -109,66 +109,66 @@ class EIConfig:
 def train_ei(cfg: EIConfig) -> dict[str, Any]:
     """Run expert iteration as configured; returns the final validation metrics."""
     # ------------------------------------------------------------------ setup
-    loop = RunLoop(cfg, "EI")
-    device = loop.device
-    data = load_data(cfg.data, cfg.seed)
-    val = data.val or data.train
-    val_subset = seeded_sample(val, cfg.n_eval_examples, cfg.eval_seed)
-    policy, tokenizer, optimizer, generator = load_policy_and_generator(cfg, device=device, generator_device=device)
-    pad_id = pad_token_id(tokenizer)  # pad, else EOS
-    loop.attach(policy, None if cfg.fresh_optimizer else optimizer)  # a fresh optimizer per step is not checkpointed
-    if loop.resuming:
-        generator.load_weights(policy)  # the resumed weights
-    rollout_sampling = SamplingParams(
-        temperature=cfg.sampling_temperature, max_tokens=cfg.sampling_max_tokens, min_tokens=cfg.sampling_min_tokens,
-        stop=("</answer>",), include_stop_str_in_output=True, n=cfg.rollouts_per_question,
-    )
-    eval_sampling = SamplingParams.r1_zero(max_tokens=cfg.sampling_max_tokens, seed=cfg.eval_seed)
-    n_questions = min(cfg.batch_questions, len(data.train))
-    loop.logger.info(
-        "EI: %d steps, %d questions x %d rollouts, %d SFT epoch(s) per step, %s optimizer, duplicates %s",
-        cfg.n_ei_steps, n_questions, cfg.rollouts_per_question, cfg.sft_epochs,
-        "fresh" if cfg.fresh_optimizer else "persistent", "dropped" if cfg.dedupe_correct else "kept",
-    )
-
-    def validate(step: int, examples: list[Example] = val_subset, tag: str = "subset") -> dict[str, Any]:
-        return loop.validate(generator, policy, data=data, examples=examples, sampling=eval_sampling, step=step, tag=tag)
-
-    for ei_step in loop.steps(cfg.n_ei_steps, eval_every=1, evaluate=validate):
-        questions = random.Random(step_seed(cfg.seed, ei_step)).sample(data.train, n_questions)
-        sampling = dataclasses.replace(rollout_sampling, seed=step_seed(cfg.seed, ei_step, 1))
-        rollouts, rollout_seconds = timed(
-            sample_rollouts, generator=generator, policy=policy, questions=questions, template=data.template,
-            sampling=sampling, colocated_device=device,
+    with RunLoop(cfg, "EI") as loop:  # the run directory is locked until the end
+        device = loop.device
+        data = load_data(cfg.data, cfg.seed)
+        val = data.val or data.train
+        val_subset = seeded_sample(val, cfg.n_eval_examples, cfg.eval_seed)
+        policy, tokenizer, optimizer, generator = load_policy_and_generator(cfg, device=device, generator_device=device)
+        pad_id = pad_token_id(tokenizer)  # pad, else EOS
+        loop.attach(policy, None if cfg.fresh_optimizer else optimizer)  # a fresh optimizer per step is not checkpointed
+        if loop.resuming:
+            generator.load_weights(policy)  # the resumed weights
+        rollout_sampling = SamplingParams(
+            temperature=cfg.sampling_temperature, max_tokens=cfg.sampling_max_tokens, min_tokens=cfg.sampling_min_tokens,
+            stop=("</answer>",), include_stop_str_in_output=True, n=cfg.rollouts_per_question,
         )
-        with loop.grading() as grader:  # timeouts count as wrong answers: logged, never fatal
-            rollouts = with_rewards(rollouts, data.reward_fn)
-        kept = select_expert_responses(rollouts, cfg.dedupe_correct)
-        entropy = rollout_entropy(policy, rollouts, pad_id=pad_id) if cfg.log_entropy else None
-        if cfg.fresh_optimizer:
-            optimizer = make_optimizer(policy, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=cfg.betas)
-        losses, sft_seconds = timed(
-            expert_sft, policy=policy, optimizer=optimizer, kept=kept, cfg=cfg, loop=loop, ei_step=ei_step, pad_id=pad_id
+        eval_sampling = SamplingParams.r1_zero(max_tokens=cfg.sampling_max_tokens, seed=cfg.eval_seed)
+        n_questions = min(cfg.batch_questions, len(data.train))
+        loop.logger.info(
+            "EI: %d steps, %d questions x %d rollouts, %d SFT epoch(s) per step, %s optimizer, duplicates %s",
+            cfg.n_ei_steps, n_questions, cfg.rollouts_per_question, cfg.sft_epochs,
+            "fresh" if cfg.fresh_optimizer else "persistent", "dropped" if cfg.dedupe_correct else "kept",
         )
-        generator.load_weights(policy)
-        # ------------------------------------------------------------------ log, end of step
-        loop.sink.log("ei", ei_step + 1, {
-            "rollouts": len(rollouts),
-            "n_correct": sum(r.reward >= 1.0 for r in rollouts),
-            "n_kept": len(kept),
-            "rollout_reward_mean": sum(r.reward for r in rollouts) / len(rollouts),
-            "rollout_entropy": entropy,
-            "sft_loss_mean": sum(losses) / len(losses) if losses else None,
-            "optimizer_steps": loop.state.optimizer_step,
-            "rollout_seconds": rollout_seconds,
-            "sft_seconds": sft_seconds,
-            "wall_clock_train": loop.stop_clock(),
-            "grader_timeouts": grader.timeouts,
-            "grader_errors": grader.errors,
-        })
-        loop.end_of_step(f"kept {len(kept)} of {len(rollouts)} rollouts", kept=len(kept))
-    final = validate(loop.state.step, val, "full") if cfg.final_eval_full else validate(loop.state.step)
-    return loop.finish(policy, tokenizer, final)
+
+        def validate(step: int, examples: list[Example] = val_subset, tag: str = "subset") -> dict[str, Any]:
+            return loop.validate(generator, policy, data=data, examples=examples, sampling=eval_sampling, step=step, tag=tag)
+
+        for ei_step in loop.steps(cfg.n_ei_steps, eval_every=1, evaluate=validate):
+            questions = random.Random(step_seed(cfg.seed, ei_step)).sample(data.train, n_questions)
+            sampling = dataclasses.replace(rollout_sampling, seed=step_seed(cfg.seed, ei_step, 1))
+            rollouts, rollout_seconds = timed(
+                sample_rollouts, generator=generator, policy=policy, questions=questions, template=data.template,
+                sampling=sampling, colocated_device=device,
+            )
+            with loop.grading() as grader:  # timeouts count as wrong answers: logged, never fatal
+                rollouts = with_rewards(rollouts, data.reward_fn)
+            kept = select_expert_responses(rollouts, cfg.dedupe_correct)
+            entropy = rollout_entropy(policy, rollouts, pad_id=pad_id) if cfg.log_entropy else None
+            if cfg.fresh_optimizer:
+                optimizer = make_optimizer(policy, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=cfg.betas)
+            losses, sft_seconds = timed(
+                expert_sft, policy=policy, optimizer=optimizer, kept=kept, cfg=cfg, loop=loop, ei_step=ei_step, pad_id=pad_id
+            )
+            generator.load_weights(policy)
+            # ------------------------------------------------------------------ log, end of step
+            loop.sink.log("ei", ei_step + 1, {
+                "rollouts": len(rollouts),
+                "n_correct": sum(r.reward >= 1.0 for r in rollouts),
+                "n_kept": len(kept),
+                "rollout_reward_mean": sum(r.reward for r in rollouts) / len(rollouts),
+                "rollout_entropy": entropy,
+                "sft_loss_mean": sum(losses) / len(losses) if losses else None,
+                "optimizer_steps": loop.state.optimizer_step,
+                "rollout_seconds": rollout_seconds,
+                "sft_seconds": sft_seconds,
+                "wall_clock_train": loop.stop_clock(),
+                "grader_timeouts": grader.timeouts,
+                "grader_errors": grader.errors,
+            })
+            loop.end_of_step(f"kept {len(kept)} of {len(rollouts)} rollouts", kept=len(kept))
+        final = validate(loop.state.step, val, "full") if cfg.final_eval_full else validate(loop.state.step)
+        return loop.finish(policy, tokenizer, final)
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import dump_yaml
+from ..config import ConfigError, dump_yaml
 from ..data import Example, format_prompts, load_examples, load_template, make_task
 from ..evaluate import evaluate
 from ..generation import NativeEngine, SamplingParams
 from ..generation.vllm_backend import load_vllm_generator
 from ..models import load_model_and_tokenizer, resolve_device
 from ..rewards import RewardFn
-from ..run_dir import atomic_write_text
+from ..run_dir import RunLock, atomic_write_text
 from .common import reward_for
 
 __all__ = [
@@ -94,23 +94,31 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     """Load model and data, evaluate, write results into ``cfg.out``; returns the metrics."""
     if not cfg.model or not cfg.data:
         raise ValueError("eval needs a model (model directory or 'tiny') and data (a JSONL path or 'task:<name>')")
-    examples, reward_fn = load_eval_data(cfg)
-    prompts = format_prompts(load_template(cfg.prompt), examples)
-    device = resolve_device(cfg.device)
-    if cfg.backend == "vllm":
-        engine = load_vllm_generator(cfg.model, device=device, seed=cfg.seed, gpu_memory_utilization=cfg.gpu_memory_utilization)
-        model = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)[0] if cfg.entropy else None  # entropy needs it
-    else:
-        model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)
-        engine = NativeEngine(
-            model, tokenizer, copy_weights=False, max_num_seqs=cfg.max_num_seqs,
-            kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,
-        )
     out = Path(cfg.out)
+    if (out / "metrics.jsonl").exists() or (out / "checkpoints").is_dir():  # never touch a training run's own files
+        raise ConfigError(f"field 'out': {out} is a training run's directory; evaluate into {out / 'eval' / 'NAME'} instead")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
-    metrics, _ = evaluate(
-        engine, reward_fn, prompts, sampling=cfg.sampling(), ground_truths=[ex.ground_truth for ex in examples], out_dir=out,
-        policy=model if cfg.entropy else None, extra_metrics={"model": cfg.model, "data": cfg.data, "device": str(device)},
-    )
+    lock = RunLock(out)  # one process per output directory, taken before anything is loaded
+    try:
+        examples, reward_fn = load_eval_data(cfg)
+        prompts = format_prompts(load_template(cfg.prompt), examples)
+        device = resolve_device(cfg.device)
+        if cfg.backend == "vllm":
+            engine = load_vllm_generator(cfg.model, device=device, seed=cfg.seed,
+                                         gpu_memory_utilization=cfg.gpu_memory_utilization)
+            model = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)[0] if cfg.entropy else None  # for entropy
+        else:
+            model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)
+            engine = NativeEngine(
+                model, tokenizer, copy_weights=False, max_num_seqs=cfg.max_num_seqs,
+                kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,
+            )
+        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+        metrics, _ = evaluate(
+            engine, reward_fn, prompts, sampling=cfg.sampling(), ground_truths=[ex.ground_truth for ex in examples],
+            out_dir=out, policy=model if cfg.entropy else None,
+            extra_metrics={"model": cfg.model, "data": cfg.data, "device": str(device)},
+        )
+    finally:
+        lock.release()
     return metrics

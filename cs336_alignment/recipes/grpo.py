@@ -181,82 +181,82 @@ class GRPOConfig:
 def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     """Run GRPO as configured; returns the final validation metrics."""
     # ------------------------------------------------------------------ setup
-    loop = RunLoop(cfg, "GRPO")
-    device, colocated = loop.device, cfg.generator_device == "same"
-    gen_device = device if colocated else resolve_device(cfg.generator_device)
-    data = load_data(cfg.data, cfg.seed)
-    if len(data.train) < cfg.n_prompts_per_rollout_batch:
-        raise ValueError(
-            f"{len(data.train)} training questions cannot fill a rollout batch of {cfg.n_prompts_per_rollout_batch}"
+    with RunLoop(cfg, "GRPO") as loop:  # the run directory is locked until the end
+        device, colocated = loop.device, cfg.generator_device == "same"
+        gen_device = device if colocated else resolve_device(cfg.generator_device)
+        data = load_data(cfg.data, cfg.seed)
+        if len(data.train) < cfg.n_prompts_per_rollout_batch:
+            raise ValueError(
+                f"{len(data.train)} training questions cannot fill a rollout batch of {cfg.n_prompts_per_rollout_batch}"
+            )
+        val = data.val or data.train
+        val_subset = seeded_sample(val, cfg.n_eval_examples, cfg.eval_seed)
+        policy, tokenizer, optimizer, generator = load_policy_and_generator(cfg, device=device, generator_device=gen_device)
+        pad_id = pad_token_id(tokenizer)  # pad, else EOS
+        loop.attach(policy, optimizer)
+        if loop.resuming:
+            generator.load_weights(policy)  # the resumed weights
+        rollout_sampling = SamplingParams(
+            temperature=cfg.sampling_temperature, max_tokens=cfg.sampling_max_tokens, min_tokens=cfg.sampling_min_tokens,
+            stop=("</answer>",), include_stop_str_in_output=True, n=cfg.group_size,
         )
-    val = data.val or data.train
-    val_subset = seeded_sample(val, cfg.n_eval_examples, cfg.eval_seed)
-    policy, tokenizer, optimizer, generator = load_policy_and_generator(cfg, device=device, generator_device=gen_device)
-    pad_id = pad_token_id(tokenizer)  # pad, else EOS
-    loop.attach(policy, optimizer)
-    if loop.resuming:
-        generator.load_weights(policy)  # the resumed weights
-    rollout_sampling = SamplingParams(
-        temperature=cfg.sampling_temperature, max_tokens=cfg.sampling_max_tokens, min_tokens=cfg.sampling_min_tokens,
-        stop=("</answer>",), include_stop_str_in_output=True, n=cfg.group_size,
-    )
-    eval_sampling = SamplingParams.r1_zero(max_tokens=cfg.sampling_max_tokens, seed=cfg.eval_seed)
-    loop.logger.info(
-        "GRPO: %d steps, %d questions x %d responses, %d optimizer step(s) per rollout batch (%s), micro-batch %d, "
-        "policy on %s, generator on %s (%s)",
-        cfg.n_grpo_steps, cfg.n_prompts_per_rollout_batch, cfg.group_size, cfg.optimizer_steps_per_rollout_batch,
-        "off-policy" if cfg.off_policy else "on-policy", cfg.micro_train_batch_size, device, gen_device,
-        "colocated" if colocated else "separate",
-    )
+        eval_sampling = SamplingParams.r1_zero(max_tokens=cfg.sampling_max_tokens, seed=cfg.eval_seed)
+        loop.logger.info(
+            "GRPO: %d steps, %d questions x %d responses, %d optimizer step(s) per rollout batch (%s), micro-batch %d, "
+            "policy on %s, generator on %s (%s)",
+            cfg.n_grpo_steps, cfg.n_prompts_per_rollout_batch, cfg.group_size, cfg.optimizer_steps_per_rollout_batch,
+            "off-policy" if cfg.off_policy else "on-policy", cfg.micro_train_batch_size, device, gen_device,
+            "colocated" if colocated else "separate",
+        )
 
-    def validate(step: int, examples: list[Example] = val_subset, tag: str = "subset") -> dict[str, Any]:
-        return loop.validate(generator, policy, data=data, examples=examples, sampling=eval_sampling, step=step, tag=tag,
-                             n_logged=cfg.log_rollout_examples)
+        def validate(step: int, examples: list[Example] = val_subset, tag: str = "subset") -> dict[str, Any]:
+            return loop.validate(generator, policy, data=data, examples=examples, sampling=eval_sampling, step=step, tag=tag,
+                                 n_logged=cfg.log_rollout_examples)
 
-    if cfg.eval_at_start and loop.state.step == 0:
-        validate(0)
-    for grpo_step in loop.steps(cfg.n_grpo_steps, eval_every=cfg.eval_every, evaluate=validate):
-        # ------------------------------------------------------------------ rollout
-        questions = random.Random(step_seed(cfg.seed, grpo_step)).sample(data.train, cfg.n_prompts_per_rollout_batch)
-        sampling = dataclasses.replace(rollout_sampling, seed=step_seed(cfg.seed, grpo_step, 1))
-        rollouts, rollout_seconds = timed(
-            sample_rollouts, generator=generator, policy=policy, questions=questions, template=data.template,
-            sampling=sampling, colocated_device=device if colocated else None,
-        )
-        # ------------------------------------------------------------------ score and advantages
-        with loop.grading() as grader:  # timeouts count as wrong answers: logged, never fatal
-            rollouts = score(rollouts, data.reward_fn, cfg)
-        # ------------------------------------------------------------------ micro-batches, old log-probs
-        batches = micro_batches(
-            rollouts, train_batch_size=cfg.train_batch_size, micro_batch_size=cfg.micro_train_batch_size, pad_id=pad_id,
-            device=device, length_grouping=cfg.length_grouping,
-        )
-        gap = LogprobGap()  # generator-vs-policy log-prob gap over response tokens
-        old_lp_seconds = timed(old_log_probs, policy=policy, batches=batches, cfg=cfg, gap=gap)[1] if cfg.off_policy else 0.0
-        # ------------------------------------------------------------------ update, sync
-        steps, train_seconds = timed(
-            policy_update, policy=policy, optimizer=optimizer, batches=batches, cfg=cfg,
-            optimizer_step=loop.state.optimizer_step, gap=None if cfg.off_policy else gap, on_nonfinite=loop.nonfinite,
-        )
-        generator.load_weights(policy)
-        # ------------------------------------------------------------------ log, end of step
-        shared = rollout_batch_metrics(
-            rollouts, cfg, gap=gap, grader=grader, rollout_seconds=rollout_seconds, old_logprob_seconds=old_lp_seconds,
-            train_seconds=train_seconds, wall_clock_train=loop.stop_clock(), skipped_steps=loop.state.skipped_steps,
-        )
-        for step_stats in steps:
-            loop.state.optimizer_step += 1
-            loop.sink.log("train", loop.state.optimizer_step,
-                          {"grpo_step": grpo_step, **step_stats.record(cfg.loss_type), **shared})
-        last = steps[-1] if steps else StepStats.nan()
-        loop.end_of_step(
-            f"reward {shared['train_reward_mean']:.3f} (format {shared['train_format_reward_mean']:.3f}), "
-            f"loss {last.loss:.4f}, grad norm {last.grad_norm:.3f}, entropy {last.token_entropy:.3f}, "
-            f"length {shared['train_response_length_mean']:.1f}",
-            reward=shared["train_reward_mean"],
-        )
-    final = validate(loop.state.step, val, "full") if cfg.final_eval_full else validate(loop.state.step)
-    return loop.finish(policy, tokenizer, final)
+        if cfg.eval_at_start and loop.state.step == 0:
+            validate(0)
+        for grpo_step in loop.steps(cfg.n_grpo_steps, eval_every=cfg.eval_every, evaluate=validate):
+            # ------------------------------------------------------------------ rollout
+            questions = random.Random(step_seed(cfg.seed, grpo_step)).sample(data.train, cfg.n_prompts_per_rollout_batch)
+            sampling = dataclasses.replace(rollout_sampling, seed=step_seed(cfg.seed, grpo_step, 1))
+            rollouts, rollout_seconds = timed(
+                sample_rollouts, generator=generator, policy=policy, questions=questions, template=data.template,
+                sampling=sampling, colocated_device=device if colocated else None,
+            )
+            # ------------------------------------------------------------------ score and advantages
+            with loop.grading() as grader:  # timeouts count as wrong answers: logged, never fatal
+                rollouts = score(rollouts, data.reward_fn, cfg)
+            # ------------------------------------------------------------------ micro-batches, old log-probs
+            batches = micro_batches(
+                rollouts, train_batch_size=cfg.train_batch_size, micro_batch_size=cfg.micro_train_batch_size, pad_id=pad_id,
+                device=device, length_grouping=cfg.length_grouping,
+            )
+            gap = LogprobGap()  # generator-vs-policy log-prob gap over response tokens
+            old_lp_seconds = timed(old_log_probs, policy=policy, batches=batches, cfg=cfg, gap=gap)[1] if cfg.off_policy else 0.0
+            # ------------------------------------------------------------------ update, sync
+            steps, train_seconds = timed(
+                policy_update, policy=policy, optimizer=optimizer, batches=batches, cfg=cfg,
+                optimizer_step=loop.state.optimizer_step, gap=None if cfg.off_policy else gap, on_nonfinite=loop.nonfinite,
+            )
+            generator.load_weights(policy)
+            # ------------------------------------------------------------------ log, end of step
+            shared = rollout_batch_metrics(
+                rollouts, cfg, gap=gap, grader=grader, rollout_seconds=rollout_seconds, old_logprob_seconds=old_lp_seconds,
+                train_seconds=train_seconds, wall_clock_train=loop.stop_clock(), skipped_steps=loop.state.skipped_steps,
+            )
+            for step_stats in steps:
+                loop.state.optimizer_step += 1
+                loop.sink.log("train", loop.state.optimizer_step,
+                              {"grpo_step": grpo_step, **step_stats.record(cfg.loss_type), **shared})
+            last = steps[-1] if steps else StepStats.nan()
+            loop.end_of_step(
+                f"reward {shared['train_reward_mean']:.3f} (format {shared['train_format_reward_mean']:.3f}), "
+                f"loss {last.loss:.4f}, grad norm {last.grad_norm:.3f}, entropy {last.token_entropy:.3f}, "
+                f"length {shared['train_response_length_mean']:.1f}",
+                reward=shared["train_reward_mean"],
+            )
+        final = validate(loop.state.step, val, "full") if cfg.final_eval_full else validate(loop.state.step)
+        return loop.finish(policy, tokenizer, final)
 
 
 # ---------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ from ..evaluate import evaluate
 from ..generation import Generator, SamplingParams
 from ..models import autocast, resolve_device
 from ..rewards import GraderFailures, grader_failures
-from ..run_dir import MetricsSink, RunDir, atomic_write_text
+from ..run_dir import MetricsSink, RunDir, RunLock, atomic_write_text
 from .common import LoadedData, seed_everything
 
 __all__ = [
@@ -106,18 +106,25 @@ class RunLoop:
         seed_everything(cfg.seed)
         self.recipe = recipe
         self.control: RunControl = cfg.control
-        self.run = RunDir(cfg.out)
-        self.logger = self.run.logger
-        self.checkpoints = Checkpointer(self.run.path, cfg.control.keep_last)
-        self._latest = self.checkpoints.latest_intact(warn=self.logger.warning) if cfg.control.resume else None
-        if cfg.control.resume and self._latest is None and self.checkpoints.complete():
-            raise CheckpointError(f"--resume: no checkpoint in {self.checkpoints.root} is intact (see the warnings above)")
-        if self._latest is None:
-            start_fresh(self.run, cfg.control)  # a new run: clear what an earlier attempt left here
-        self.run.save_config(cfg)
-        self.sink = MetricsSink(
-            self.run, wandb_project=cfg.wandb_project or None, run_name=cfg.run_name or None, config=cfg, resume=self.resuming
-        )
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(cfg.out)  # before anything in the directory is read or written
+        self.run: RunDir | None = None
+        self.sink: MetricsSink | None = None
+        try:
+            self.run = RunDir(cfg.out)
+            self.logger = self.run.logger
+            self.checkpoints = Checkpointer(self.run.path, cfg.control.keep_last)
+            self._latest = self.checkpoints.latest_intact(warn=self.logger.warning) if cfg.control.resume else None
+            if cfg.control.resume and self._latest is None and self.checkpoints.complete():
+                raise CheckpointError(f"--resume: no checkpoint in {self.checkpoints.root} is intact (see the warnings above)")
+            if self._latest is None:
+                start_fresh(self.run, cfg.control)  # a new run: clear what an earlier attempt left here
+            self.run.save_config(cfg)
+            self.sink = MetricsSink(self.run, wandb_project=cfg.wandb_project or None, run_name=cfg.run_name or None,
+                                    config=cfg, resume=self.resuming)
+        except BaseException:
+            self.close()
+            raise
         self.device = resolve_device(cfg.device)
         self.state = RunState()
         self._policy: torch.nn.Module | None = None
@@ -130,6 +137,21 @@ class RunLoop:
         self._step_start = time.perf_counter()
         self._step_end: float | None = None
         self._out_of_time = False
+
+    def __enter__(self) -> RunLoop:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the metrics sink and the log, and release the directory's lock (idempotent)."""
+        if self.sink is not None:
+            self.sink.close()
+            self.sink = None
+        if self.run is not None:
+            self.run.close()
+        self.lock.release()
 
     @property
     def resuming(self) -> bool:
@@ -269,6 +291,5 @@ class RunLoop:
         tokenizer.save_pretrained(out / "model")
         self.logger.info("saved model and tokenizer to %s", out / "model")
         atomic_write_text(out / "final.json", json.dumps(final, indent=2, default=str) + "\n")
-        self.sink.close()
-        self.run.close()
+        self.close()
         return final

@@ -111,62 +111,64 @@ class SFTConfig:
 def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Run SFT as configured; returns the final validation metrics."""
     # ------------------------------------------------------------------ setup
-    loop = RunLoop(cfg, "SFT")
-    policy, tokenizer = load_policy(cfg.model, loop.device, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
-    pad_id = pad_token_id(tokenizer)  # pad, else EOS
-    data = load_data(cfg.data, cfg.seed)
-    examples = sft_examples(data, tokenizer, cfg, logger=loop.logger)
-    steps_per_epoch = math.ceil(len(examples.pairs) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(steps_per_epoch * cfg.epochs, cfg.max_steps)
-    val_subset = seeded_sample(data.val, cfg.n_eval_examples, cfg.eval_seed)
-    loop.logger.info(
-        "SFT: %d examples (%d available%s, %d cut to max_seq_len), %d epochs x %d steps, batch %d = %d x %d micro",
-        len(examples.pairs), examples.n_available, ", filtered" if cfg.filter_correct else "", examples.n_cut, cfg.epochs,
-        steps_per_epoch, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.micro_batch_size,
-    )
-    optimizer = make_optimizer(policy, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=cfg.betas)
-    loop.attach(policy, optimizer)
-    if not loop.resuming:
-        loop.sink.log("data", 0, {"n_examples": len(examples.pairs), "n_available": examples.n_available,
-                                  "n_cut": examples.n_cut})
-    eval_sampling = SamplingParams.r1_zero(max_tokens=cfg.eval_max_tokens, seed=cfg.eval_seed)
-    generator: NativeEngine | None = None  # made at the first validation, refreshed at each later one
-
-    def validate(step: int, tag: str = "subset") -> dict[str, Any]:
-        nonlocal generator
-        if not val_subset:
-            return {}
-        if generator is None:
-            generator = NativeEngine(policy, tokenizer)
-        else:
-            generator.load_weights(policy)
-        return loop.validate(generator, policy, data=data, examples=val_subset, sampling=eval_sampling, step=step, tag=tag)
-
-    @functools.lru_cache(maxsize=1)
-    def epoch_order(epoch: int) -> list[int]:
-        order = list(range(len(examples.pairs)))
-        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-        return order
-
-    # ------------------------------------------------------------------ train
-    for step in loop.steps(total_steps, eval_every=cfg.eval_every, evaluate=validate):
-        epoch, position = divmod(step, steps_per_epoch)
-        batch = [examples.pairs[i] for i in epoch_order(epoch)[position * cfg.batch_size : (position + 1) * cfg.batch_size]]
-        lr = lr_at(step, total=total_steps, base=cfg.learning_rate, warmup=cfg.warmup_steps, schedule=cfg.schedule)
-        metrics, seconds = timed(
-            sft_optimizer_step, policy=policy, optimizer=optimizer, batch=batch, cfg=cfg, lr=lr, pad_id=pad_id,
-            step=step + 1, on_nonfinite=loop.nonfinite,
+    with RunLoop(cfg, "SFT") as loop:  # the run directory is locked until the end
+        policy, tokenizer = load_policy(cfg.model, loop.device, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
+        pad_id = pad_token_id(tokenizer)  # pad, else EOS
+        data = load_data(cfg.data, cfg.seed)
+        examples = sft_examples(data, tokenizer, cfg, logger=loop.logger)
+        steps_per_epoch = math.ceil(len(examples.pairs) / cfg.batch_size)
+        total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(steps_per_epoch * cfg.epochs, cfg.max_steps)
+        val_subset = seeded_sample(data.val, cfg.n_eval_examples, cfg.eval_seed)
+        loop.logger.info(
+            "SFT: %d examples (%d available%s, %d cut to max_seq_len), %d epochs x %d steps, batch %d = %d x %d micro",
+            len(examples.pairs), examples.n_available, ", filtered" if cfg.filter_correct else "", examples.n_cut, cfg.epochs,
+            steps_per_epoch, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.micro_batch_size,
         )
-        loop.state.optimizer_step += 1
-        if metrics is not None:
-            tokens = sum(len(p) + len(r) for p, r in batch)
-            loop.sink.log("train", step + 1, {"epoch": epoch, **metrics, "tokens_per_second": tokens / seconds,
-                                              "wall_clock_train": loop.stop_clock(), "skipped_steps": loop.state.skipped_steps})
-        loss = (metrics or {}).get("loss", float("nan"))
-        log = (step + 1) % max(1, total_steps // 20) == 0 or step + 1 == total_steps  # about 20 log lines a run
-        loop.end_of_step(f"loss {loss:.4f}, lr {lr:.2e}", log=log, loss=loss)
-    # ------------------------------------------------------------------ validate and save
-    return loop.finish(policy, tokenizer, validate(loop.state.step, "final"))
+        optimizer = make_optimizer(policy, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=cfg.betas)
+        loop.attach(policy, optimizer)
+        if not loop.resuming:
+            loop.sink.log("data", 0, {"n_examples": len(examples.pairs), "n_available": examples.n_available,
+                                      "n_cut": examples.n_cut})
+        eval_sampling = SamplingParams.r1_zero(max_tokens=cfg.eval_max_tokens, seed=cfg.eval_seed)
+        generator: NativeEngine | None = None  # made at the first validation, refreshed at each later one
+
+        def validate(step: int, tag: str = "subset") -> dict[str, Any]:
+            nonlocal generator
+            if not val_subset:
+                return {}
+            if generator is None:
+                generator = NativeEngine(policy, tokenizer)
+            else:
+                generator.load_weights(policy)
+            return loop.validate(generator, policy, data=data, examples=val_subset, sampling=eval_sampling, step=step, tag=tag)
+
+        @functools.lru_cache(maxsize=1)
+        def epoch_order(epoch: int) -> list[int]:
+            order = list(range(len(examples.pairs)))
+            random.Random(cfg.seed * 1000 + epoch).shuffle(order)
+            return order
+
+        # ------------------------------------------------------------------ train
+        for step in loop.steps(total_steps, eval_every=cfg.eval_every, evaluate=validate):
+            epoch, position = divmod(step, steps_per_epoch)
+            batch = [examples.pairs[i] for i in epoch_order(epoch)[position * cfg.batch_size : (position + 1) * cfg.batch_size]]
+            lr = lr_at(step, total=total_steps, base=cfg.learning_rate, warmup=cfg.warmup_steps, schedule=cfg.schedule)
+            metrics, seconds = timed(
+                sft_optimizer_step, policy=policy, optimizer=optimizer, batch=batch, cfg=cfg, lr=lr, pad_id=pad_id,
+                step=step + 1, on_nonfinite=loop.nonfinite,
+            )
+            loop.state.optimizer_step += 1
+            if metrics is not None:
+                tokens = sum(len(p) + len(r) for p, r in batch)
+                loop.sink.log("train", step + 1, {
+                    "epoch": epoch, **metrics, "tokens_per_second": tokens / seconds,
+                    "wall_clock_train": loop.stop_clock(), "skipped_steps": loop.state.skipped_steps,
+                })
+            loss = (metrics or {}).get("loss", float("nan"))
+            log = (step + 1) % max(1, total_steps // 20) == 0 or step + 1 == total_steps  # about 20 log lines a run
+            loop.end_of_step(f"loss {loss:.4f}, lr {lr:.2e}", log=log, loss=loss)
+        # ------------------------------------------------------------------ validate and save
+        return loop.finish(policy, tokenizer, validate(loop.state.step, "final"))
 
 
 @dataclass
