@@ -87,6 +87,7 @@ class RunControl:
     skip_nonfinite: bool = False  # skip (and count) optimizer steps with NaN/inf loss or gradient instead of stopping
     progress: bool = True  # progress bar with ETA
     overwrite: bool = False  # start over in a run directory that holds another run's checkpoints (deletes them)
+    allow_config_change: bool = False  # --resume with changed learning rate, batch sizes, data, ...: go on and record it
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 0:

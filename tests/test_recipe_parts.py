@@ -3,6 +3,7 @@ statistics, the derived accumulation, group normalisation and the clipped optimi
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -172,3 +173,73 @@ def test_clip_and_step_steps_or_hands_the_error_over():
     assert clip_and_step(model, optimizer, max_grad_norm=10.0, loss=float("nan"), step=2, on_nonfinite=seen.append) is None
     assert isinstance(seen[0], NonFiniteError) and "loss is nan at step 2" in str(seen[0])
     assert torch.equal(model.weight, after_first) and model.weight.grad is None  # no step, gradients dropped
+
+
+# --------------------------------------------------------------------------- resume keeps one truth about the config
+
+
+def _field_names(cls: type, prefix: str = "") -> set[str]:
+    import dataclasses
+
+    names = set()
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            names |= _field_names(type(default), f"{prefix}{f.name}.")
+        else:
+            names.add(f"{prefix}{f.name}")
+    return names
+
+
+def test_every_training_config_field_says_how_it_may_change_on_resume():
+    from cs336_alignment.recipes.ei import EIConfig
+    from cs336_alignment.recipes.loop import FIXED_FIELDS, FREE_FIELDS, STEP_COUNT_FIELDS
+    from cs336_alignment.recipes.sft import SFTConfig
+
+    assert not (FREE_FIELDS & FIXED_FIELDS) and not (STEP_COUNT_FIELDS & (FREE_FIELDS | FIXED_FIELDS))
+    for cls in (SFTConfig, EIConfig, GRPOConfig):
+        unclassified = _field_names(cls) - FREE_FIELDS - FIXED_FIELDS - STEP_COUNT_FIELDS
+        assert not unclassified, f"{cls.__name__}: classify {sorted(unclassified)} in recipes/loop.py"
+
+
+def test_more_steps_need_a_constant_learning_rate():
+    from cs336_alignment.config import to_dict
+    from cs336_alignment.recipes.loop import resume_config_changes
+    from cs336_alignment.recipes.sft import SFTConfig
+
+    saved = to_dict(load_config(SFTConfig, None, ["model=tiny", "epochs=1"]))
+    accepted, refused = resume_config_changes(saved, load_config(SFTConfig, None, ["model=tiny", "epochs=2", "eval_every=5"]))
+    assert [(c.field, c.old, c.new) for c in accepted] == [("epochs", 1, 2), ("eval_every", 0, 5)] and refused == []
+    saved = to_dict(load_config(SFTConfig, None, ["model=tiny", "schedule=cosine"]))  # the LR depends on the total
+    _, refused = resume_config_changes(saved, load_config(SFTConfig, None, ["model=tiny", "schedule=cosine", "epochs=2"]))
+    assert [c.field for c in refused] == ["epochs"]
+
+
+def test_resume_refuses_a_changed_learning_rate_unless_allowed_and_then_records_it(tmp_path):
+    from cs336_alignment.recipes.grpo import train_grpo
+
+    out = tmp_path / "run"
+
+    def cfg(**kw):
+        fields = dict(model="tiny", out=str(out), device="cpu", data={"train": "task:arithmetic", "n_task_train": 16,
+                      "n_task_val": 4}, n_grpo_steps=2, rollout_batch_size=4, group_size=2, train_batch_size=4,
+                      micro_batch_size=2, sampling_max_tokens=4, n_eval_examples=2, eval_every=0, final_eval_full=False,
+                      learning_rate=1e-3)
+        fields.update(kw)
+        return load_config(GRPOConfig, None, [f"{k}={json.dumps(v)}" for k, v in fields.items()])
+
+    control = {"checkpoint_every": 1, "progress": False}
+    train_grpo(cfg(control=control))
+    config_yaml = (out / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"--resume with a changed config: learning_rate 0\.001 -> 0\.002; .*"
+                                          r"control\.allow_config_change=true") as e:
+        train_grpo(cfg(learning_rate=2e-3, control={**control, "resume": True}))
+    assert "\n" not in str(e.value) and e.value.exit_code == 2
+    assert not (out / "resumes.jsonl").exists()
+    # more steps at a constant learning rate, and a changed one once allowed: both go on and are recorded
+    train_grpo(cfg(n_grpo_steps=3, learning_rate=2e-3, control={**control, "resume": True, "allow_config_change": True}))
+    changes = [(r["field"], r["old"], r["new"], r["from_step"]) for r in read_jsonl(out / "resumes.jsonl")]
+    assert changes == [("control.allow_config_change", False, True, 2), ("learning_rate", 0.001, 0.002, 2),
+                       ("n_grpo_steps", 2, 3, 2)]
+    assert (out / "config.yaml").read_text() == config_yaml  # still what produced step 1
+    assert [r["train_step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"] == [1, 2, 3]

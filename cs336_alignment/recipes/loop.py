@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from ..checkpoint import (
     Checkpointer,
@@ -53,6 +54,7 @@ from ..checkpoint import (
     start_fresh,
     truncate_metrics,
 )
+from ..config import ConfigError, dump_yaml
 from ..data import Example, format_prompts
 from ..evaluate import evaluate
 from ..generation import Generator, SamplingParams
@@ -63,8 +65,13 @@ from .common import LoadedData, seed_everything
 
 __all__ = [
     "EVAL_KEYS",
+    "FIXED_FIELDS",
+    "FREE_FIELDS",
+    "STEP_COUNT_FIELDS",
+    "ConfigChange",
     "RunLoop",
     "RunState",
+    "resume_config_changes",
 ]
 
 
@@ -72,6 +79,67 @@ EVAL_KEYS = (
     "accuracy", "format_accuracy", "answer_accuracy", "mean_token_entropy", "mean_response_length",
     "mean_response_length_correct", "mean_response_length_incorrect", "truncated_fraction", "n_examples",
 )  # the summary of a validation that goes into metrics.jsonl
+
+
+# How each config field may change when a run is resumed. Every field of the SFT, EI and GRPO
+# configs is in exactly one set (tests/test_recipe_parts.py enumerates them): a field added later
+# must be classified here.
+FREE_FIELDS = frozenset({  # how the run is watched, placed or fitted in memory: may change
+    "out", "device", "generator_device", "gradient_checkpointing", "logprob_chunk_size", "length_grouping",
+    "max_num_seqs", "kv_cache_memory_fraction", "gpu_memory_utilization", "micro_batch_size",
+    "gradient_accumulation_steps", "eval_every", "eval_at_start", "n_eval_examples", "eval_seed", "final_eval_full",
+    "log_rollout_examples", "eval_max_tokens", "log_entropy", "wandb_project", "run_name",
+    "control.resume", "control.checkpoint_every", "control.keep_last", "control.time_budget",
+    "control.skip_nonfinite", "control.progress", "control.overwrite", "control.allow_config_change",
+})
+STEP_COUNT_FIELDS = frozenset({"n_grpo_steps", "n_ei_steps", "epochs", "max_steps"})  # only with a constant learning rate
+FIXED_FIELDS = frozenset({  # what the completed steps computed with: refused unless control.allow_config_change
+    "model", "seed", "data.train", "data.val", "data.prompt", "data.reward", "data.task_knobs", "data.n_task_train",
+    "data.n_task_val", "learning_rate", "warmup_steps", "schedule", "weight_decay", "betas", "max_grad_norm",
+    "advantage_eps", "rollout_batch_size", "group_size", "sampling_temperature", "sampling_min_tokens",
+    "sampling_max_tokens", "epochs_per_rollout_batch", "train_batch_size", "loss_type", "use_std_normalization",
+    "length_normalization", "cliprange", "backend", "n_examples", "filter_correct", "batch_size", "max_seq_len",
+    "normalize", "normalize_constant", "batch_questions", "rollouts_per_question", "dedupe_correct", "sft_epochs",
+    "fresh_optimizer",
+})
+
+
+@dataclass
+class ConfigChange:
+    """One field whose value on ``--resume`` differs from the run's own config."""
+
+    field: str  # dotted name ("control.time_budget")
+    old: Any  # the run's value (config.yaml)
+    new: Any  # the value asked for now
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key in ("data", "control"):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_config_changes(saved: dict[str, Any], cfg: Any) -> tuple[list[ConfigChange], list[ConfigChange]]:
+    """(accepted, refused) differences between a run's saved config and ``cfg`` on ``--resume``.
+
+    Free fields are accepted; the number of steps is accepted when the learning rate does not
+    depend on it (a constant schedule); every other field is refused (accepted with
+    ``control.allow_config_change``). ``control.resume`` itself is not a change.
+    """
+    old, new = _flatten(saved), _flatten(yaml.safe_load(dump_yaml(cfg)))  # both as YAML reads them
+    constant_lr = getattr(cfg, "schedule", "constant") == "constant"
+    accepted, refused = [], []
+    for name in sorted(set(old) | set(new)):
+        if name == "control.resume" or old.get(name) == new.get(name):
+            continue
+        change = ConfigChange(name, old.get(name), new.get(name))
+        free = name in FREE_FIELDS or (name in STEP_COUNT_FIELDS and constant_lr)
+        (accepted if free or cfg.control.allow_config_change else refused).append(change)
+    return accepted, refused
 
 
 @dataclass
@@ -119,7 +187,9 @@ class RunLoop:
                 raise CheckpointError(f"--resume: no checkpoint in {self.checkpoints.root} is intact (see the warnings above)")
             if self._latest is None:
                 start_fresh(self.run, cfg.control)  # a new run: clear what an earlier attempt left here
-            self.run.save_config(cfg)
+                self.run.save_config(cfg)  # config.yaml: what produced step 1, never rewritten on resume
+            else:
+                self._check_resume_config(cfg)
             self.sink = MetricsSink(self.run, wandb_project=cfg.wandb_project or None, run_name=cfg.run_name or None,
                                     config=cfg, resume=self.resuming)
         except BaseException:
@@ -137,6 +207,27 @@ class RunLoop:
         self._step_start = time.perf_counter()
         self._step_end: float | None = None
         self._out_of_time = False
+
+    def _check_resume_config(self, cfg: Any) -> None:
+        """Refuse a resume whose config changes what the completed steps computed with (one line,
+        exit 2); append every accepted change to resumes.jsonl."""
+        config_path = self.run.path / RunDir.CONFIG
+        saved = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.exists() else None
+        if not isinstance(saved, dict):
+            self.run.save_config(cfg)  # a run from before config.yaml existed: nothing to compare
+            return
+        accepted, refused = resume_config_changes(saved, cfg)
+        if refused:
+            fields = ", ".join(f"{c.field} {c.old!r} -> {c.new!r}" for c in refused)
+            raise ConfigError(
+                f"--resume with a changed config: {fields}; the completed steps used the run's own config.yaml. "
+                "Resume with it, or set control.allow_config_change=true to go on and record the change"
+            )
+        from_step = int(self._latest.name.removeprefix("step_"))
+        for change in accepted:
+            with open(self.run.path / "resumes.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"time": time.time(), "from_step": from_step, **asdict(change)}, default=str) + "\n")
+            self.logger.info("resumed with %s changed: %r -> %r", change.field, change.old, change.new)
 
     def __enter__(self) -> RunLoop:
         return self
