@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .config import dump_yaml, to_dict
+from .config import ConfigError, dump_yaml, to_dict
 from .errors import UserError
 
 __all__ = [
@@ -33,6 +33,8 @@ __all__ = [
     "RunDirectoryLocked",
     "RunLock",
     "atomic_write_text",
+    "checked_out_dir",
+    "claim_directory",
     "read_jsonl",
 ]
 
@@ -105,6 +107,24 @@ class RunLock:
                 pass
             os.close(self.fd)
             self.fd = None
+
+
+def checked_out_dir(out: str | Path) -> Path:
+    """``out`` as a path, refused (ConfigError) when empty (it would be the current directory) or
+    an existing file."""
+    if isinstance(out, str) and not out.strip():
+        raise ConfigError("field 'out': empty; name the run's directory (an empty out would be the current directory)")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"field 'out': {path} is a file, not a directory; choose another out=...")
+    return path
+
+
+def claim_directory(out: str | Path) -> RunLock:
+    """:func:`checked_out_dir`, then create the directory and lock it for this process."""
+    path = checked_out_dir(out)
+    path.mkdir(parents=True, exist_ok=True)
+    return RunLock(path)
 
 
 def _json_safe(value: Any) -> Any:

@@ -94,3 +94,15 @@ def test_a_filesystem_without_locks_warns_once_and_goes_on(tmp_path, monkeypatch
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path}: this filesystem refuses file locks (No locks available); running unlocked"]
     lock.release()  # nothing to unlock: no error either
+
+
+@pytest.mark.parametrize("out, why", [("", "empty; name the run's directory"), ("FILE", "is a file, not a directory")])
+def test_out_must_name_a_directory(tmp_path, monkeypatch, out, why):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "FILE").write_text("a user's file\n")
+    before = _snapshot(tmp_path)
+    for command in (GRPO_ARGS + [f"out={out}"], ["eval", "--model", "tiny", "--data", "task:arithmetic", "--out", out]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2, result.output
+        assert "error: field 'out': " in result.output and why in result.output and "Traceback" not in result.output
+    assert _snapshot(tmp_path) == before  # nothing written in the current directory, the file untouched

@@ -10,7 +10,6 @@ evaluation core (``evaluate.py``) and writes ``config.yaml``, ``generations.json
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from ..config import ConfigError, dump_yaml
@@ -20,7 +19,7 @@ from ..generation import NativeEngine, SamplingParams
 from ..generation.vllm_backend import load_vllm_generator
 from ..models import load_model_and_tokenizer, resolve_device
 from ..rewards import RewardFn
-from ..run_dir import RunLock, atomic_write_text
+from ..run_dir import atomic_write_text, checked_out_dir, claim_directory
 from .common import reward_for
 
 __all__ = [
@@ -94,11 +93,10 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     """Load model and data, evaluate, write results into ``cfg.out``; returns the metrics."""
     if not cfg.model or not cfg.data:
         raise ValueError("eval needs a model (model directory or 'tiny') and data (a JSONL path or 'task:<name>')")
-    out = Path(cfg.out)
+    out = checked_out_dir(cfg.out)
     if (out / "metrics.jsonl").exists() or (out / "checkpoints").is_dir():  # never touch a training run's own files
         raise ConfigError(f"field 'out': {out} is a training run's directory; evaluate into {out / 'eval' / 'NAME'} instead")
-    out.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(out)  # one process per output directory, taken before anything is loaded
+    lock = claim_directory(out)  # one process per output directory, taken before anything is loaded
     try:
         examples, reward_fn = load_eval_data(cfg)
         prompts = format_prompts(load_template(cfg.prompt), examples)

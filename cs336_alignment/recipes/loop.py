@@ -60,7 +60,7 @@ from ..evaluate import evaluate
 from ..generation import Generator, SamplingParams
 from ..models import autocast, resolve_device
 from ..rewards import GraderFailures, grader_failures
-from ..run_dir import MetricsSink, RunDir, RunLock, atomic_write_text
+from ..run_dir import MetricsSink, RunDir, atomic_write_text, claim_directory
 from .common import LoadedData, seed_everything
 
 __all__ = [
@@ -174,8 +174,7 @@ class RunLoop:
         seed_everything(cfg.seed)
         self.recipe = recipe
         self.control: RunControl = cfg.control
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        self.lock = RunLock(cfg.out)  # before anything in the directory is read or written
+        self.lock = claim_directory(cfg.out)  # before anything in the directory is read or written
         self.run: RunDir | None = None
         self.sink: MetricsSink | None = None
         try:
