@@ -179,13 +179,17 @@ class Checkpointer:
         return done[-1][1] if done else None
 
     def latest_intact(self, warn: Callable[[str], None] = lambda message: None) -> Path | None:
-        """The newest complete checkpoint whose files match their manifest; each newer one that does
-        not (truncated, corrupted, a file missing) is skipped with ``warn(<one line: file, reason>)``."""
+        """The newest complete checkpoint whose files match their manifest. Each newer one that does
+        not (truncated, corrupted, a file missing) is moved aside to ``.corrupt_<name>_<time>``
+        (kept for inspection, never loaded, pruned or counted again) with
+        ``warn(<one line: file, reason, where it went>)``."""
         for _, path in reversed(self.complete()):
             problem = verify(path)
             if problem is None:
                 return path
-            warn(f"skipping checkpoint {path}: {problem}")
+            aside = self.root / f".corrupt_{path.name}_{time.time_ns()}"
+            os.replace(path, aside)
+            warn(f"skipping checkpoint {path}: {problem} (moved aside to {aside.name})")
         return None
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> Path:
@@ -289,6 +293,9 @@ def _load(path: Path, device: torch.device | None) -> Any:
             f"{path} holds objects that are not tensors or plain values (loading them could run code); "
             "refusing to load it: inspect the run directory"
         ) from e
+    except (OSError, RuntimeError, EOFError) as e:  # e.g. a truncated file of a checkpoint without a manifest
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"cannot read {path} ({first_line}); move that checkpoint aside to resume from an older one") from e
 
 
 def verify(path: Path) -> str | None:

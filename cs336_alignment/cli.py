@@ -226,8 +226,9 @@ def download_command(
 def _user_errors() -> Iterator[None]:
     """The one error path of every command: a UserError (or a missing file) prints
     ``error: <message>`` and exits with the error's ``exit_code`` (2: a bad config, report or
-    download request; 1: bad data, a busy run directory, NaN, a failed checkpoint, a missing
-    backend or file), without a traceback. Anything else is a bug and keeps its traceback."""
+    download request, a run directory held by another process, an unsafe checkpoint; 1: bad
+    data, a run directory holding another run, NaN, a failed checkpoint, a missing backend or
+    file), without a traceback. Anything else is a bug and keeps its traceback."""
     try:
         yield
     except UserError as e:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, apply_overrides, expand_env, from_dict, read_yaml, to_dict
+from .run_dir import RunDirectoryLocked
 
 __all__ = [
     "StudyRun",
@@ -209,7 +210,8 @@ def is_complete(recipe: str, out: str | Path) -> bool:
 
 
 def run_sweep(path: str | Path, smoke: bool = False, dry_run: bool = False, echo: Callable[[str], None] = print) -> list[str]:
-    """Run every grid point of a sweep in turn; returns the run directories. Complete runs are skipped."""
+    """Run every grid point of a sweep in turn; returns the run directories. Complete runs are
+    skipped, and so are runs another process holds (two processes can share one sweep)."""
     base, runs = expand_sweep(path)
     outs = []
     for i, run in enumerate(runs, start=1):
@@ -224,5 +226,8 @@ def run_sweep(path: str | Path, smoke: bool = False, dry_run: bool = False, echo
             continue
         if study.recipe != "eval":  # an interrupted run continues from its last checkpoint
             study.config.control.resume = True
-        run_study(study)
+        try:
+            run_study(study)
+        except RunDirectoryLocked as e:
+            echo(f"[{i}/{len(runs)}] {out}: skipped, {e}")
     return outs

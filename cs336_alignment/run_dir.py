@@ -77,9 +77,10 @@ class RunLock:
     FILE = ".lock"
 
     def __init__(self, directory: str | Path):
+        self.fd: int | None = None
         self.directory = Path(directory)
         self.path = self.directory / self.FILE
-        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -97,6 +98,9 @@ class RunLock:
                                                 self.directory, e.strerror)
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+
+    def __del__(self) -> None:  # a lock never outlives its object, even when nobody released it
+        self.release()
 
     def release(self) -> None:
         """Unlock (idempotent); the file stays."""

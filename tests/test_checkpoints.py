@@ -94,13 +94,17 @@ def test_a_tampered_file_that_breaks_its_checksum_is_skipped_and_runs_no_code(tm
     run = tmp_path / "run"
     saver, model = _two_checkpoints(run)
     marker = tmp_path / "marker.txt"
-    torch.save(WritesAMarker(marker), saver.latest() / "trainer.pt")  # manifest left as written
+    latest = saver.latest()
+    written = json.loads((latest / "manifest.json").read_text())["trainer.pt"]["bytes"]
+    torch.save(WritesAMarker(marker), latest / "trainer.pt")  # manifest left as written
+    size = (latest / "trainer.pt").stat().st_size
     warnings = []
     assert saver.latest_intact(warn=warnings.append) == run / "checkpoints" / "step_000001"
-    assert warnings == [f"skipping checkpoint {saver.latest()}: trainer.pt has "
-                        f"{(saver.latest() / 'trainer.pt').stat().st_size} bytes, "
-                        f"{json.loads((saver.latest() / 'manifest.json').read_text())['trainer.pt']['bytes']} were written"]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        f"skipping checkpoint {latest}: trainer.pt has {size} bytes, {written} were written (moved aside to .corrupt_step_000002_")
     assert not marker.exists()
+    # moved aside, kept for inspection: no longer counted, pruned or named as the latest
+    assert [s for s, _ in saver.complete()] == [1] and len(list((run / "checkpoints").glob(".corrupt_step_000002_*"))) == 1
 
 
 def test_resume_with_no_intact_checkpoint_fails_in_one_line(tmp_path):
@@ -142,3 +146,11 @@ def test_a_truncated_latest_checkpoint_falls_back_and_the_resumed_run_reproduces
     assert "skipping checkpoint" in (out / "log.txt").read_text() and "model.pt has" in (out / "log.txt").read_text()
     assert _comparable(out) == _comparable(tmp_path / "clean")
     assert verify(Checkpointer(out).latest()) is None  # step 4 written anew
+
+
+def test_a_lock_is_released_when_its_object_goes(tmp_path):
+    from cs336_alignment.run_dir import RunLock
+
+    lock = RunLock(tmp_path)
+    del lock  # never released explicitly
+    RunLock(tmp_path).release()

@@ -82,6 +82,26 @@ def test_sweep_skips_complete_runs(tmp_path, monkeypatch):
     assert sum("complete, skipped" in x for x in lines) == 2
 
 
+def test_a_sweep_skips_a_run_another_process_holds(tmp_path, monkeypatch):
+    from cs336_alignment.run_dir import RunLock
+
+    monkeypatch.setenv("CS336_RUNS", str(tmp_path))
+    sweep = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "grpo_std_norm.yaml"
+    lines: list[str] = []
+    run_sweep(sweep, smoke=True, dry_run=True, echo=lines.append)
+    held = lines[0].split("] ", 1)[1].split(": ", 1)[0]  # the first grid point's directory
+    Path(held).mkdir(parents=True)
+    lock = RunLock(held)  # another process (one per GPU) is running it
+    try:
+        lines.clear()
+        run_sweep(sweep, smoke=True, echo=lines.append)
+    finally:
+        lock.release()
+    skipped = [x for x in lines if ": skipped, " in x]
+    assert len(skipped) == 1 and held in skipped[0] and "is in use by another process" in skipped[0]
+    assert sum("running" in x for x in lines) == 2  # the held point was tried, refused, and the sweep went on
+
+
 def test_bad_study_files_are_clear(tmp_path):
     p = tmp_path / "x.yaml"
     p.write_text("model: m\n")

@@ -94,7 +94,8 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     if not cfg.model or not cfg.data:
         raise ValueError("eval needs a model (model directory or 'tiny') and data (a JSONL path or 'task:<name>')")
     out = checked_out_dir(cfg.out)
-    if (out / "metrics.jsonl").exists() or (out / "checkpoints").is_dir():  # never touch a training run's own files
+    is_run = any((out / name).exists() for name in ("metrics.jsonl", "checkpoints", "log.txt"))  # eval writes none
+    if is_run:  # never touch a training run's own files
         raise ConfigError(f"field 'out': {out} is a training run's directory; evaluate into {out / 'eval' / 'NAME'} instead")
     lock = claim_directory(out)  # one process per output directory, taken before anything is loaded
     try:

@@ -174,6 +174,7 @@ class RunLoop:
         seed_everything(cfg.seed)
         self.recipe = recipe
         self.control: RunControl = cfg.control
+        self.device = resolve_device(cfg.device)
         self.lock = claim_directory(cfg.out)  # before anything in the directory is read or written
         self.run: RunDir | None = None
         self.sink: MetricsSink | None = None
@@ -181,8 +182,11 @@ class RunLoop:
             self.run = RunDir(cfg.out)
             self.logger = self.run.logger
             self.checkpoints = Checkpointer(self.run.path, cfg.control.keep_last)
-            self._latest = self.checkpoints.latest_intact(warn=self.logger.warning) if cfg.control.resume else None
-            if cfg.control.resume and self._latest is None and self.checkpoints.complete():
+            skipped: list[str] = []
+            self._latest = self.checkpoints.latest_intact(warn=skipped.append) if cfg.control.resume else None
+            for warning in skipped:
+                self.logger.warning(warning)
+            if cfg.control.resume and self._latest is None and skipped:
                 raise CheckpointError(f"--resume: no checkpoint in {self.checkpoints.root} is intact (see the warnings above)")
             if self._latest is None:
                 start_fresh(self.run, cfg.control)  # a new run: clear what an earlier attempt left here
@@ -194,7 +198,6 @@ class RunLoop:
         except BaseException:
             self.close()
             raise
-        self.device = resolve_device(cfg.device)
         self.state = RunState()
         self._policy: torch.nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
