@@ -100,8 +100,8 @@ def test_a_tampered_file_that_breaks_its_checksum_is_skipped_and_runs_no_code(tm
     size = (latest / "trainer.pt").stat().st_size
     warnings = []
     assert saver.latest_intact(warn=warnings.append) == run / "checkpoints" / "step_000001"
-    assert len(warnings) == 1 and warnings[0].startswith(
-        f"skipping checkpoint {latest}: trainer.pt has {size} bytes, {written} were written (moved aside to .corrupt_step_000002_")
+    expected = f"skipping checkpoint {latest}: trainer.pt has {size} bytes, {written} were written"
+    assert len(warnings) == 1 and warnings[0].startswith(f"{expected} (moved aside to .corrupt_step_000002_")
     assert not marker.exists()
     # moved aside, kept for inspection: no longer counted, pruned or named as the latest
     assert [s for s, _ in saver.complete()] == [1] and len(list((run / "checkpoints").glob(".corrupt_step_000002_*"))) == 1
