@@ -119,9 +119,9 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
         loop.attach(policy, None if cfg.fresh_optimizer else optimizer)  # a fresh optimizer per step is not checkpointed
         if loop.resuming:
             generator.load_weights(policy)  # the resumed weights
-        rollout_sampling = SamplingParams(
+        rollout_sampling = SamplingParams.r1_zero(  # stop at </answer> and keep it
             temperature=cfg.sampling_temperature, max_tokens=cfg.sampling_max_tokens, min_tokens=cfg.sampling_min_tokens,
-            stop=("</answer>",), include_stop_str_in_output=True, n=cfg.rollouts_per_question,
+            n=cfg.rollouts_per_question,
         )
         eval_sampling = SamplingParams.r1_zero(max_tokens=cfg.sampling_max_tokens, seed=cfg.eval_seed)
         n_questions = min(cfg.batch_questions, len(data.train))

@@ -196,9 +196,9 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         loop.attach(policy, optimizer)
         if loop.resuming:
             generator.load_weights(policy)  # the resumed weights
-        rollout_sampling = SamplingParams(
+        rollout_sampling = SamplingParams.r1_zero(  # stop at </answer> and keep it
             temperature=cfg.sampling_temperature, max_tokens=cfg.sampling_max_tokens, min_tokens=cfg.sampling_min_tokens,
-            stop=("</answer>",), include_stop_str_in_output=True, n=cfg.group_size,
+            n=cfg.group_size,
         )
         eval_sampling = SamplingParams.r1_zero(max_tokens=cfg.sampling_max_tokens, seed=cfg.eval_seed)
         loop.logger.info(
