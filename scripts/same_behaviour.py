@@ -23,6 +23,7 @@ import argparse
 import filecmp
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -109,6 +110,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads for both runs")
     args = parser.parse_args()
     removed = set(args.removed)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` or kill: still remove the worktrees
 
     with tempfile.TemporaryDirectory(prefix="same-behaviour-") as tmp:
         tmp = Path(tmp)
