@@ -116,9 +116,8 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
         val_subset = seeded_sample(val, cfg.n_eval_examples, cfg.eval_seed)
         policy, tokenizer, optimizer, generator = load_policy_and_generator(cfg, device=device, generator_device=device)
         pad_id = pad_token_id(tokenizer)  # pad, else EOS
-        loop.attach(policy, None if cfg.fresh_optimizer else optimizer)  # a fresh optimizer per step is not checkpointed
-        if loop.resuming:
-            generator.load_weights(policy)  # the resumed weights
+        # a fresh optimizer per step is not checkpointed
+        loop.attach(policy, None if cfg.fresh_optimizer else optimizer, generator=generator)
         rollout_sampling = SamplingParams.r1_zero(  # stop at </answer> and keep it
             temperature=cfg.sampling_temperature, max_tokens=cfg.sampling_max_tokens, min_tokens=cfg.sampling_min_tokens,
             n=cfg.rollouts_per_question,

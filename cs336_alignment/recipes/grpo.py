@@ -193,9 +193,7 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         val_subset = seeded_sample(val, cfg.n_eval_examples, cfg.eval_seed)
         policy, tokenizer, optimizer, generator = load_policy_and_generator(cfg, device=device, generator_device=gen_device)
         pad_id = pad_token_id(tokenizer)  # pad, else EOS
-        loop.attach(policy, optimizer)
-        if loop.resuming:
-            generator.load_weights(policy)  # the resumed weights
+        loop.attach(policy, optimizer, generator=generator)  # on resume, the generator gets the restored weights
         rollout_sampling = SamplingParams.r1_zero(  # stop at </answer> and keep it
             temperature=cfg.sampling_temperature, max_tokens=cfg.sampling_max_tokens, min_tokens=cfg.sampling_min_tokens,
             n=cfg.group_size,

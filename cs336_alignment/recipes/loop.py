@@ -5,7 +5,7 @@ A recipe's outer loop reads::
 
     loop = RunLoop(cfg, "GRPO")                      # seed, run directory, resolved config, metrics sink
     ...load data, policy, optimizer, generator...
-    loop.attach(policy, optimizer)                   # what checkpoints hold; restored when resuming
+    loop.attach(policy, optimizer, generator=generator)  # what checkpoints hold; restored when resuming
     for step in loop.steps(cfg.n_grpo_steps, eval_every=cfg.eval_every, evaluate=validate_subset):
         ...the algorithm's phases...
         loop.end_of_step(summary)                    # everything below, in this order
@@ -251,14 +251,19 @@ class RunLoop:
         """Whether this run continues from a checkpoint."""
         return self._latest is not None
 
-    def attach(self, policy: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> RunState:
+    def attach(
+        self, policy: torch.nn.Module, optimizer: torch.optim.Optimizer | None, *, generator: Generator | None = None
+    ) -> RunState:
         """Name the model and optimizer (None: not checkpointed) that checkpoints hold. When
         resuming, restore them, every RNG state and the counters from the latest checkpoint,
-        and cut metrics.jsonl back to its length at that moment."""
+        cut metrics.jsonl back to its length at that moment, and load the restored weights into
+        ``generator`` (when given)."""
         self._policy, self._optimizer = policy, optimizer
         if self._latest is not None:
             self.state = RunState.from_saved(self.checkpoints.load(self._latest, policy, optimizer))
             truncate_metrics(self.run.metrics_path, self.state.metrics_bytes)
+            if generator is not None:
+                generator.load_weights(policy)
             self.logger.info("resumed from %s: continuing after %s step %d", self._latest, self.recipe, self.state.step)
         return self.state
 
