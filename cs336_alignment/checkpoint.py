@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import UserError
+from .run_dir import ForeignFiles, RunFiles, move_aside
 
 __all__ = [
     "CheckpointError",
@@ -51,6 +52,7 @@ __all__ = [
     "parse_duration",
     "rng_state",
     "set_rng_state",
+    "refuse_foreign",
     "start_fresh",
     "truncate_metrics",
     "verify",
@@ -86,7 +88,7 @@ class RunControl:
     time_budget: str = ""  # e.g. "4h", "90m": stop training at this much time (evaluation excluded)
     skip_nonfinite: bool = False  # skip (and count) optimizer steps with NaN/inf loss or gradient instead of stopping
     progress: bool = True  # progress bar with ETA
-    overwrite: bool = False  # start over in a run directory that holds another run's checkpoints (deletes them)
+    overwrite: bool = False  # start over in a directory holding another run or other files (moved aside to <out>.old-<time>/)
     allow_config_change: bool = False  # --resume with changed learning rate, batch sizes, data, ...: go on and record it
 
     def __post_init__(self) -> None:
@@ -335,33 +337,79 @@ def truncate_metrics(metrics_path: Path, size: int) -> None:
 
 
 class RunDirectoryInUse(UserError, RuntimeError):
-    """A fresh run was pointed at a directory that holds another run's checkpoints."""
+    """A fresh run was pointed at a directory that holds another run's checkpoints or a finished run."""
+
+    exit_code = 2  # found before anything is written
 
 
-def start_fresh(run: Any, control: RunControl) -> None:
-    """Begin a run from step 0 in ``run``'s directory.
-
-    Output of an earlier attempt that never checkpointed (its metrics) is discarded, so it is
-    not duplicated. A directory holding checkpoints is another run's work: starting over there
-    needs ``control.overwrite`` (which deletes its checkpoints, model, evaluations and
-    final.json); otherwise this raises, pointing at ``--resume``.
-    """
-    root = Path(run.path)
-    done = Checkpointer(root).complete()
-    if done and not control.overwrite:
-        raise RunDirectoryInUse(
-            f"{root} already holds a run with checkpoints (latest: step {done[-1][0]}); pass --resume to continue it, "
-            "choose another out=..., or set control.overwrite=true to delete it and start over"
+def refuse_foreign(path: Path, control: RunControl) -> None:
+    """Raise ForeignFiles (one line) when ``path`` holds files no run wrote and
+    ``control.overwrite`` is off. Read-only: a fresh run calls it before creating its lock file."""
+    foreign = RunFiles(path).foreign()
+    if foreign and not control.overwrite:
+        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ForeignFiles(
+            f"field 'out': {path} holds files that no run wrote ({listed}); choose another out=..., "
+            f"or set control.overwrite=true to move everything in it aside to {path.name}.old-<time>/"
         )
+
+
+def start_fresh(path: Path, control: RunControl, *, model: str = "") -> list[str]:
+    """Prepare the run directory ``path`` (locked by the caller, nothing opened in it yet) for a
+    run from step 0; returns lines for the run's log.
+
+    Deletes only what a run wrote (its manifest, :class:`~cs336_alignment.run_dir.RunFiles`):
+
+    - an earlier attempt that neither checkpointed nor finished: its outputs are removed and its
+      metrics cut to nothing, so nothing is duplicated (log.txt goes on);
+    - files no run wrote, complete or quarantined checkpoints, or a finished run (final.json):
+      refused in one line, unless ``control.overwrite``, which moves all of it aside to
+      ``<path>.old-<time>/`` (the lock file stays). ``model`` inside ``path`` is then refused,
+      as it would be moved away before it is loaded.
+    """
+    refuse_foreign(path, control)
+    files = RunFiles(path)
+    done = Checkpointer(path).complete()
+    quarantined = sorted((path / "checkpoints").glob(".corrupt_*"))
+    finished = (path / "final.json").exists()
+    notes = []
     if control.resume:
-        run.logger.info("resume requested but %s has no complete checkpoint: starting from scratch", root / "checkpoints")
-    for name in ("checkpoints", "model", "eval"):
-        shutil.rmtree(root / name, ignore_errors=True)
-    for name in ("final.json", "generations.jsonl"):
-        (root / name).unlink(missing_ok=True)
-    if run.metrics_path.exists() and run.metrics_path.stat().st_size > 0:
-        run.logger.warning("%s already has metrics from an earlier attempt; starting over", root)
-        truncate_metrics(run.metrics_path, 0)
+        notes.append(f"resume requested but {path / 'checkpoints'} has no complete checkpoint: starting from scratch")
+    if files.foreign() or done or quarantined or finished:
+        if not control.overwrite:
+            held = (f"checkpoints (latest: step {done[-1][0]})" if done else
+                    f"a finished run (final.json){' whose checkpoints were removed' if control.resume else ''}" if finished else
+                    f"checkpoints that failed their integrity check ({quarantined[0].name})")
+            hint = "pass --resume to continue it, " if done else ""
+            raise RunDirectoryInUse(
+                f"{path} already holds {held}; {hint}choose another out=..., "
+                f"or set control.overwrite=true to move it aside to {path.name}.old-<time>/ and start over"
+            )
+        if model and Path(model).resolve().is_relative_to(path.resolve()):
+            raise RunDirectoryInUse(
+                f"model {model} is inside out={path}, which control.overwrite would move aside before it is loaded; "
+                "choose another out=..."
+            )
+        aside = move_aside(path)
+        notes.append(f"control.overwrite: moved the earlier contents of {path} aside to {aside}")
+        return notes
+    keep = {"config.yaml", "log.txt", "metrics.jsonl", RunFiles.FILE}  # rewritten, appended to, cut
+    removed = []
+    for rel in sorted(files.recorded() - keep):
+        target = path / rel.rstrip("/")
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        else:
+            continue
+        removed.append(rel)
+    metrics = path / "metrics.jsonl"
+    if removed or (metrics.exists() and metrics.stat().st_size > 0):
+        notes.append(f"{path} holds an earlier attempt that never checkpointed; starting over "
+                     f"(removed its {', '.join(removed) or 'nothing'}; metrics.jsonl cut)")
+    truncate_metrics(metrics, 0)
+    return notes
 
 
 def check_finite(name: str, value: float, step: int) -> None:

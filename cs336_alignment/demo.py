@@ -24,7 +24,7 @@ from .config import load_config
 from .recipes.grpo import GRPOConfig, train_grpo
 from .recipes.sft import SFTConfig, train_sft
 from .report import report_main
-from .run_dir import atomic_write_text
+from .run_dir import atomic_write_text, move_aside
 from .tiny import save_tiny_model
 
 __all__ = [
@@ -72,7 +72,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "n_task_train": cfg.n_train,
         "n_task_val": cfg.n_val,
     }
-    control = {"progress": cfg.progress, "overwrite": True}  # a demo rerun starts over
+    if out.is_dir() and any(out.iterdir()):  # a rerun starts over; nothing is deleted
+        print(f"demo: moved the earlier contents of {out} aside to {move_aside(out)}", flush=True)
+    control = {"progress": cfg.progress}
     # ------------------------------------------------------------------ build
     init = save_tiny_model(out / "init_model", seed=cfg.seed, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers)
     # ------------------------------------------------------------------ SFT warm-up, then validation

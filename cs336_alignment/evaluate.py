@@ -243,6 +243,7 @@ def log_generations(
                   "mean_response_length_incorrect", "mean_token_entropy")
     }
     if run_dir is not None:
+        run_dir.files.record("generations.jsonl")
         with open(Path(run_dir.path) / "generations.jsonl", "a", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps({"step": step, **asdict(r)}, ensure_ascii=False) + "\n")

@@ -4,9 +4,15 @@
       config.yaml      the fully resolved config (defaults + file + overrides) that ran
       metrics.jsonl    one JSON object per line: every logged step, train and eval
       log.txt          human-readable log (also printed to the console)
+      .lock            held (flock) by the process running in the directory; never deleted
+      .files.jsonl     the manifest of every path the run wrote here (RunFiles)
 
 Recipes add ``checkpoints/``, ``eval/`` and ``model/`` beside these. ``MetricsSink`` writes each
 record to metrics.jsonl and, when enabled, to wandb.
+
+A run deletes or replaces only what its manifest holds: a fresh start in a directory holding
+anything else is refused, unless told to overwrite, which moves the old contents aside
+(:func:`move_aside`) rather than deleting them.
 """
 
 from __future__ import annotations
@@ -30,11 +36,14 @@ from .errors import UserError
 __all__ = [
     "MetricsSink",
     "RunDir",
+    "ForeignFiles",
     "RunDirectoryLocked",
+    "RunFiles",
     "RunLock",
     "atomic_write_text",
     "checked_out_dir",
     "claim_directory",
+    "move_aside",
     "read_jsonl",
 ]
 
@@ -131,6 +140,96 @@ def claim_directory(out: str | Path) -> RunLock:
     return RunLock(path)
 
 
+class ForeignFiles(UserError, RuntimeError):
+    """A fresh run was pointed at a directory holding files that no run wrote."""
+
+    exit_code = 2  # found before anything is written
+
+
+class RunFiles:
+    """The manifest of what a run wrote in its directory: ``<directory>/.files.jsonl``.
+
+    One JSON line per path, relative to the directory, appended (flushed and fsynced) *before*
+    the path is created, so a kill between the two leaves a listed path that does not exist,
+    never an existing one that is not listed. A path ending in "/" is a directory the run owns
+    with everything in it (a checkpoint folder, an evaluation folder); any other path is one file.
+    The lock file and the manifest itself are the run's too.
+    """
+
+    FILE = ".files.jsonl"
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.path = self.directory / self.FILE
+
+    def record(self, *paths: str | Path) -> None:
+        """Add ``paths`` (relative to the directory, or inside it; "x/" for a whole directory)."""
+        owned = self.recorded()
+        new = [rel for rel in (self._relative(p) for p in paths) if rel not in owned]
+        if not new:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps({"path": rel, "time": time.time()}) + "\n" for rel in new))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _relative(self, path: str | Path) -> str:
+        whole_dir = str(path).endswith("/")
+        path = Path(path)
+        try:
+            rel = path.relative_to(self.directory)
+        except ValueError:
+            if path.is_absolute():
+                raise ValueError(f"{path} is not inside the run directory {self.directory}") from None
+            rel = path  # already relative to the directory
+        return rel.as_posix() + ("/" if whole_dir else "")
+
+    def recorded(self) -> set[str]:
+        """Every path in the manifest (a torn last line, from a kill mid-append, is ignored)."""
+        return {r["path"] for r in read_jsonl(self.path) if isinstance(r, dict) and "path" in r}
+
+    def owns(self, rel: str, owned: set[str] | None = None) -> bool:
+        """Whether the file ``rel`` (relative, posix) is listed or inside a listed directory."""
+        owned = self.recorded() if owned is None else owned
+        if rel in (RunLock.FILE, self.FILE) or rel in owned:
+            return True
+        parts = rel.split("/")
+        return any("/".join(parts[:i]) + "/" in owned for i in range(1, len(parts)))
+
+    def foreign(self) -> list[str]:
+        """The files in the directory (recursively, sorted) that no run of this directory wrote."""
+        if not self.directory.is_dir():
+            return []
+        owned = self.recorded()
+        found = []
+        for root, dirs, files in os.walk(self.directory):
+            dirs.sort()
+            for name in sorted(files):
+                rel = (Path(root) / name).relative_to(self.directory).as_posix()
+                if not self.owns(rel, owned):
+                    found.append(rel)
+        return found
+
+
+def move_aside(directory: str | Path) -> Path:
+    """Move everything in ``directory`` except its lock file into a new sibling
+    ``<directory>.old-<YYYYmmdd-HHMMSS>[-N]/`` (a rename on the same filesystem: nothing is
+    copied or deleted); returns that folder."""
+    directory = Path(directory)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = directory.parent / f"{directory.name}.old-{stamp}"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = directory.parent / f"{directory.name}.old-{stamp}-{n}"
+    aside.mkdir()
+    for entry in sorted(directory.iterdir()):
+        if entry.name != RunLock.FILE:
+            os.replace(entry, aside / entry.name)
+    return aside
+
+
 def _json_safe(value: Any) -> Any:
     """Tensors and numpy scalars become Python numbers; NaN and inf become strings JSON can hold."""
     if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
@@ -162,6 +261,8 @@ class RunDir:
     def __init__(self, path: str | Path, name: str | None = None, console: bool = True):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self.files = RunFiles(self.path)  # the manifest: what this run wrote here
+        self.files.record(self.CONFIG, self.METRICS, self.LOG)
         self.metrics_path = self.path / self.METRICS
         self.logger = logging.getLogger(f"cs336_alignment.run.{name or self.path.name}.{id(self)}")
         self.logger.setLevel(logging.INFO)

@@ -23,7 +23,7 @@ from cs336_alignment.checkpoint import (
 from cs336_alignment.config import load_config
 from cs336_alignment.recipes.grpo import GRPOConfig, train_grpo
 from cs336_alignment.recipes.loop import RunLoop
-from cs336_alignment.run_dir import read_jsonl
+from cs336_alignment.run_dir import RunFiles, read_jsonl
 
 TIMING = ("time", "seconds", "per_second", "wall_clock")
 
@@ -146,6 +146,7 @@ def test_a_truncated_latest_checkpoint_falls_back_and_the_resumed_run_reproduces
     assert "skipping checkpoint" in (out / "log.txt").read_text() and "model.pt has" in (out / "log.txt").read_text()
     assert _comparable(out) == _comparable(tmp_path / "clean")
     assert verify(Checkpointer(out).latest()) is None  # step 4 written anew
+    assert RunFiles(out).foreign() == []  # every file the run wrote is in its manifest (so a fresh start may clear it)
 
 
 def test_a_lock_is_released_when_its_object_goes(tmp_path):

@@ -17,7 +17,7 @@ from cs336_alignment.config import load_config
 from cs336_alignment.recipes.ei import EIConfig, select_expert_responses, train_ei
 from cs336_alignment.recipes.grpo import GRPOConfig, train_grpo
 from cs336_alignment.rollouts import Rollout
-from cs336_alignment.run_dir import read_jsonl
+from cs336_alignment.run_dir import RunFiles, read_jsonl
 
 HELPERS = str(Path(__file__).parent / "reward_helpers.py")
 TINY_DATA = {"train": "task:arithmetic", "task_knobs": {"digits": 1}, "n_task_train": 32, "n_task_val": 8}
@@ -83,6 +83,7 @@ def test_ei_trains_on_exactly_the_rewarded_rollouts(tmp_path, monkeypatch):
     assert all(r["rollout_entropy"] > 0 and r["rollouts"] == 32 for r in ei_records)
     evals = [r for r in read_jsonl(tmp_path / "ei" / "metrics.jsonl") if r["kind"] == "eval"]
     assert len(evals) == 2  # after EI step 1, and the final one after step 2
+    assert RunFiles(tmp_path / "ei").foreign() == []  # every file the run wrote is in its manifest
 
 
 # --------------------------------------------------------------------------- kill and resume
@@ -145,6 +146,7 @@ def test_sft_kill_and_resume(tmp_path):
     done = _run(args(tmp_path / "k") + ["--resume"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert _comparable(tmp_path / "clean" / "metrics.jsonl") == _comparable(tmp_path / "k" / "metrics.jsonl")
+    assert RunFiles(tmp_path / "k").foreign() == []  # every file the run wrote is in its manifest
 
 
 # --------------------------------------------------------------------------- budgets and failures

@@ -19,7 +19,13 @@ from ..generation import NativeEngine, SamplingParams
 from ..generation.vllm_backend import load_vllm_generator
 from ..models import load_model_and_tokenizer, resolve_device
 from ..rewards import RewardFn
-from ..run_dir import atomic_write_text, checked_out_dir, claim_directory
+from ..run_dir import (
+    ForeignFiles,
+    RunFiles,
+    atomic_write_text,
+    checked_out_dir,
+    claim_directory,
+)
 from .common import reward_for
 
 __all__ = [
@@ -97,8 +103,14 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     is_run = any((out / name).exists() for name in ("metrics.jsonl", "checkpoints", "log.txt"))  # eval writes none
     if is_run:  # never touch a training run's own files
         raise ConfigError(f"field 'out': {out} is a training run's directory; evaluate into {out / 'eval' / 'NAME'} instead")
+    outputs = ("config.yaml", "generations.jsonl", "metrics.json")
+    files = RunFiles(out)
+    replaced = [name for name in outputs if (out / name).exists() and not files.owns(name)]
+    if replaced:  # a file of the user's or of a tool before manifests existed: never replaced
+        raise ForeignFiles(f"field 'out': {out / replaced[0]} exists and no run wrote it; choose another out=...")
     lock = claim_directory(out)  # one process per output directory, taken before anything is loaded
     try:
+        files.record(*outputs)
         examples, reward_fn = load_eval_data(cfg)
         prompts = format_prompts(load_template(cfg.prompt), examples)
         device = resolve_device(cfg.device)

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -51,6 +53,7 @@ from ..checkpoint import (
     RunControl,
     fault_point,
     format_seconds,
+    refuse_foreign,
     start_fresh,
     truncate_metrics,
 )
@@ -60,7 +63,14 @@ from ..evaluate import evaluate
 from ..generation import Generator, SamplingParams
 from ..models import autocast, resolve_device
 from ..rewards import GraderFailures, grader_failures
-from ..run_dir import MetricsSink, RunDir, atomic_write_text, claim_directory
+from ..run_dir import (
+    MetricsSink,
+    RunDir,
+    RunLock,
+    atomic_write_text,
+    checked_out_dir,
+    claim_directory,
+)
 from .common import LoadedData, seed_everything
 
 __all__ = [
@@ -175,21 +185,27 @@ class RunLoop:
         self.recipe = recipe
         self.control: RunControl = cfg.control
         self.device = resolve_device(cfg.device)
-        self.lock = claim_directory(cfg.out)  # before anything in the directory is read or written
+        out = checked_out_dir(cfg.out)
+        if not cfg.control.resume and not (out / RunLock.FILE).exists():
+            refuse_foreign(out, cfg.control)  # a directory that was never a run's: refused before a lock file is made
+        self.lock = claim_directory(out)  # before anything in the directory is read or written
         self.run: RunDir | None = None
         self.sink: MetricsSink | None = None
         try:
-            self.run = RunDir(cfg.out)
-            self.logger = self.run.logger
-            self.checkpoints = Checkpointer(self.run.path, cfg.control.keep_last)
-            skipped: list[str] = []
+            self.checkpoints = Checkpointer(out, cfg.control.keep_last)
+            skipped: list[str] = []  # corrupt checkpoints moved aside
             self._latest = self.checkpoints.latest_intact(warn=skipped.append) if cfg.control.resume else None
-            for warning in skipped:
-                self.logger.warning(warning)
-            if cfg.control.resume and self._latest is None and skipped:
+            notes = []
+            if self._latest is None and not skipped:  # a new run: refuse another's directory, clear an earlier attempt
+                notes = start_fresh(out, cfg.control, model=cfg.model if cfg.model != "tiny" else "")
+            self.run = RunDir(out)
+            self.logger = self.run.logger
+            self.run.files.record("checkpoints/")  # the run's own, with everything in it
+            for note in skipped + notes:
+                self.logger.warning(note)
+            if self._latest is None and skipped:
                 raise CheckpointError(f"--resume: no checkpoint in {self.checkpoints.root} is intact (see the warnings above)")
             if self._latest is None:
-                start_fresh(self.run, cfg.control)  # a new run: clear what an earlier attempt left here
                 self.run.save_config(cfg)  # config.yaml: what produced step 1, never rewritten on resume
             else:
                 self._check_resume_config(cfg)
@@ -226,6 +242,8 @@ class RunLoop:
                 "Resume with it, or set control.allow_config_change=true to go on and record the change"
             )
         from_step = int(self._latest.name.removeprefix("step_"))
+        if accepted:
+            self.run.files.record("resumes.jsonl")
         for change in accepted:
             with open(self.run.path / "resumes.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps({"time": time.time(), "from_step": from_step, **asdict(change)}, default=str) + "\n")
@@ -366,10 +384,12 @@ class RunLoop:
         (:data:`EVAL_KEYS`, split, seconds) and ``n_logged`` example rollouts; returns the record.
         """
         t0 = time.perf_counter()
+        out_dir = f"eval/{tag}_step{step:05d}/"
+        self.run.files.record(out_dir)
         with autocast(self.device):
             metrics, records = evaluate(
                 generator, data.reward_fn, format_prompts(data.template, list(examples)), sampling=sampling,
-                ground_truths=[ex.ground_truth for ex in examples], out_dir=self.run.path / "eval" / f"{tag}_step{step:05d}",
+                ground_truths=[ex.ground_truth for ex in examples], out_dir=self.run.path / out_dir,
                 policy=policy, progress=False,
             )
         policy.train()
@@ -385,9 +405,29 @@ class RunLoop:
         """Save the final model and tokenizer, write final.json (which marks the run complete),
         close the sinks; returns ``final``."""
         out = self.run.path
-        policy.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
+        self._save_model(policy, tokenizer)
         self.logger.info("saved model and tokenizer to %s", out / "model")
+        self.run.files.record("final.json")
         atomic_write_text(out / "final.json", json.dumps(final, indent=2, default=str) + "\n")
         self.close()
         return final
+
+    def _save_model(self, policy: torch.nn.Module, tokenizer: Any) -> None:
+        """Save the model and tokenizer into <run>/model/ file by file: each is written into a
+        temporary folder, recorded in the run's manifest, then renamed into place; files in
+        model/ that this run did not write are left alone."""
+        tmp = f".model.tmp-{os.getpid()}/"
+        self.run.files.record(tmp)
+        staging, model_dir = self.run.path / tmp, self.run.path / "model"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            policy.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            written = sorted(p for p in staging.rglob("*") if p.is_file())
+            self.run.files.record(*(f"model/{p.relative_to(staging).as_posix()}" for p in written))
+            for p in written:
+                target = model_dir / p.relative_to(staging)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(p, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
