@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .rewards import score_pairs
+
 __all__ = [
     "compute_group_normalized_rewards",
     "frac_groups_all_equal",
@@ -27,7 +29,7 @@ def score_responses(
             f"got {len(responses)} rollout responses but {len(ground_truths)} ground truths; "
             "repeat each ground truth group_size times"
         )
-    scores = [reward_fn(r, gt) for r, gt in zip(responses, ground_truths)]
+    scores = score_pairs(reward_fn, responses, ground_truths)
     for i, s in enumerate(scores):
         if "reward" not in s:
             raise ValueError(f"reward_fn returned {sorted(s)} for rollout {i}; it must return a dict with a 'reward' key")

@@ -41,6 +41,7 @@ from .run_dir import ForeignFiles, RunFiles, move_aside
 __all__ = [
     "CheckpointError",
     "Checkpointer",
+    "NoIntactCheckpoint",
     "NonFiniteError",
     "Progress",
     "RunControl",
@@ -66,6 +67,12 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 class CheckpointError(UserError, RuntimeError):
     """Writing a checkpoint failed; the previous checkpoint is intact."""
+
+
+class NoIntactCheckpoint(CheckpointError):
+    """``--resume`` found checkpoints, but none whose files match their manifest."""
+
+    exit_code = 2  # found before the run starts
 
 
 class UnsafeCheckpoint(UserError, RuntimeError):
@@ -211,10 +218,14 @@ class Checkpointer:
             _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
             _write_synced(tmp / COMPLETE, f"{step}\n")
             _fsync_dir(tmp)
-            if final.exists():  # a re-run of the same step after resume
-                shutil.rmtree(final)
+            stale = None
+            if final.exists():  # a re-run of the same step: set the old one aside until the new one is in place
+                stale = self.root / f".tmp_replaced_{final.name}_{os.getpid()}_{time.time_ns()}"
+                os.replace(final, stale)
             os.replace(tmp, final)
             _fsync_dir(self.root)
+            if stale is not None:
+                shutil.rmtree(stale, ignore_errors=True)
         except Exception as e:  # a full disk surfaces as torch's RuntimeError as often as an OSError
             shutil.rmtree(tmp, ignore_errors=True)
             previous = self.latest()
@@ -236,7 +247,7 @@ class Checkpointer:
     def prune(self) -> None:
         for _, path in self.complete()[: -self.keep_last]:
             shutil.rmtree(path, ignore_errors=True)
-        for stale in self.root.glob(".tmp_step_*"):  # left behind by a killed writer
+        for stale in [*self.root.glob(".tmp_step_*"), *self.root.glob(".tmp_replaced_*")]:  # left by a killed writer
             if f"_{os.getpid()}_" not in stale.name:
                 shutil.rmtree(stale, ignore_errors=True)
 

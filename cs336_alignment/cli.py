@@ -11,6 +11,8 @@ keeps its traceback.
 from __future__ import annotations
 
 import contextlib
+import shlex
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
@@ -224,19 +226,41 @@ def download_command(
 
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
-    """The one error path of every command: a UserError (or a missing file) prints
-    ``error: <message>`` and exits with the error's ``exit_code`` (2: a bad config, report or
-    download request, a run directory held by another process, an unsafe checkpoint; 1: bad
-    data, a run directory holding another run, NaN, a failed checkpoint, a missing backend or
-    file), without a traceback. Anything else is a bug and keeps its traceback."""
+    """The one error path of every command, with one exit-code convention:
+
+    2    input found bad before the run: config, data, paths, a directory held by another run,
+         a missing optional extra, an unsafe checkpoint;
+    1    a failure mid-run (non-finite loss, a failed checkpoint write), naming the last checkpoint;
+    130  interrupted (Ctrl-C): after the step was checkpointed, with the command that resumes it.
+
+    Each prints ``error: <where>: <what>`` on one line, without a traceback. Anything else is a
+    bug and keeps its traceback.
+    """
     try:
         yield
     except UserError as e:
-        typer.echo(f"error: {e}", err=True)
+        message = f"error: {e}"
+        if getattr(e, "checkpoint", None) is not None:  # Interrupted: say how to go on
+            message += f"; continue with: {_resume_command()}"
+        typer.echo(message, err=True)
         raise typer.Exit(e.exit_code) from None
-    except FileNotFoundError as e:
+    except FileNotFoundError as e:  # a path given on the command line or in a config
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training steps
+        resumable = sys.argv[1:2] and sys.argv[1] in ("run", "sweep", *RECIPE_COMMANDS)
+        hint = f"; to continue from the last checkpoint: {_resume_command()}" if resumable else ""
+        typer.echo(f"error: interrupted{hint}", err=True)
+        raise typer.Exit(130) from None
+
+
+def _resume_command() -> str:
+    """This process's command line, with --resume added for a recipe or a study (a sweep
+    resumes its runs by itself)."""
+    args = sys.argv[1:]
+    if args and args[0] in ("run", *RECIPE_COMMANDS) and "--resume" not in args:
+        args = [*args, "--resume"]
+    return shlex.join(["python", "-m", "cs336_alignment", *args])
 
 
 def _control_flags(resume: bool, time_budget: Optional[str]) -> list[str]:

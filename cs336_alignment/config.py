@@ -55,15 +55,21 @@ class ConfigError(UserError, ValueError):
 # ---------------------------------------------------------------------------------------
 
 
-def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Map each key path of a YAML mapping to its 1-based line number."""
+def _yaml_lines(text: str, source: str = "<config>") -> dict[tuple[str, ...], int]:
+    """Map each key path of a YAML mapping to its 1-based line number. A key given twice in one
+    mapping (which YAML loaders silently resolve to the last) raises ConfigError naming both lines."""
     lines: dict[tuple[str, ...], int] = {}
 
     def walk(node: yaml.Node, prefix: tuple[str, ...]) -> None:
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 path = prefix + (str(key_node.value),)
-                lines[path] = key_node.start_mark.line + 1
+                line = key_node.start_mark.line + 1
+                if path in lines:
+                    raise ConfigError(
+                        f"{source}:{line}: field '{'.'.join(path)}' given twice (first on line {lines[path]}); keep one"
+                    )
+                lines[path] = line
                 walk(value_node, path)
 
     try:
@@ -76,12 +82,18 @@ def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
 
 
 def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
-    """Read a YAML mapping and the line of every key. Errors name the file and line."""
+    """Read a YAML mapping and the line of every key. Errors (unreadable, not UTF-8, invalid
+    YAML, a key given twice, not a mapping) name the file and line."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); save it as UTF-8") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -92,7 +104,7 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, ...], i
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: a config file must hold a mapping of field: value, got {type(data).__name__}")
-    return data, _yaml_lines(text)
+    return data, _yaml_lines(text, str(path))
 
 
 # ---------------------------------------------------------------------------------------
@@ -256,7 +268,9 @@ def from_dict(
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
-        where = source or "<config>"
+        named = re.match(r"(\w+) ", str(e))  # "learning_rate must be ...": point at that field's line
+        line = lines.get(_prefix + (named.group(1),)) if named else None
+        where = f"{source or '<config>'}:{line}" if line else source or "<config>"
         section = f" ({'.'.join(_prefix)})" if _prefix else ""
         raise ConfigError(f"{where}{section}: {e}") from e
 

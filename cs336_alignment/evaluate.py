@@ -29,6 +29,7 @@ import torch
 
 from .generation.types import GenerationResult, Generator, SamplingParams
 from .logprobs import get_response_log_probs
+from .rewards import score_pairs
 from .run_dir import atomic_write_text
 from .tokenization import pack_prompt_and_output_ids, pad_token_id
 
@@ -73,10 +74,12 @@ def score_results(
         raise ValueError(
             f"got {len(results)} results, {len(prompts)} prompts and {len(ground_truths)} ground truths; they must match"
         )
+    pairs = [(c.text, truth) for result, truth in zip(results, ground_truths) for c in result.completions]
+    scores = iter(score_pairs(reward_fn, [text for text, _ in pairs], [truth for _, truth in pairs]))
     records = []
     for p, (result, prompt, truth) in enumerate(zip(results, prompts, ground_truths)):
         for s, c in enumerate(result.completions):
-            reward = {k: float(v) for k, v in reward_fn(c.text, truth).items()}
+            reward = {k: float(v) for k, v in next(scores).items()}
             records.append(GenerationRecord(
                 prompt_index=p, sample_index=s, prompt=prompt, generation=c.text, ground_truth=truth,
                 finish_reason=c.finish_reason, num_tokens=c.num_tokens, reward=reward,

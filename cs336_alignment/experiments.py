@@ -195,7 +195,14 @@ def expand_sweep(path: str | Path) -> tuple[Path, list[SweepRun]]:
                 point.update(zip(names, value))
             else:
                 point[key] = value
-        out = str(data["out"]).format(**{k.replace(".", "_"): _fmt(v) for k, v in point.items()})
+        names = {k.replace(".", "_"): _fmt(v) for k, v in point.items()}
+        try:
+            out = str(data["out"]).format(**names)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(
+                f"{path}:{lines.get(('out',), 1)}: field 'out': {data['out']!r} cannot be filled in ({type(e).__name__}: {e}); "
+                f"it may name the grid's fields, written with _ for .: {', '.join('{' + n + '}' for n in names)}"
+            ) from None
         runs.append(SweepRun(out, fixed + [f"{k}={json.dumps(v)}" for k, v in point.items()] + [f"out={json.dumps(out)}"]))
     return base, runs
 

@@ -134,10 +134,16 @@ def checked_out_dir(out: str | Path) -> Path:
 
 
 def claim_directory(out: str | Path) -> RunLock:
-    """:func:`checked_out_dir`, then create the directory and lock it for this process."""
+    """:func:`checked_out_dir`, then create the directory and lock it for this process (a
+    directory that cannot be created or written: ConfigError)."""
     path = checked_out_dir(out)
-    path.mkdir(parents=True, exist_ok=True)
-    return RunLock(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return RunLock(path)
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EPERM, errno.EACCES, errno.ENOTDIR):
+            raise
+        raise ConfigError(f"field 'out': cannot write in {path} ({e.strerror}); choose a directory you can write") from None
 
 
 class ForeignFiles(UserError, RuntimeError):
@@ -268,9 +274,9 @@ class RunDir:
         self.logger.setLevel(logging.INFO)
         self.logger.propagate = False
         fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-        file_handler = logging.FileHandler(self.path / self.LOG, encoding="utf-8")
-        file_handler.setFormatter(fmt)
-        self.logger.addHandler(file_handler)
+        self.file_handler = logging.FileHandler(self.path / self.LOG, encoding="utf-8")
+        self.file_handler.setFormatter(fmt)
+        self.logger.addHandler(self.file_handler)
         if console:
             stream = logging.StreamHandler()
             stream.setFormatter(fmt)
@@ -342,8 +348,9 @@ class MetricsSink:
             try:
                 import wandb  # optional extra: only when enabled
             except ImportError as e:
-                raise RuntimeError("wandb logging is enabled but wandb is not installed: pip install wandb") from e
+                raise ConfigError("wandb logging is enabled but wandb is not installed: pip install wandb") from e
             id_file = run_dir.path / "wandb_id.txt"
+            run_dir.files.record(id_file.name)
             run_id = id_file.read_text().strip() if resume and id_file.exists() else uuid.uuid4().hex[:16]
             id_file.write_text(run_id + "\n")
             self.wandb = wandb.init(

@@ -5,6 +5,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -112,9 +115,16 @@ def _run(args: list[str], fault: str | None = None) -> subprocess.CompletedProce
     return subprocess.run([sys.executable, "-m", "cs336_alignment", *args], env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_grpo_kill_and_resume_reproduces_the_uninterrupted_metrics(tmp_path):
-    clean = _run(_grpo_cli_args(tmp_path / "clean"))
+@pytest.fixture(scope="module")
+def grpo_clean(tmp_path_factory) -> Path:
+    """An uninterrupted run of _grpo_cli_args: what every interrupted-and-resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("grpo") / "clean"
+    clean = _run(_grpo_cli_args(out))
     assert clean.returncode == 0, clean.stderr[-3000:]
+    return out
+
+
+def test_grpo_kill_and_resume_reproduces_the_uninterrupted_metrics(tmp_path, grpo_clean):
 
     out = tmp_path / "killed"
     first = _run(_grpo_cli_args(out), fault="step:3")  # killed mid-training, after step 3, checkpoint 2 exists
@@ -128,10 +138,37 @@ def test_grpo_kill_and_resume_reproduces_the_uninterrupted_metrics(tmp_path):
     assert third.returncode == 0, third.stderr[-3000:]
     assert "resumed from" in (out / "log.txt").read_text()
 
-    want, got = _comparable(tmp_path / "clean" / "metrics.jsonl"), _comparable(out / "metrics.jsonl")
+    want, got = _comparable(grpo_clean / "metrics.jsonl"), _comparable(out / "metrics.jsonl")
     assert len(want) == len(got) and want == got
     assert [s for s, _ in Checkpointer(out).complete()] == [4, 6]  # keep_last=2
     assert not list((out / "checkpoints").glob(".tmp_step_*"))  # stale partial writes cleaned up
+
+
+def test_ctrl_c_finishes_the_step_checkpoints_it_and_prints_the_command_that_resumes(tmp_path, grpo_clean):
+    out = tmp_path / "interrupted"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("CS336_ALIGNMENT_FAULT", None)
+    child = subprocess.Popen([sys.executable, "-m", "cs336_alignment", *_grpo_cli_args(out)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in child.stderr:
+            if "GRPO step 1/6" in line:  # step 1 is closing (validation, checkpoint) or step 2 running
+                child.send_signal(signal.SIGINT)
+                break
+        rest = child.stderr.read()
+        assert child.wait(timeout=120) == 130, rest[-3000:]
+    finally:
+        child.kill()
+    last = rest.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: interrupted: stopped after GRPO step [1-5]/6, checkpoint \S+/step_00000[1-5]; "
+                        r"continue with: python -m cs336_alignment grpo .* --resume", last), last
+    assert "Traceback" not in rest and "Ctrl-C: stopping once the running GRPO step is done and checkpointed" in rest
+    stopped_at = int(re.search(r"GRPO step (\d)/6, checkpoint", last).group(1))
+    assert Checkpointer(out).latest().name == f"step_{stopped_at:06d}"  # the step it finished is checkpointed
+    command = shlex.split(last.split("; continue with: ")[1])
+    resumed = _run(command[3:])  # after "python -m cs336_alignment"
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _comparable(out / "metrics.jsonl") == _comparable(grpo_clean / "metrics.jsonl")
 
 
 def test_sft_kill_and_resume(tmp_path):
@@ -161,7 +198,8 @@ def test_parse_duration():
 
 def _grpo_cfg(out: Path, **kw) -> GRPOConfig:
     base = dict(
-        model="tiny", out=str(out), device="cpu", data={**TINY_DATA, "reward": f"{HELPERS}:nan_after_calls"},
+        model="tiny", out=str(out), device="cpu",
+        data={**TINY_DATA, "reward": f"{HELPERS}:nan_after_calls", "reward_in_process": True},  # counts calls here
         n_grpo_steps=5, rollout_batch_size=16, group_size=4, train_batch_size=16, gradient_accumulation_steps=2,
         learning_rate=1e-3, sampling_max_tokens=12, eval_every=0, n_eval_examples=4, final_eval_full=False,
     )
@@ -173,7 +211,7 @@ def _grpo_cfg(out: Path, **kw) -> GRPOConfig:
 def nan_reward():
     from cs336_alignment.rewards import resolve_reward_fn
 
-    state = resolve_reward_fn(f"{HELPERS}:nan_after_calls").__globals__["CALLS"]
+    state = resolve_reward_fn(f"{HELPERS}:nan_after_calls", in_process=True).__globals__["CALLS"]  # shared state
     state.update(n=0, nan_after=None)
     yield state
     state.update(n=0, nan_after=None)
@@ -191,8 +229,10 @@ def test_time_budget_stops_checkpoints_and_validates(tmp_path, nan_reward):
 
 def test_injected_nan_stops_with_a_clear_message_and_a_usable_checkpoint(tmp_path, nan_reward):
     nan_reward["nan_after"] = 16 * 2  # rewards of the first two GRPO steps are fine, the third is NaN
-    with pytest.raises(NonFiniteError, match="loss is nan at step 3"):
+    with pytest.raises(NonFiniteError, match="loss is nan at step 3") as error:
         train_grpo(_grpo_cfg(tmp_path / "n"))
+    assert error.value.exit_code == 1 and "\n" not in str(error.value)  # a failure mid-run: one line
+    assert str(error.value).endswith(f"(last checkpoint: {tmp_path / 'n' / 'checkpoints' / 'step_000002'})")
     ckpt = Checkpointer(tmp_path / "n")
     assert [s for s, _ in ckpt.complete()] == [1, 2]
     model = torch.nn.Linear(1, 1)  # the checkpoint files load
@@ -200,7 +240,7 @@ def test_injected_nan_stops_with_a_clear_message_and_a_usable_checkpoint(tmp_pat
     assert state["state"]["step"] == 2
     weights = torch.load(ckpt.latest() / "model.pt", weights_only=True)
     assert all(torch.isfinite(w).all() for w in weights.values())
-    assert "Last checkpoint" in (tmp_path / "n" / "log.txt").read_text()
+    assert str(error.value) in (tmp_path / "n" / "log.txt").read_text()
     del model
     # resuming with the reward fixed finishes the run from that checkpoint
     nan_reward.update(n=0, nan_after=None)

@@ -243,3 +243,7 @@ def test_resume_refuses_a_changed_learning_rate_unless_allowed_and_then_records_
                        ("n_grpo_steps", 2, 3, 2)]
     assert (out / "config.yaml").read_text() == config_yaml  # still what produced step 1
     assert [r["train_step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"] == [1, 2, 3]
+    # a later resume compares with the config as changed so far: only what changes now is recorded
+    train_grpo(cfg(n_grpo_steps=4, learning_rate=2e-3, control={**control, "resume": True, "allow_config_change": True}))
+    changes = [(r["field"], r["old"], r["new"], r["from_step"]) for r in read_jsonl(out / "resumes.jsonl")]
+    assert changes[3:] == [("n_grpo_steps", 3, 4, 3)]

@@ -157,5 +157,6 @@ def test_eval_replaces_only_its_own_output(tmp_path):
     before = _snapshot(mine)
     result = CliRunner().invoke(app, args[:-1] + [str(mine)])
     assert result.exit_code == 2, result.output
-    assert result.output.strip() == f"error: field 'out': {mine / 'metrics.json'} exists and no run wrote it; choose another out=..."
+    want = f"error: field 'out': {mine / 'metrics.json'} exists and no run wrote it; choose another out=..."
+    assert result.output.strip() == want
     assert _snapshot(mine) == before and os.listdir(mine) == ["metrics.json"]

@@ -64,6 +64,8 @@ _INSTALL_HINT = "pip install 'cs336-alignment[vllm]' (needs a CUDA GPU), or use 
 class BackendUnavailable(UserError, RuntimeError):
     """The vLLM backend was selected but cannot run here (not installed, or unsupported version)."""
 
+    exit_code = 2  # a missing optional extra: found before the run starts
+
 
 # --------------------------------------------------------------------------- import and versions
 

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 from ..checkpoint import NonFiniteError, check_finite
+from ..config import ConfigError
 from ..data import Example, generate_splits, load_examples, load_template, make_task
 from ..generation import Generator, load_generator
 from ..models import load_policy
@@ -24,6 +27,8 @@ from ..rewards import RewardFn, resolve_reward_fn
 __all__ = [
     "DataConfig",
     "LoadedData",
+    "check_common_fields",
+    "check_model_path",
     "check_sft_batching",
     "clip_and_step",
     "load_data",
@@ -50,6 +55,7 @@ class DataConfig:
     val: str = ""  # JSONL for validation; with a task and "" here, a generated validation split
     prompt: str = "r1_zero"  # prompt template: "r1_zero", "question_only", or a .prompt file
     reward: str = ""  # reward name or "module:function"; "" = the one matching the prompt / task
+    reward_in_process: bool = False  # run a user's reward in this process (shared state, no time bound), not in the sandbox
     task_knobs: dict[str, Any] = field(default_factory=dict)  # knobs of a built-in task (e.g. digits: 2)
     n_task_train: int = 2000  # generated training examples for a task
     n_task_val: int = 200  # generated validation examples for a task
@@ -69,11 +75,15 @@ class LoadedData:
     reward_fn: RewardFn  # (response, ground_truth) -> {"format_reward", "answer_reward", "reward"}
 
 
-def reward_for(reward: str, prompt: str, task: Any = None) -> RewardFn:
-    """The reward a data source gets: ``reward`` when named, else the task's, else the one
-    matching the prompt template (question_only or r1_zero)."""
+def reward_for(reward: str, prompt: str, task: Any = None, *, field: str = "data.reward", in_process: bool = False) -> RewardFn:
+    """The reward a data source gets: ``reward`` when named (a user's reward runs in the grader
+    sandbox unless ``in_process``), else the task's, else the one matching the prompt template
+    (question_only or r1_zero). A reward that cannot be resolved raises ConfigError naming ``field``."""
     if reward:
-        return resolve_reward_fn(reward)
+        try:
+            return resolve_reward_fn(reward, in_process=in_process)
+        except ValueError as e:
+            raise ConfigError(f"field '{field}': {e}") from None
     if task is not None:
         return task.reward_fn
     return resolve_reward_fn("question_only" if prompt == "question_only" else "r1_zero")
@@ -82,22 +92,72 @@ def reward_for(reward: str, prompt: str, task: Any = None) -> RewardFn:
 def load_data(cfg: DataConfig, seed: int) -> LoadedData:
     """Training and validation examples, the prompt template and the reward for a DataConfig."""
     if not cfg.train:
-        raise ValueError("data.train is empty: give a JSONL path or 'task:arithmetic' / 'task:countdown'")
+        raise ConfigError("field 'data.train': empty; give a JSONL path or 'task:arithmetic' / 'task:countdown'")
     template = load_template(cfg.prompt)
     task = None
     if cfg.train.startswith("task:"):
-        task = make_task(cfg.train.removeprefix("task:"), **cfg.task_knobs)
+        try:
+            task = make_task(cfg.train.removeprefix("task:"), **cfg.task_knobs)
+        except (ValueError, TypeError) as e:  # an unknown task, or a knob it does not take
+            raise ConfigError(f"field 'data.train': {e}") from None
         train, val = generate_splits(task, cfg.n_task_train, cfg.n_task_val, seed=seed)
     else:
         train, val = load_examples(cfg.train), []
     if cfg.val:
         val = load_examples(cfg.val)
-    return LoadedData(train=train, val=val, template=template, reward_fn=reward_for(cfg.reward, cfg.prompt, task))
+    reward_fn = reward_for(cfg.reward, cfg.prompt, task, in_process=cfg.reward_in_process)
+    return LoadedData(train=train, val=val, template=template, reward_fn=reward_fn)
 
 
 def seeded_sample(examples: Sequence[Example], n: int, seed: int) -> list[Example]:
     """A fixed sample of at most ``n`` examples, drawn with ``random.Random(seed)`` (a validation subset)."""
     return random.Random(seed).sample(list(examples), min(n, len(examples)))
+
+
+# Ranges of the fields several configs share: (fields, test, the valid range in words).
+_RANGES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
+    (("seed", "eval_seed"), lambda v: 0 <= v < 2**32, "an integer in [0, 2**32 - 1] (the range numpy and vLLM seed with)"),
+    (("learning_rate",), lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    (("weight_decay", "warmup_steps", "n_eval_examples", "eval_every", "log_rollout_examples"),
+     lambda v: math.isfinite(v) and v >= 0, ">= 0"),
+    (("max_grad_norm",), lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    (("sampling_temperature", "temperature"), lambda v: math.isfinite(v) and v >= 0, ">= 0 (0 is greedy)"),
+    (("top_p",), lambda v: 0 < v <= 1, "in (0, 1]"),
+    (("max_num_seqs", "sampling_max_tokens", "eval_max_tokens", "max_tokens"), lambda v: v >= 1, ">= 1"),
+    (("logprob_chunk_size",), lambda v: v is None or v >= 1, ">= 1, or null for the whole sequence at once"),
+    (("kv_cache_memory_fraction",), lambda v: 0 < v < 1, "in (0, 1)"),
+    (("gpu_memory_utilization",), lambda v: 0 < v <= 1, "in (0, 1]"),
+)
+
+
+def check_common_fields(cfg: Any) -> None:
+    """Check the fields a config shares with others against their valid ranges (a config's
+    ``__post_init__`` calls this): every bad value at once in one ValueError, each with its range.
+    A field the config lacks is skipped."""
+    problems = []
+    for names, ok, valid in _RANGES:
+        for name in names:
+            if hasattr(cfg, name) and not ok(getattr(cfg, name)):
+                problems.append(f"{name} must be {valid}, got {getattr(cfg, name)!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def check_model_path(model: str) -> None:
+    """Refuse (ConfigError) a ``model`` that names a file, or a local path that does not exist;
+    "tiny" and Hugging Face hub ids ("org/name", resolved by transformers) pass."""
+    if model == "tiny":
+        return
+    path = Path(model).expanduser()
+    if path.is_file():
+        raise ConfigError(f"field 'model': {model} is a file; expected a model directory (from save_pretrained) or 'tiny'")
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", model) is not None and not model.startswith(".")
+    if not path.exists() and not hub_id:
+        raise ConfigError(f"field 'model': no such directory {model}; expected a model directory (from save_pretrained) "
+                          "or 'tiny'")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ConfigError(f"field 'model': {model} holds no config.json, so it is not a saved model; "
+                          "for a finished run, name its model/ folder")
 
 
 def check_sft_batching(batch_size: int, micro_batch_size: int) -> None:

@@ -35,6 +35,7 @@ from ..rollouts import Rollout, sample_rollouts, with_rewards
 from ..tokenization import pad_token_id
 from .common import (
     DataConfig,
+    check_common_fields,
     check_sft_batching,
     load_data,
     load_policy_and_generator,
@@ -98,6 +99,7 @@ class EIConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        check_common_fields(self)
         check_sft_batching(self.batch_size, self.micro_batch_size)
         for name in ("n_ei_steps", "batch_questions", "rollouts_per_question", "sft_epochs"):
             if getattr(self, name) < 1:
@@ -109,9 +111,9 @@ class EIConfig:
 def train_ei(cfg: EIConfig) -> dict[str, Any]:
     """Run expert iteration as configured; returns the final validation metrics."""
     # ------------------------------------------------------------------ setup
+    data = load_data(cfg.data, cfg.seed)  # bad data is refused before the run directory exists
     with RunLoop(cfg, "EI") as loop:  # the run directory is locked until the end
         device = loop.device
-        data = load_data(cfg.data, cfg.seed)
         val = data.val or data.train
         val_subset = seeded_sample(val, cfg.n_eval_examples, cfg.eval_seed)
         policy, tokenizer, optimizer, generator = load_policy_and_generator(cfg, device=device, generator_device=device)

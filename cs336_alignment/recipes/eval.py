@@ -16,7 +16,7 @@ from ..config import ConfigError, dump_yaml
 from ..data import Example, format_prompts, load_examples, load_template, make_task
 from ..evaluate import evaluate
 from ..generation import NativeEngine, SamplingParams
-from ..generation.vllm_backend import load_vllm_generator
+from ..generation.vllm_backend import import_vllm, load_vllm_generator
 from ..models import load_model_and_tokenizer, resolve_device
 from ..rewards import RewardFn
 from ..run_dir import (
@@ -26,7 +26,7 @@ from ..run_dir import (
     checked_out_dir,
     claim_directory,
 )
-from .common import reward_for
+from .common import check_common_fields, check_model_path, reward_for
 
 __all__ = [
     "EvalConfig",
@@ -60,6 +60,7 @@ class EvalConfig:
     entropy: bool = True  # also compute mean token entropy with a forward pass of the model
 
     def __post_init__(self) -> None:
+        check_common_fields(self)
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
         if self.n < 1:
@@ -92,13 +93,18 @@ def load_eval_data(cfg: EvalConfig) -> tuple[list[Example], RewardFn]:
         examples = load_examples(cfg.data)
     if cfg.limit is not None:
         examples = examples[: cfg.limit]
-    return examples, reward_for(cfg.reward, cfg.prompt, task)
+    return examples, reward_for(cfg.reward, cfg.prompt, task, field="reward")
 
 
 def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     """Load model and data, evaluate, write results into ``cfg.out``; returns the metrics."""
     if not cfg.model or not cfg.data:
         raise ValueError("eval needs a model (model directory or 'tiny') and data (a JSONL path or 'task:<name>')")
+    check_model_path(cfg.model)
+    if cfg.backend == "vllm":
+        import_vllm()  # a missing or too old vLLM is refused before anything is written
+    examples, reward_fn = load_eval_data(cfg)  # bad data, prompt or reward: refused before anything is written
+    prompts = format_prompts(load_template(cfg.prompt), examples)
     out = checked_out_dir(cfg.out)
     is_run = any((out / name).exists() for name in ("metrics.jsonl", "checkpoints", "log.txt"))  # eval writes none
     if is_run:  # never touch a training run's own files
@@ -111,8 +117,6 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     lock = claim_directory(out)  # one process per output directory, taken before anything is loaded
     try:
         files.record(*outputs)
-        examples, reward_fn = load_eval_data(cfg)
-        prompts = format_prompts(load_template(cfg.prompt), examples)
         device = resolve_device(cfg.device)
         if cfg.backend == "vllm":
             engine = load_vllm_generator(cfg.model, device=device, seed=cfg.seed,

@@ -26,6 +26,7 @@ import torch
 
 from ..advantages import frac_groups_all_equal, group_normalize
 from ..checkpoint import NonFiniteError, RunControl
+from ..config import ConfigError
 from ..data import Example
 from ..generation import SamplingParams
 from ..logprobs import get_response_log_probs
@@ -34,7 +35,16 @@ from ..models import autocast, resolve_device
 from ..rewards import GraderFailures, RewardFn
 from ..rollouts import MicroBatch, Rollout, micro_batches, rollout_stats, sample_rollouts, with_rewards
 from ..tokenization import pad_token_id
-from .common import DataConfig, clip_and_step, load_data, load_policy_and_generator, seeded_sample, step_seed, timed
+from .common import (
+    DataConfig,
+    check_common_fields,
+    clip_and_step,
+    load_data,
+    load_policy_and_generator,
+    seeded_sample,
+    step_seed,
+    timed,
+)
 from .loop import RunLoop
 
 __all__ = [
@@ -106,6 +116,7 @@ class GRPOConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        check_common_fields(self)
         for name in ("rollout_batch_size", "group_size", "train_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -181,14 +192,15 @@ class GRPOConfig:
 def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     """Run GRPO as configured; returns the final validation metrics."""
     # ------------------------------------------------------------------ setup
+    data = load_data(cfg.data, cfg.seed)  # bad data is refused before the run directory exists
+    if len(data.train) < cfg.n_prompts_per_rollout_batch:
+        raise ConfigError(
+            f"field 'data.train': {len(data.train)} training questions cannot fill one rollout batch of "
+            f"{cfg.n_prompts_per_rollout_batch} (rollout_batch_size / group_size); use more data or a smaller rollout_batch_size"
+        )
     with RunLoop(cfg, "GRPO") as loop:  # the run directory is locked until the end
         device, colocated = loop.device, cfg.generator_device == "same"
         gen_device = device if colocated else resolve_device(cfg.generator_device)
-        data = load_data(cfg.data, cfg.seed)
-        if len(data.train) < cfg.n_prompts_per_rollout_batch:
-            raise ValueError(
-                f"{len(data.train)} training questions cannot fill a rollout batch of {cfg.n_prompts_per_rollout_batch}"
-            )
         val = data.val or data.train
         val_subset = seeded_sample(val, cfg.n_eval_examples, cfg.eval_seed)
         policy, tokenizer, optimizer, generator = load_policy_and_generator(cfg, device=device, generator_device=gen_device)

@@ -33,9 +33,13 @@ writes.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
+import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -47,7 +51,7 @@ import yaml
 
 from ..checkpoint import (
     Checkpointer,
-    CheckpointError,
+    NoIntactCheckpoint,
     NonFiniteError,
     Progress,
     RunControl,
@@ -59,8 +63,10 @@ from ..checkpoint import (
 )
 from ..config import ConfigError, dump_yaml
 from ..data import Example, format_prompts
+from ..errors import UserError
 from ..evaluate import evaluate
 from ..generation import Generator, SamplingParams
+from ..generation.vllm_backend import import_vllm
 from ..models import autocast, resolve_device
 from ..rewards import GraderFailures, grader_failures
 from ..run_dir import (
@@ -70,8 +76,9 @@ from ..run_dir import (
     atomic_write_text,
     checked_out_dir,
     claim_directory,
+    read_jsonl,
 )
-from .common import LoadedData, seed_everything
+from .common import LoadedData, check_model_path, seed_everything
 
 __all__ = [
     "EVAL_KEYS",
@@ -79,6 +86,7 @@ __all__ = [
     "FREE_FIELDS",
     "STEP_COUNT_FIELDS",
     "ConfigChange",
+    "Interrupted",
     "RunLoop",
     "RunState",
     "resume_config_changes",
@@ -104,7 +112,8 @@ FREE_FIELDS = frozenset({  # how the run is watched, placed or fitted in memory:
 })
 STEP_COUNT_FIELDS = frozenset({"n_grpo_steps", "n_ei_steps", "epochs", "max_steps"})  # only with a constant learning rate
 FIXED_FIELDS = frozenset({  # what the completed steps computed with: refused unless control.allow_config_change
-    "model", "seed", "data.train", "data.val", "data.prompt", "data.reward", "data.task_knobs", "data.n_task_train",
+    "model", "seed", "data.train", "data.val", "data.prompt", "data.reward", "data.reward_in_process", "data.task_knobs",
+    "data.n_task_train",
     "data.n_task_val", "learning_rate", "warmup_steps", "schedule", "weight_decay", "betas", "max_grad_norm",
     "advantage_eps", "rollout_batch_size", "group_size", "sampling_temperature", "sampling_min_tokens",
     "sampling_max_tokens", "epochs_per_rollout_batch", "train_batch_size", "loss_type", "use_std_normalization",
@@ -112,6 +121,16 @@ FIXED_FIELDS = frozenset({  # what the completed steps computed with: refused un
     "normalize", "normalize_constant", "batch_questions", "rollouts_per_question", "dedupe_correct", "sft_epochs",
     "fresh_optimizer",
 })
+
+
+class Interrupted(UserError):
+    """The run stopped at a Ctrl-C after finishing its step and checkpointing it."""
+
+    exit_code = 130  # the shell's code for SIGINT
+
+    def __init__(self, message: str, checkpoint: Path | None):
+        super().__init__(message)
+        self.checkpoint = checkpoint  # where --resume continues from
 
 
 @dataclass
@@ -185,6 +204,12 @@ class RunLoop:
         self.recipe = recipe
         self.control: RunControl = cfg.control
         self.device = resolve_device(cfg.device)
+        check_model_path(cfg.model)
+        if getattr(cfg, "backend", "native") == "vllm":
+            import_vllm()  # a missing or too old vLLM is refused before the run directory exists
+        if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(f"field 'wandb_project': {cfg.wandb_project!r} needs wandb, which is not installed: "
+                              "pip install wandb, or set wandb_project=''")
         out = checked_out_dir(cfg.out)
         if not cfg.control.resume and not (out / RunLock.FILE).exists():
             refuse_foreign(out, cfg.control)  # a directory that was never a run's: refused before a lock file is made
@@ -200,11 +225,12 @@ class RunLoop:
                 notes = start_fresh(out, cfg.control, model=cfg.model if cfg.model != "tiny" else "")
             self.run = RunDir(out)
             self.logger = self.run.logger
+            logging.getLogger("cs336_alignment.rewards").addHandler(self.run.file_handler)  # a user reward's errors
             self.run.files.record("checkpoints/")  # the run's own, with everything in it
             for note in skipped + notes:
                 self.logger.warning(note)
             if self._latest is None and skipped:
-                raise CheckpointError(f"--resume: no checkpoint in {self.checkpoints.root} is intact (see the warnings above)")
+                raise NoIntactCheckpoint(f"--resume: no checkpoint in {self.checkpoints.root} is intact (see the warnings above)")
             if self._latest is None:
                 self.run.save_config(cfg)  # config.yaml: what produced step 1, never rewritten on resume
             else:
@@ -225,6 +251,7 @@ class RunLoop:
         self._step_start = time.perf_counter()
         self._step_end: float | None = None
         self._out_of_time = False
+        self._interrupted = False  # a first Ctrl-C arrived: stop after this step, checkpointed
 
     def _check_resume_config(self, cfg: Any) -> None:
         """Refuse a resume whose config changes what the completed steps computed with (one line,
@@ -234,7 +261,10 @@ class RunLoop:
         if not isinstance(saved, dict):
             self.run.save_config(cfg)  # a run from before config.yaml existed: nothing to compare
             return
-        accepted, refused = resume_config_changes(saved, cfg)
+        effective = _flatten(saved)  # step 1's config with the changes earlier resumes accepted
+        for change in read_jsonl(self.run.path / "resumes.jsonl"):
+            effective[change["field"]] = change["new"]
+        accepted, refused = resume_config_changes(effective, cfg)
         if refused:
             fields = ", ".join(f"{c.field} {c.old!r} -> {c.new!r}" for c in refused)
             raise ConfigError(
@@ -261,6 +291,7 @@ class RunLoop:
             self.sink.close()
             self.sink = None
         if self.run is not None:
+            logging.getLogger("cs336_alignment.rewards").removeHandler(self.run.file_handler)
             self.run.close()
         self.lock.release()
 
@@ -299,6 +330,8 @@ class RunLoop:
             return
         self._progress = Progress(total, start=self.state.step, enabled=self.control.progress, desc=self.recipe.lower())
         self._clock_at_start = self.state.train_clock
+        on_main_thread = threading.current_thread() is threading.main_thread()  # only there can signals be handled
+        previous = signal.signal(signal.SIGINT, self._on_sigint) if on_main_thread else None
         try:
             while self.state.step < total and not self._out_of_time:
                 step = self.state.step
@@ -307,7 +340,18 @@ class RunLoop:
                 if self.state.step != step + 1:
                     raise RuntimeError(f"{self.recipe} step {step + 1} ended without loop.end_of_step()")
         finally:
+            if on_main_thread:
+                signal.signal(signal.SIGINT, previous)
             self._progress.close()
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        """The first Ctrl-C lets the running step finish and be checkpointed (end_of_step then
+        raises Interrupted); a second one stops at once (KeyboardInterrupt)."""
+        if self._interrupted:
+            raise KeyboardInterrupt
+        self._interrupted = True
+        self.logger.warning("Ctrl-C: stopping once the running %s step is done and checkpointed (Ctrl-C again stops at once)",
+                            self.recipe)
 
     def stop_clock(self) -> float:
         """Stop the running step's clock (before its metrics are logged) and return the training
@@ -332,8 +376,12 @@ class RunLoop:
         last = s.step == self._total
         if self._eval_every and s.step % self._eval_every == 0 and not last and not self._out_of_time:
             self._evaluate(s.step)
-        if self._out_of_time or last or (control.checkpoint_every and s.step % control.checkpoint_every == 0):
-            self.save_checkpoint()
+        saved = None
+        cadence = bool(control.checkpoint_every) and s.step % control.checkpoint_every == 0
+        if self._out_of_time or last or self._interrupted or cadence:
+            saved = self.save_checkpoint()
+        if self._interrupted:
+            raise Interrupted(f"interrupted: stopped after {self.recipe} step {s.step}/{self._total}, checkpoint {saved}", saved)
         if self._out_of_time:
             self.logger.info("time budget %s reached after %d %s steps (%s of training)", control.time_budget, s.step,
                              self.recipe, format_seconds(s.train_clock))
@@ -348,7 +396,8 @@ class RunLoop:
         """A NaN or infinite loss or gradient: with ``control.skip_nonfinite`` the optimizer step
         is skipped and counted; otherwise the run stops with ``error``."""
         if not self.control.skip_nonfinite:
-            self.logger.error("%s Last checkpoint: %s", error, self.checkpoints.latest())
+            error = NonFiniteError(f"{error} (last checkpoint: {self.checkpoints.latest() or 'none'})")
+            self.logger.error("%s", error)
             raise error
         self.state.skipped_steps += 1
         self.logger.warning("skipped an optimizer step of %s step %d (%d skipped so far): %s", self.recipe,

@@ -32,6 +32,7 @@ from ..tokenization import pack_prompt_and_output_ids, pad_token_id
 from .common import (
     DataConfig,
     LoadedData,
+    check_common_fields,
     check_sft_batching,
     clip_and_step,
     load_data,
@@ -93,6 +94,7 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        check_common_fields(self)
         check_sft_batching(self.batch_size, self.micro_batch_size)
         if self.n_examples is not None and self.n_examples < 1:
             raise ValueError(f"n_examples must be >= 1 or null (all), got {self.n_examples}")
@@ -111,10 +113,10 @@ class SFTConfig:
 def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Run SFT as configured; returns the final validation metrics."""
     # ------------------------------------------------------------------ setup
+    data = load_data(cfg.data, cfg.seed)  # bad data is refused before the run directory exists
     with RunLoop(cfg, "SFT") as loop:  # the run directory is locked until the end
         policy, tokenizer = load_policy(cfg.model, loop.device, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
         pad_id = pad_token_id(tokenizer)  # pad, else EOS
-        data = load_data(cfg.data, cfg.seed)
         examples = sft_examples(data, tokenizer, cfg, logger=loop.logger)
         steps_per_epoch = math.ceil(len(examples.pairs) / cfg.batch_size)
         total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(steps_per_epoch * cfg.epochs, cfg.max_steps)

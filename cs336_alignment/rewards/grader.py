@@ -15,7 +15,6 @@ import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -114,10 +113,17 @@ def _count(results: Sequence[GradeResult]) -> dict[str, int]:
     return counts
 
 
+def _count_failure(status: str) -> None:
+    """Count one "timeout" or "error" of a user reward (which has no GradeResult)."""
+    with _stats_lock:
+        _stats["timeouts" if status == "timeout" else "errors"] += 1
+
+
 def grading_stats() -> dict[str, int]:
     """Process-wide totals since start (or the last reset): graded, correct, timeouts,
     errors, bad_inputs, worker_items. The plain reward functions return only the
-    handout's three floats; this is where their timeouts and errors are counted."""
+    handout's three floats; this is where their timeouts and errors are counted. User
+    rewards run in the worker pool add to timeouts and errors only."""
     with _stats_lock:
         return dict(_stats)
 
@@ -356,20 +362,9 @@ def grade_batch(
         else:
             item.result = GradeResult(True, verdict)
     if pending:
-        pool = get_pool()
-        chunks = [pending[i : i + chunk_size] for i in range(0, len(pending), chunk_size)]
-
-        def grade_chunk(indices: list[int]) -> None:
-            tasks = [{"answer": items[i].answer, "truths": items[i].truths, "mode": mode} for i in indices]
-            try:
-                outcomes = pool.run(tasks, task_timeout=timeout)
-            except Exception as exc:  # noqa: BLE001 - never raise into the training loop
-                outcomes = [TaskOutcome("error", detail=f"{type(exc).__name__}: {exc}")] * len(tasks)
-            for index, outcome in zip(indices, outcomes):
-                items[index].result = _from_outcome(outcome)
-
-        with ThreadPoolExecutor(max_workers=min(pool.max_workers, len(chunks)), thread_name_prefix="grader") as ex:
-            for future in [ex.submit(grade_chunk, chunk) for chunk in chunks]:
-                future.result()
+        tasks = [{"answer": items[i].answer, "truths": items[i].truths, "mode": mode} for i in pending]
+        outcomes = get_pool().run_parallel(tasks, task_timeout=timeout, chunk_size=chunk_size)
+        for index, outcome in zip(pending, outcomes):
+            items[index].result = _from_outcome(outcome)
     results = [item.result if item.result is not None else GradeResult(True, False, "error") for item in items]
     return BatchResult(results=results, seconds=time.monotonic() - start, counts=_count(results))

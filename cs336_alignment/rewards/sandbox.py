@@ -10,7 +10,10 @@ Protocol: each message is a 4-byte big-endian length followed by that many bytes
 ASCII JSON. The parent sends ``{"tasks": [...]}``; the worker answers with one message
 per task, in order, as soon as each finishes. The parent gives every task its own
 deadline; a worker that overruns is killed (SIGKILL) and the remaining tasks go to a
-fresh worker. Workers also exit on their own when the parent goes away.
+fresh worker. Workers also exit on their own when the parent goes away. They run in
+their own process group and ignore SIGINT, so Ctrl-C in a terminal reaches only the
+parent; a worker that dies anyway (any signal) makes its task an "error", never an
+exception.
 
 The module-level pool (:func:`get_pool`) starts lazily, is safe to use from several
 threads at once, is shut down at interpreter exit and is forgotten (not touched) in a
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +88,9 @@ class _Worker:
             stderr=subprocess.DEVNULL,
             env=env,
             close_fds=True,
+            # Its own process group: Ctrl-C in the terminal (SIGINT to the foreground
+            # group) reaches only the parent, which decides what to do.
+            process_group=0,
         )
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._in = self.proc.stdin
@@ -302,34 +309,70 @@ class GraderPool:
                 break
             pending = tasks[len(outcomes) :]
             try:
-                worker.send({"tasks": pending})
-            except _WorkerDied as exc:
-                self._discard(worker)
-                outcomes.append(TaskOutcome("error", detail=f"worker failed: {exc}"))
-                continue
-            healthy = True
-            for _ in pending:
-                task_deadline = min(time.monotonic() + task_timeout, hard_deadline)
-                try:
-                    message = worker.receive(task_deadline)
-                except _WorkerDied as exc:
-                    self._discard(worker)
-                    outcomes.append(TaskOutcome("error", detail=f"worker died: {exc}"))
-                    healthy = False
-                    break
-                if message is None:
-                    self._discard(worker)
-                    outcomes.append(TaskOutcome("timeout", detail=f"exceeded {task_timeout:g}s"))
-                    healthy = False
-                    break
-                if "error" in message:
-                    outcomes.append(TaskOutcome("error", detail=str(message["error"])))
-                else:
-                    outcomes.append(TaskOutcome("ok", value=message.get("value")))
+                healthy = self._converse(
+                    worker, pending=pending, outcomes=outcomes, task_timeout=task_timeout, hard_deadline=hard_deadline
+                )
+            except BaseException:
+                self._discard(worker)  # interrupted mid-conversation (e.g. KeyboardInterrupt)
+                raise
             if healthy:
                 self._release(worker)
             if time.monotonic() >= hard_deadline and len(outcomes) < len(tasks):
                 outcomes.extend(TaskOutcome("timeout", detail="call deadline passed") for _ in tasks[len(outcomes) :])
+        return outcomes
+
+    def _converse(
+        self,
+        worker: _Worker,
+        pending: list[Any],
+        outcomes: list[TaskOutcome],
+        task_timeout: float,
+        hard_deadline: float,
+    ) -> bool:
+        """Send ``pending`` to ``worker`` and append its outcomes; False if it was discarded."""
+        try:
+            worker.send({"tasks": pending})
+        except _WorkerDied as exc:
+            self._discard(worker)
+            outcomes.append(TaskOutcome("error", detail=f"worker failed: {exc}"))
+            return False
+        for _ in pending:
+            task_deadline = min(time.monotonic() + task_timeout, hard_deadline)
+            try:
+                message = worker.receive(task_deadline)
+            except _WorkerDied as exc:
+                self._discard(worker)
+                outcomes.append(TaskOutcome("error", detail=f"worker died: {exc}"))
+                return False
+            if message is None:
+                self._discard(worker)
+                outcomes.append(TaskOutcome("timeout", detail=f"exceeded {task_timeout:g}s"))
+                return False
+            if "error" in message:
+                outcomes.append(TaskOutcome("error", detail=str(message["error"])))
+            else:
+                outcomes.append(TaskOutcome("ok", value=message.get("value")))
+        return True
+
+    def run_parallel(self, tasks: list[Any], task_timeout: float, chunk_size: int = 64) -> list[TaskOutcome]:
+        """Run ``tasks`` in chunks of ``chunk_size`` (one worker round trip each), on all
+        workers in parallel; one outcome per task, in order, each task with ``task_timeout``
+        seconds of its own. Never raises: a failure makes its chunk's outcomes "error"."""
+        outcomes: list[TaskOutcome] = [TaskOutcome("error", detail="not run")] * len(tasks)
+        starts = range(0, len(tasks), chunk_size)
+
+        def run_chunk(start: int) -> None:
+            chunk = tasks[start : start + chunk_size]
+            try:
+                done = self.run(chunk, task_timeout=task_timeout)
+            except Exception as exc:  # noqa: BLE001 - never raise into the training loop
+                done = [TaskOutcome("error", detail=f"{type(exc).__name__}: {exc}")] * len(chunk)
+            outcomes[start : start + len(chunk)] = done
+
+        if tasks:
+            with ThreadPoolExecutor(max_workers=min(self.max_workers, len(starts)), thread_name_prefix="grader") as ex:
+                for future in [ex.submit(run_chunk, start) for start in starts]:
+                    future.result()
         return outcomes
 
     def shutdown(self) -> None:
