@@ -11,13 +11,21 @@ Quick reference::
     task = make_task("countdown")                           # or "arithmetic"
     train, val = generate_splits(task, n_train=1000, n_val=100, seed=0)
     task.reward_fn(response, val[0].ground_truth)
+
+    check_lengths(examples, template=template, tokenizer=tokenizer, max_tokens=4096, with_response=False)
+
+Bad input (a missing or non-UTF-8 file, a malformed line, a bad template, an example too long
+for the model) raises :class:`DataError` (or its subclasses :class:`TemplateError`,
+:class:`DataFileNotFoundError`): a one-line ``UserError`` naming file and line, exit code 2.
 """
 
 from .arithmetic import ArithmeticTask, arithmetic_response, arithmetic_reward_fn, arithmetic_trace, generate_arithmetic
 from .countdown import CountdownTask, generate_countdown, render_expression
 from .examples import Example, GroundTruth
+from .lengths import MAX_CHARS_PER_TOKEN, check_lengths
 from .loaders import (
     DataError,
+    DataFileNotFoundError,
     LoadReport,
     LoadResult,
     detect_kind,
@@ -32,22 +40,26 @@ from .loaders import (
 )
 from .splits import example_id, example_key, split_examples, validation_subset
 from .tasks import TASKS, Task, generate_splits, make_task
-from .templates import TEMPLATE_NAMES, encode_prompt, format_prompt, format_prompts, load_template, template_path
+from .templates import TEMPLATE_NAMES, TemplateError, encode_prompt, format_prompt, format_prompts, load_template, template_path
 
 __all__ = [
     "ArithmeticTask",
     "CountdownTask",
     "DataError",
+    "DataFileNotFoundError",
     "Example",
     "GroundTruth",
     "LoadReport",
     "LoadResult",
+    "MAX_CHARS_PER_TOKEN",
     "TASKS",
     "TEMPLATE_NAMES",
     "Task",
+    "TemplateError",
     "arithmetic_response",
     "arithmetic_reward_fn",
     "arithmetic_trace",
+    "check_lengths",
     "detect_kind",
     "encode_prompt",
     "example_id",

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from .examples import Example
+from .loaders import DataError, not_utf8_reason
 
 __all__ = [
+    "TemplateError",
     "encode_prompt",
     "format_prompt",
     "format_prompts",
@@ -35,10 +37,20 @@ PLACEHOLDER = "{question}"
 TEMPLATE_NAMES: tuple[str, ...] = ("r1_zero", "question_only")
 
 
+class TemplateError(DataError):
+    """A bad prompt template: unknown name, missing or unreadable file, not UTF-8, no
+    ``{question}``. ``str(err)`` is ``"<file or name>[:<line>]: <problem>"``; a
+    :class:`DataError` (so a ``ValueError``, exit code 2)."""
+
+
 def template_path(name: str) -> Path:
-    """Filesystem path of a built-in template (``name`` in :data:`TEMPLATE_NAMES`)."""
+    """Filesystem path of a built-in template (``name`` in :data:`TEMPLATE_NAMES`).
+
+    Raises:
+        TemplateError: ``name`` is not a built-in template.
+    """
     if name not in TEMPLATE_NAMES:
-        raise ValueError(f"unknown prompt template {name!r}; built-in: {', '.join(TEMPLATE_NAMES)}")
+        raise TemplateError(name, None, f"unknown prompt template; built-in: {', '.join(TEMPLATE_NAMES)}")
     return Path(str(resources.files("cs336_alignment").joinpath("prompts", f"{name}.prompt")))
 
 
@@ -51,23 +63,33 @@ def load_template(name_or_path: str | Path) -> str:
     and must not gain one).
 
     Raises:
-        ValueError: unknown name / missing file, or the template lacks ``{question}``.
+        TemplateError: neither a built-in name nor an existing file, a directory, an
+            unreadable file, bytes that are not UTF-8 (the 1-based line and the byte offset are
+            named), or no ``{question}`` in the text. A ``ValueError`` too.
     """
     if isinstance(name_or_path, str) and name_or_path in TEMPLATE_NAMES:
         where = f"<built-in {name_or_path}>"
-        resource = resources.files("cs336_alignment").joinpath("prompts", f"{name_or_path}.prompt")
-        text = resource.read_bytes().decode("utf-8")
+        data = resources.files("cs336_alignment").joinpath("prompts", f"{name_or_path}.prompt").read_bytes()
     else:
         path = Path(name_or_path)
-        if not path.is_file():
-            raise ValueError(
-                f"prompt template {str(name_or_path)!r} is neither a built-in name "
-                f"({', '.join(TEMPLATE_NAMES)}) nor an existing file"
-            )
         where = str(path)
-        text = path.read_bytes().decode("utf-8")
+        if path.is_dir():
+            raise TemplateError(where, None, "is a directory, not a prompt template file")
+        if not path.is_file():
+            raise TemplateError(
+                where, None, f"prompt template is neither a built-in name ({', '.join(TEMPLATE_NAMES)}) nor an existing file"
+            )
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise TemplateError(where, None, f"cannot read prompt template ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise TemplateError(where, line, not_utf8_reason(data, e)) from None
     if PLACEHOLDER not in text:
-        raise ValueError(f"prompt template {where} does not contain {PLACEHOLDER}")
+        raise TemplateError(where, None, f"prompt template does not contain {PLACEHOLDER}")
     return text
 
 

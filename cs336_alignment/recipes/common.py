@@ -6,6 +6,7 @@ The run plumbing (directory, resume, budget, checkpoints, validation cadence) is
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import re
@@ -19,15 +20,17 @@ import torch
 
 from ..checkpoint import NonFiniteError, check_finite
 from ..config import ConfigError
-from ..data import Example, generate_splits, load_examples, load_template, make_task
+from ..data import DataError, Example, check_lengths, generate_splits, load_examples, load_template, make_task
 from ..generation import Generator, load_generator
 from ..models import load_policy
 from ..rewards import RewardFn, resolve_reward_fn
+from ..tiny import build_tiny_tokenizer, tiny_qwen2_config
 
 __all__ = [
     "DataConfig",
     "LoadedData",
     "check_common_fields",
+    "check_fits",
     "check_model_path",
     "check_sft_batching",
     "clip_and_step",
@@ -158,6 +161,46 @@ def check_model_path(model: str) -> None:
     if path.is_dir() and not (path / "config.json").is_file():
         raise ConfigError(f"field 'model': {model} holds no config.json, so it is not a saved model; "
                           "for a finished run, name its model/ folder")
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer_and_context(model: str) -> tuple[Any, int]:
+    """``model``'s tokenizer and context length (``max_position_embeddings``), without its weights
+    (a ``model`` that is no model directory: ConfigError, see :func:`check_model_path`)."""
+    check_model_path(model)
+    if model == "tiny":
+        tokenizer = build_tiny_tokenizer()
+        return tokenizer, tiny_qwen2_config(len(tokenizer), tokenizer.eos_token_id).max_position_embeddings
+    from transformers import AutoConfig, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model), AutoConfig.from_pretrained(model).max_position_embeddings
+
+
+def check_fits(
+    model: str,
+    template: str,
+    examples: Sequence[Example],
+    *,
+    new_tokens: int = 0,
+    new_tokens_field: str = "",
+    with_response: bool = False,
+) -> None:
+    """Refuse, before anything runs, an example that cannot fit ``model``'s context: its prompt
+    (and reference response, ``with_response``) plus ``new_tokens`` to generate (the field
+    ``new_tokens_field``). A DataError naming file:line (exit 2); a huge line is refused by its
+    length in characters without being tokenized."""
+    tokenizer, context = tokenizer_and_context(model)
+    room = context - new_tokens
+    if room < 1:
+        raise ConfigError(f"field '{new_tokens_field}': {new_tokens} new tokens leave no room for a prompt in the "
+                          f"model's {context}-token context")
+    try:
+        check_lengths(examples, template=template, tokenizer=tokenizer, max_tokens=room, with_response=with_response)
+    except DataError as e:
+        if not new_tokens:
+            raise
+        raise DataError(e.path, e.line, f"{e.reason} ({context} tokens, less {new_tokens_field}={new_tokens} for the "
+                        "response)") from None
 
 
 def check_sft_batching(batch_size: int, micro_batch_size: int) -> None:

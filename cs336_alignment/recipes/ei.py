@@ -36,6 +36,7 @@ from ..tokenization import pad_token_id
 from .common import (
     DataConfig,
     check_common_fields,
+    check_fits,
     check_sft_batching,
     load_data,
     load_policy_and_generator,
@@ -112,6 +113,8 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
     """Run expert iteration as configured; returns the final validation metrics."""
     # ------------------------------------------------------------------ setup
     data = load_data(cfg.data, cfg.seed)  # bad data is refused before the run directory exists
+    check_fits(cfg.model, data.template, data.train + data.val, new_tokens=cfg.sampling_max_tokens,
+               new_tokens_field="sampling_max_tokens")  # an over-long prompt is refused now, not mid-run
     with RunLoop(cfg, "EI") as loop:  # the run directory is locked until the end
         device = loop.device
         val = data.val or data.train

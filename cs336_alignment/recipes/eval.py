@@ -26,7 +26,7 @@ from ..run_dir import (
     checked_out_dir,
     claim_directory,
 )
-from .common import check_common_fields, check_model_path, reward_for
+from .common import check_common_fields, check_fits, check_model_path, reward_for
 
 __all__ = [
     "EvalConfig",
@@ -104,7 +104,9 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.backend == "vllm":
         import_vllm()  # a missing or too old vLLM is refused before anything is written
     examples, reward_fn = load_eval_data(cfg)  # bad data, prompt or reward: refused before anything is written
-    prompts = format_prompts(load_template(cfg.prompt), examples)
+    template = load_template(cfg.prompt)
+    check_fits(cfg.model, template, examples, new_tokens=cfg.max_tokens, new_tokens_field="max_tokens")
+    prompts = format_prompts(template, examples)
     out = checked_out_dir(cfg.out)
     is_run = any((out / name).exists() for name in ("metrics.jsonl", "checkpoints", "log.txt"))  # eval writes none
     if is_run:  # never touch a training run's own files

@@ -38,6 +38,7 @@ from ..tokenization import pad_token_id
 from .common import (
     DataConfig,
     check_common_fields,
+    check_fits,
     clip_and_step,
     load_data,
     load_policy_and_generator,
@@ -198,6 +199,8 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
             f"field 'data.train': {len(data.train)} training questions cannot fill one rollout batch of "
             f"{cfg.n_prompts_per_rollout_batch} (rollout_batch_size / group_size); use more data or a smaller rollout_batch_size"
         )
+    check_fits(cfg.model, data.template, data.train + data.val, new_tokens=cfg.sampling_max_tokens,
+               new_tokens_field="sampling_max_tokens")  # an over-long prompt is refused now, not mid-run
     with RunLoop(cfg, "GRPO") as loop:  # the run directory is locked until the end
         device, colocated = loop.device, cfg.generator_device == "same"
         gen_device = device if colocated else resolve_device(cfg.generator_device)

@@ -33,6 +33,7 @@ from .common import (
     DataConfig,
     LoadedData,
     check_common_fields,
+    check_fits,
     check_sft_batching,
     clip_and_step,
     load_data,
@@ -114,6 +115,8 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Run SFT as configured; returns the final validation metrics."""
     # ------------------------------------------------------------------ setup
     data = load_data(cfg.data, cfg.seed)  # bad data is refused before the run directory exists
+    check_fits(cfg.model, data.template, data.train, with_response=True)  # an over-long example: refused now
+    check_fits(cfg.model, data.template, data.val, new_tokens=cfg.eval_max_tokens, new_tokens_field="eval_max_tokens")
     with RunLoop(cfg, "SFT") as loop:  # the run directory is locked until the end
         policy, tokenizer = load_policy(cfg.model, loop.device, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
         pad_id = pad_token_id(tokenizer)  # pad, else EOS
