@@ -65,6 +65,8 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("max_num_seqs=0", lambda t: GRPO + ["max_num_seqs=0"], "max_num_seqs must be >= 1, got 0"),
     ("negative temperature", lambda t: GRPO + ["sampling_temperature=-1"], "sampling_temperature must be >= 0"),
     ("NaN learning rate", lambda t: GRPO + ["learning_rate=nan"], "learning_rate must be a finite number > 0, got nan"),
+    ("advantage_eps=0", lambda t: GRPO + ["advantage_eps=0"], "advantage_eps must be a finite number > 0"),
+    ("betas out of range", lambda t: GRPO + ["betas=[0.9, 1.5]"], "betas must be two numbers in [0, 1), got (0.9, 1.5)"),
     ("too few questions", lambda t: GRPO + ["data.n_task_train=1"], "1 training questions cannot fill one rollout batch of 2"),
     ("unknown task", lambda t: GRPO + ["data.train=task:chess"], "field 'data.train': unknown task 'chess'"),
     ("sweep out names an unknown field",
