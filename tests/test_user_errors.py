@@ -54,6 +54,7 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("prompt without {question}", lambda t: GRPO + [f"data.prompt={_write(t / 'p.prompt', 'Answer: <think>')}"],
      "does not contain {question}"),
     ("unknown reward function", lambda t: GRPO + ["data.reward=os:nonexistent"], "field 'data.reward': cannot resolve reward"),
+    ("no model", lambda t: GRPO + ["model="], "field 'model': empty; name the starting model"),
     ("model is a file", lambda t: GRPO + [f"model={_write(t / 'm.bin', 'x')}"], "is a file; expected a model directory"),
     ("model does not exist", lambda t: GRPO + [f"model={t / 'nope'}"], "field 'model': no such directory"),
     ("out is a file", lambda t: GRPO + [f"out={_write(t / 'o.txt', 'x')}"], "is a file, not a directory"),

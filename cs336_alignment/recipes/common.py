@@ -153,6 +153,8 @@ def check_model_path(model: str) -> None:
     "tiny" and Hugging Face hub ids ("org/name", resolved by transformers) pass."""
     if model == "tiny":
         return
+    if not model.strip():
+        raise ConfigError("field 'model': empty; name the starting model: a directory (e.g. an SFT run's model/) or 'tiny'")
     path = Path(model).expanduser()
     if path.is_file():
         raise ConfigError(f"field 'model': {model} is a file; expected a model directory (from save_pretrained) or 'tiny'")

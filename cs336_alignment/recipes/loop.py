@@ -188,6 +188,17 @@ class RunState:
         return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
 
 
+def _check_before_the_run(cfg: Any) -> None:
+    """Refuse (exit 2) what would otherwise fail only after the run directory exists: no model
+    or one that is not a model, vLLM selected but missing, wandb enabled but not installed."""
+    check_model_path(cfg.model)
+    if getattr(cfg, "backend", "native") == "vllm":
+        import_vllm()
+    if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"field 'wandb_project': {cfg.wandb_project!r} needs wandb, which is not installed: "
+                          "pip install wandb, or set wandb_project=''")
+
+
 class RunLoop:
     """A recipe's run: its directory, metrics sink, device and checkpoints, and the plumbing of
     its outer loop (see the module docstring).
@@ -198,18 +209,11 @@ class RunLoop:
     """
 
     def __init__(self, cfg: Any, recipe: str):
-        if not cfg.model:
-            raise ValueError(f"{recipe} needs a starting model: model=<directory> (e.g. an SFT output) or model=tiny")
+        _check_before_the_run(cfg)
         seed_everything(cfg.seed)
         self.recipe = recipe
         self.control: RunControl = cfg.control
         self.device = resolve_device(cfg.device)
-        check_model_path(cfg.model)
-        if getattr(cfg, "backend", "native") == "vllm":
-            import_vllm()  # a missing or too old vLLM is refused before the run directory exists
-        if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
-            raise ConfigError(f"field 'wandb_project': {cfg.wandb_project!r} needs wandb, which is not installed: "
-                              "pip install wandb, or set wandb_project=''")
         out = checked_out_dir(cfg.out)
         if not cfg.control.resume and not (out / RunLock.FILE).exists():
             refuse_foreign(out, cfg.control)  # a directory that was never a run's: refused before a lock file is made
