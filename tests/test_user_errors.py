@@ -78,6 +78,10 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
      "big.jsonl:1: prompt is 16,000,"),
     ("a prompt longer than the context", lambda t: GRPO + [f"data.train={_write(t / 'long.jsonl', LONG_LINE + GOOD_LINE)}"],
      "long.jsonl:1: prompt is "),
+    ("SFT data without responses",
+     lambda t: ["sft", "model=tiny", "device=cpu", f"data.train={_write(t / 'math.jsonl', GOOD_LINE)}"],
+     "math.jsonl has a reference response; SFT needs (prompt, response) pairs"),
+    ("eval without data", lambda t: ["eval", "--model", "tiny"], "field 'data': empty; eval needs a model"),
     ("eval data is a directory", lambda t: ["eval", "--model", "tiny", "--data", str(t)], "is a directory"),
 ]
 
@@ -87,7 +91,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, 
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed, whatever this machine has
     monkeypatch.chdir(tmp_path)
     args = make_args(tmp_path)
-    if "out=" not in " ".join(args) and args[0] == "grpo":
+    if "out=" not in " ".join(args) and args[0] in ("grpo", "sft"):
         args += [f"out={tmp_path / 'run'}"]
     if args[0] == "eval":
         args += ["--out", str(tmp_path / "run")]

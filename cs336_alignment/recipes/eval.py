@@ -99,7 +99,9 @@ def load_eval_data(cfg: EvalConfig) -> tuple[list[Example], RewardFn]:
 def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     """Load model and data, evaluate, write results into ``cfg.out``; returns the metrics."""
     if not cfg.model or not cfg.data:
-        raise ValueError("eval needs a model (model directory or 'tiny') and data (a JSONL path or 'task:<name>')")
+        missing = "model" if not cfg.model else "data"
+        raise ConfigError(f"field '{missing}': empty; eval needs a model (a model directory or 'tiny') and data "
+                          "(a JSONL path or 'task:<name>')")
     check_model_path(cfg.model)
     if cfg.backend == "vllm":
         import_vllm()  # a missing or too old vLLM is refused before anything is written

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 
 from ..checkpoint import NonFiniteError, RunControl
+from ..config import ConfigError
 from ..data import Example, format_prompt
 from ..generation import NativeEngine, SamplingParams
 from ..logprobs import get_response_log_probs
@@ -115,6 +116,9 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Run SFT as configured; returns the final validation metrics."""
     # ------------------------------------------------------------------ setup
     data = load_data(cfg.data, cfg.seed)  # bad data is refused before the run directory exists
+    if not any(ex.response for ex in data.train):
+        raise ConfigError(f"field 'data.train': no example in {cfg.data.train} has a reference response; SFT needs "
+                          "(prompt, response) pairs, e.g. sft.jsonl")
     check_fits(cfg.model, data.template, data.train, with_response=True)  # an over-long example: refused now
     check_fits(cfg.model, data.template, data.val, new_tokens=cfg.eval_max_tokens, new_tokens_field="eval_max_tokens")
     with RunLoop(cfg, "SFT") as loop:  # the run directory is locked until the end
