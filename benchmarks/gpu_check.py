@@ -186,7 +186,7 @@ def generate(ctx: Context) -> Figures:
     # the GRPO rollout shape: 32 prompts x 8 samples, stop at </answer>, at most 1024 tokens
     engine = NativeEngine(model, tokenizer, copy_weights=False, max_num_seqs=s["rollout_prompts"] * s["rollout_group"])
     rollout_prompts = ctx.prompts(s["rollout_prompts"], s["gen_prompt_len"])
-    params = SamplingParams.r1_zero(max_tokens=s["rollout_max_tokens"], n=s["rollout_group"], seed=2)
+    params = SamplingParams.r1_zero(max_tokens=s["rollout_max_tokens"], min_tokens=4, n=s["rollout_group"], seed=2)  # rollouts
     t0 = time.perf_counter()
     results = engine.generate(rollout_prompts, params)
     free_memory(ctx.device)

@@ -196,6 +196,27 @@ def config_command(
     typer.echo(commented_yaml(cfg), nl=False)
 
 
+@app.command("schedule")
+def schedule_command(
+    configs: Path = typer.Option(Path("configs"), "--configs", help="Folder of study configs, with sweeps/ inside."),
+    val_size: Optional[int] = typer.Option(None, "--val-size", min=1, help="Validation examples (default 5,000)."),
+    train_size: Optional[int] = typer.Option(None, "--train-size", min=1, help="MATH train questions (default 7,500)."),
+    sft_size: Optional[int] = typer.Option(None, "--sft-size", min=1, help="sft.jsonl examples (default 4,800)."),
+    sft_filtered_size: Optional[int] = typer.Option(
+        None, "--sft-filtered-size", min=1, help="sft.jsonl examples that earn reward 1 (default 3,600)."
+    ),
+    markdown: bool = typer.Option(False, "--markdown", help="A Markdown table (the one in configs/README.md)."),
+) -> None:
+    """Optimizer steps, validations, peak learning rate and deliverable of every study config and sweep point."""
+    from .schedule import DatasetSizes, format_markdown, format_text, schedule_rows
+
+    given = {"val": val_size, "train": train_size, "sft": sft_size, "sft_filtered": sft_filtered_size}
+    with _user_errors():
+        sizes = DatasetSizes(**{k: v for k, v in given.items() if v is not None})
+        rows = schedule_rows(configs, sizes)
+    typer.echo((format_markdown if markdown else format_text)(rows, sizes), nl=False)
+
+
 @app.command("report")
 def report_command(
     runs: list[Path] = typer.Argument(..., help="Run directories (training runs or eval outputs)."),

@@ -69,18 +69,24 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("advantage_eps=0", lambda t: GRPO + ["advantage_eps=0"], "advantage_eps must be a finite number > 0"),
     ("betas out of range", lambda t: GRPO + ["betas=[0.9, 1.5]"], "betas must be two numbers in [0, 1), got (0.9, 1.5)"),
     ("too few questions", lambda t: GRPO + ["data.n_task_train=1"], "1 training questions cannot fill one rollout batch of 2"),
+    ("no validation data", lambda t: GRPO + [f"data.train={_write(t / 'd.jsonl', GOOD_LINE * 4)}"],
+     "field 'data.val': empty; name the validation file"),
     ("unknown task", lambda t: GRPO + ["data.train=task:chess"], "field 'data.train': unknown task 'chess'"),
     ("sweep out names an unknown field",
      lambda t: ["sweep", str(_write(t / "s.yaml",
                                     f"base: {CONFIGS}/grpo.yaml\nout: runs/{{lr}}\ngrid:\n  learning_rate: [1e-5]\n"))],
      "s.yaml:2: field 'out': 'runs/{lr}' cannot be filled in"),
-    ("a 16 MB prompt line", lambda t: GRPO + [f"data.train={_write(t / 'big.jsonl', HUGE_LINE + GOOD_LINE)}"],
+    ("a 16 MB prompt line", lambda t: GRPO + [f"data.train={_write(t / 'big.jsonl', HUGE_LINE + GOOD_LINE)}", "data.val=train"],
      "big.jsonl:1: prompt is 16,000,"),
-    ("a prompt longer than the context", lambda t: GRPO + [f"data.train={_write(t / 'long.jsonl', LONG_LINE + GOOD_LINE)}"],
+    ("a prompt longer than the context",
+     lambda t: GRPO + [f"data.train={_write(t / 'long.jsonl', LONG_LINE + GOOD_LINE)}", "data.val=train"],
      "long.jsonl:1: prompt is "),
     ("SFT data without responses",
-     lambda t: ["sft", "model=tiny", "device=cpu", f"data.train={_write(t / 'math.jsonl', GOOD_LINE)}"],
+     lambda t: ["sft", "model=tiny", "device=cpu", f"data.train={_write(t / 'math.jsonl', GOOD_LINE)}", "data.val=train"],
      "math.jsonl has a reference response; SFT needs (prompt, response) pairs"),
+    ("SFT validation through a missing vLLM",
+     lambda t: ["sft", "model=tiny", "device=cpu", "data.train=task:arithmetic", "backend=vllm"],
+     "vLLM backend selected but vllm is not installed"),
     ("eval without data", lambda t: ["eval", "--model", "tiny"], "field 'data': empty; eval needs a model"),
     ("eval data is a directory", lambda t: ["eval", "--model", "tiny", "--data", str(t)], "is a directory"),
 ]
@@ -89,6 +95,7 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
 @pytest.mark.parametrize("name, make_args, culprit", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, name, make_args, culprit):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed, whatever this machine has
+    monkeypatch.setitem(sys.modules, "vllm", None)
     monkeypatch.chdir(tmp_path)
     args = make_args(tmp_path)
     if "out=" not in " ".join(args) and args[0] in ("grpo", "sft"):

@@ -61,7 +61,7 @@ def _assert_engine_matches(engine_model, policy):
 
 
 def test_sampling_kwargs_for_the_handout_settings():
-    kw = to_vllm_sampling_kwargs(SamplingParams.r1_zero(n=8, seed=3))
+    kw = to_vllm_sampling_kwargs(SamplingParams.r1_zero(n=8, seed=3, min_tokens=4))  # a GRPO rollout
     assert kw == dict(
         n=8, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=1024, min_tokens=4, stop=["</answer>"],
         include_stop_str_in_output=True, ignore_eos=False, seed=3, logprobs=1,

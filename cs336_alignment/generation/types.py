@@ -59,12 +59,13 @@ class SamplingParams:
 
     @classmethod
     def r1_zero(cls, **overrides: Any) -> SamplingParams:
-        """The handout's rollout/eval sampling: T=1, top-p 1, 4..1024 new tokens, stop at </answer> and keep it."""
+        """The handout's evaluation sampling: T=1, top-p 1, at most 1024 new tokens, stop at </answer> and
+        keep it. Its EI and GRPO rollouts add ``min_tokens=4``."""
         base = dict(
             temperature=1.0,
             top_p=1.0,
             max_tokens=1024,
-            min_tokens=4,
+            min_tokens=0,
             stop=("</answer>",),
             include_stop_str_in_output=True,
         )

@@ -40,7 +40,6 @@ __all__ = [
     "make_optimizer",
     "reward_for",
     "seed_everything",
-    "seeded_sample",
     "set_lr",
     "step_seed",
     "timed",
@@ -55,7 +54,7 @@ class DataConfig:
     """Where examples come from, how they are prompted, and how responses are rewarded."""
 
     train: str = ""  # JSONL (MATH / GSM8K / sft.jsonl), or "task:arithmetic" / "task:countdown"
-    val: str = ""  # JSONL for validation; with a task and "" here, a generated validation split
+    val: str = ""  # JSONL for validation; "train": the training questions; "" only with a task (its generated split)
     prompt: str = "r1_zero"  # prompt template: "r1_zero", "question_only", or a .prompt file
     reward: str = ""  # reward name or "module:function"; "" = the one matching the prompt / task
     reward_in_process: bool = False  # run a user's reward in this process (shared state, no time bound), not in the sandbox
@@ -106,15 +105,15 @@ def load_data(cfg: DataConfig, seed: int) -> LoadedData:
         train, val = generate_splits(task, cfg.n_task_train, cfg.n_task_val, seed=seed)
     else:
         train, val = load_examples(cfg.train), []
-    if cfg.val:
+    if cfg.val == "train":  # asked for explicitly: validate on the training questions
+        val = train
+    elif cfg.val:
         val = load_examples(cfg.val)
+    elif not val:
+        raise ConfigError("field 'data.val': empty; name the validation file (the handout's: MATH validation.jsonl), "
+                          "or write data.val=train to validate on the training questions")
     reward_fn = reward_for(cfg.reward, cfg.prompt, task, in_process=cfg.reward_in_process)
     return LoadedData(train=train, val=val, template=template, reward_fn=reward_fn)
-
-
-def seeded_sample(examples: Sequence[Example], n: int, seed: int) -> list[Example]:
-    """A fixed sample of at most ``n`` examples, drawn with ``random.Random(seed)`` (a validation subset)."""
-    return random.Random(seed).sample(list(examples), min(n, len(examples)))
 
 
 # Ranges of the fields several configs share: (fields, test, the valid range in words).

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 
 from ..checkpoint import RunControl
-from ..data import Example
+from ..data import Example, validation_subset
 from ..evaluate import response_entropies
 from ..generation import SamplingParams
 from ..models import autocast
@@ -41,7 +41,6 @@ from .common import (
     load_data,
     load_policy_and_generator,
     make_optimizer,
-    seeded_sample,
     step_seed,
     timed,
 )
@@ -83,6 +82,7 @@ class EIConfig:
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     max_grad_norm: float = 1.0  # gradient clipping
     log_entropy: bool = True  # compute the mean token entropy of each step's rollouts (one forward pass)
+    eval_at_start: bool = False  # also validate the starting policy (step 0): curves start there
     n_eval_examples: int = 1024  # validation subset, evaluated after every EI step
     eval_seed: int = 1234  # seed of that subset and of validation sampling
     final_eval_full: bool = True  # validate on the whole validation set at the end
@@ -117,8 +117,7 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
                new_tokens_field="sampling_max_tokens")  # an over-long prompt is refused now, not mid-run
     with RunLoop(cfg, "EI") as loop:  # the run directory is locked until the end
         device = loop.device
-        val = data.val or data.train
-        val_subset = seeded_sample(val, cfg.n_eval_examples, cfg.eval_seed)
+        val_subset = validation_subset(data.val, cfg.n_eval_examples, cfg.eval_seed)
         policy, tokenizer, optimizer, generator = load_policy_and_generator(cfg, device=device, generator_device=device)
         pad_id = pad_token_id(tokenizer)  # pad, else EOS
         # a fresh optimizer per step is not checkpointed
@@ -137,6 +136,9 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
 
         def validate(step: int, examples: list[Example] = val_subset, tag: str = "subset") -> dict[str, Any]:
             return loop.validate(generator, policy, data=data, examples=examples, sampling=eval_sampling, step=step, tag=tag)
+
+        if cfg.eval_at_start and loop.state.step == 0:
+            validate(0)
 
         for ei_step in loop.steps(cfg.n_ei_steps, eval_every=1, evaluate=validate):
             questions = random.Random(step_seed(cfg.seed, ei_step)).sample(data.train, n_questions)
@@ -171,7 +173,7 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
                 "grader_errors": grader.errors,
             })
             loop.end_of_step(f"kept {len(kept)} of {len(rollouts)} rollouts", kept=len(kept))
-        final = validate(loop.state.step, val, "full") if cfg.final_eval_full else validate(loop.state.step)
+        final = validate(loop.state.step, data.val, "full") if cfg.final_eval_full else validate(loop.state.step)
         return loop.finish(policy, tokenizer, final)
 
 

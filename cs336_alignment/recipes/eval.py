@@ -50,7 +50,7 @@ class EvalConfig:
     temperature: float = 1.0  # sampling temperature (0 = greedy)
     top_p: float = 1.0  # nucleus sampling
     max_tokens: int = 1024  # maximum new tokens per response
-    min_tokens: int = 4  # minimum new tokens before EOS / stop strings count
+    min_tokens: int = 0  # minimum new tokens before EOS / stop strings count (the handout's evaluation: none)
     stop: list[str] = field(default_factory=lambda: ["</answer>"])  # stop strings (kept in the output)
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     backend: Literal["native", "vllm"] = "native"  # generation backend: our engine, or vLLM (CUDA, optional extra)

@@ -27,7 +27,7 @@ import torch
 from ..advantages import frac_groups_all_equal, group_normalize
 from ..checkpoint import NonFiniteError, RunControl
 from ..config import ConfigError
-from ..data import Example
+from ..data import Example, validation_subset
 from ..generation import SamplingParams
 from ..logprobs import get_response_log_probs
 from ..losses import LengthNormalization, LossType, grpo_microbatch_train_step
@@ -42,7 +42,6 @@ from .common import (
     clip_and_step,
     load_data,
     load_policy_and_generator,
-    seeded_sample,
     step_seed,
     timed,
 )
@@ -204,8 +203,7 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     with RunLoop(cfg, "GRPO") as loop:  # the run directory is locked until the end
         device, colocated = loop.device, cfg.generator_device == "same"
         gen_device = device if colocated else resolve_device(cfg.generator_device)
-        val = data.val or data.train
-        val_subset = seeded_sample(val, cfg.n_eval_examples, cfg.eval_seed)
+        val_subset = validation_subset(data.val, cfg.n_eval_examples, cfg.eval_seed)
         policy, tokenizer, optimizer, generator = load_policy_and_generator(cfg, device=device, generator_device=gen_device)
         pad_id = pad_token_id(tokenizer)  # pad, else EOS
         loop.attach(policy, optimizer, generator=generator)  # on resume, the generator gets the restored weights
@@ -268,7 +266,7 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
                 f"length {shared['train_response_length_mean']:.1f}",
                 reward=shared["train_reward_mean"],
             )
-        final = validate(loop.state.step, val, "full") if cfg.final_eval_full else validate(loop.state.step)
+        final = validate(loop.state.step, data.val, "full") if cfg.final_eval_full else validate(loop.state.step)
         return loop.finish(policy, tokenizer, final)
 
 

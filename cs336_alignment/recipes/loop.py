@@ -112,7 +112,8 @@ FREE_FIELDS = frozenset({  # how the run is watched, placed or fitted in memory:
 })
 STEP_COUNT_FIELDS = frozenset({"n_grpo_steps", "n_ei_steps", "epochs", "max_steps"})  # only with a constant learning rate
 FIXED_FIELDS = frozenset({  # what the completed steps computed with: refused unless control.allow_config_change
-    "model", "seed", "data.train", "data.val", "data.prompt", "data.reward", "data.reward_in_process", "data.task_knobs",
+    "model", "seed", "warmup_ratio", "data.train", "data.val", "data.prompt", "data.reward", "data.reward_in_process",
+    "data.task_knobs",
     "data.n_task_train",
     "data.n_task_val", "learning_rate", "warmup_steps", "schedule", "weight_decay", "betas", "max_grad_norm",
     "advantage_eps", "rollout_batch_size", "group_size", "sampling_temperature", "sampling_min_tokens",
@@ -160,7 +161,7 @@ def resume_config_changes(saved: dict[str, Any], cfg: Any) -> tuple[list[ConfigC
     ``control.allow_config_change``). ``control.resume`` itself is not a change.
     """
     old, new = _flatten(saved), _flatten(yaml.safe_load(dump_yaml(cfg)))  # both as YAML reads them
-    constant_lr = getattr(cfg, "schedule", "constant") == "constant"
+    constant_lr = getattr(cfg, "schedule", "constant") == "constant" and not getattr(cfg, "warmup_ratio", 0)
     accepted, refused = [], []
     for name in sorted(set(old) | set(new)):
         if name == "control.resume" or old.get(name) == new.get(name):

@@ -24,11 +24,11 @@ import torch
 
 from ..checkpoint import NonFiniteError, RunControl
 from ..config import ConfigError
-from ..data import Example, format_prompt
-from ..generation import NativeEngine, SamplingParams
+from ..data import Example, format_prompt, validation_subset
+from ..generation import SamplingParams
 from ..logprobs import get_response_log_probs
 from ..losses import sft_microbatch_train_step
-from ..models import autocast, load_policy
+from ..models import autocast, resolve_device
 from ..tokenization import pack_prompt_and_output_ids, pad_token_id
 from .common import (
     DataConfig,
@@ -38,9 +38,8 @@ from .common import (
     check_sft_batching,
     clip_and_step,
     load_data,
+    load_policy_and_generator,
     lr_at,
-    make_optimizer,
-    seeded_sample,
     set_lr,
     timed,
 )
@@ -73,6 +72,7 @@ class SFTConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (None: all epochs)
     learning_rate: float = 2e-5  # peak AdamW learning rate
     warmup_steps: int = 0  # linear warmup steps
+    warmup_ratio: float = 0.0  # or: linear warmup over this fraction of the run's optimizer steps (set one of the two)
     schedule: Literal["constant", "cosine"] = "constant"  # after warmup
     batch_size: int = 32  # sequences per optimizer step
     micro_batch_size: int = 2  # sequences per forward/backward; accumulation = batch / micro
@@ -83,10 +83,17 @@ class SFTConfig:
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     max_grad_norm: float = 1.0  # gradient clipping
     eval_every: int = 0  # validate every this many optimizer steps (0: only at the end)
+    eval_at_start: bool = False  # also validate the starting policy (step 0): curves start there
     n_eval_examples: int = 1024  # size of the fixed, seeded validation subset
+    final_eval_full: bool = True  # validate on the whole validation set after the last step
     eval_seed: int = 1234  # seed of that subset and of validation sampling
     eval_max_tokens: int = 1024  # validation sampling: maximum new tokens
     device: str = "auto"  # "auto", "cpu", "cuda", ...
+    generator_device: str = "same"  # validation generator: "same" device as the policy, or its own ("cuda:1")
+    backend: Literal["native", "vllm"] = "native"  # validation generation backend: our engine, or vLLM (CUDA, optional)
+    max_num_seqs: int = 256  # native generator: sequences decoded together
+    kv_cache_memory_fraction: float = 0.3  # native generator: share of free GPU memory for the KV cache
+    gpu_memory_utilization: float = 0.85  # vLLM generator: share of its GPU's memory
     gradient_checkpointing: bool = False  # trade compute for activation memory
     logprob_chunk_size: int | None = 1024  # log-probs/entropy over this many positions at a time (None: full fp32 logits)
     length_grouping: bool = True  # sort each batch by length before micro-batching (less padding, same gradient)
@@ -106,6 +113,15 @@ class SFTConfig:
             raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
         if self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_ratio and self.warmup_steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} and warmup_ratio={self.warmup_ratio} both set; set one of them")
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Warm-up steps of a run of ``total_steps`` optimizer steps: ``warmup_steps``, or
+        ``round(warmup_ratio * total_steps)``."""
+        return self.warmup_steps or round(self.warmup_ratio * total_steps)
 
     @property
     def gradient_accumulation_steps(self) -> int:
@@ -122,34 +138,33 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     check_fits(cfg.model, data.template, data.train, with_response=True)  # an over-long example: refused now
     check_fits(cfg.model, data.template, data.val, new_tokens=cfg.eval_max_tokens, new_tokens_field="eval_max_tokens")
     with RunLoop(cfg, "SFT") as loop:  # the run directory is locked until the end
-        policy, tokenizer = load_policy(cfg.model, loop.device, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
+        gen_device = loop.device if cfg.generator_device == "same" else resolve_device(cfg.generator_device)
+        policy, tokenizer, optimizer, generator = load_policy_and_generator(cfg, device=loop.device,
+                                                                            generator_device=gen_device)
         pad_id = pad_token_id(tokenizer)  # pad, else EOS
         examples = sft_examples(data, tokenizer, cfg, logger=loop.logger)
         steps_per_epoch = math.ceil(len(examples.pairs) / cfg.batch_size)
         total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(steps_per_epoch * cfg.epochs, cfg.max_steps)
-        val_subset = seeded_sample(data.val, cfg.n_eval_examples, cfg.eval_seed)
+        val_subset = validation_subset(data.val, cfg.n_eval_examples, cfg.eval_seed)
         loop.logger.info(
             "SFT: %d examples (%d available%s, %d cut to max_seq_len), %d epochs x %d steps, batch %d = %d x %d micro",
             len(examples.pairs), examples.n_available, ", filtered" if cfg.filter_correct else "", examples.n_cut, cfg.epochs,
             steps_per_epoch, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.micro_batch_size,
         )
-        optimizer = make_optimizer(policy, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=cfg.betas)
         loop.attach(policy, optimizer)
         if not loop.resuming:
             loop.sink.log("data", 0, {"n_examples": len(examples.pairs), "n_available": examples.n_available,
                                       "n_cut": examples.n_cut})
         eval_sampling = SamplingParams.r1_zero(max_tokens=cfg.eval_max_tokens, seed=cfg.eval_seed)
-        generator: NativeEngine | None = None  # made at the first validation, refreshed at each later one
 
-        def validate(step: int, tag: str = "subset") -> dict[str, Any]:
-            nonlocal generator
-            if not val_subset:
+        def validate(step: int, examples: list[Example] = val_subset, tag: str = "subset") -> dict[str, Any]:
+            if not examples:
                 return {}
-            if generator is None:
-                generator = NativeEngine(policy, tokenizer)
-            else:
-                generator.load_weights(policy)
-            return loop.validate(generator, policy, data=data, examples=val_subset, sampling=eval_sampling, step=step, tag=tag)
+            generator.load_weights(policy)  # the generator holds its own copy: give it this step's weights
+            return loop.validate(generator, policy, data=data, examples=examples, sampling=eval_sampling, step=step, tag=tag)
+
+        if cfg.eval_at_start and loop.state.step == 0:
+            validate(0)
 
         @functools.lru_cache(maxsize=1)
         def epoch_order(epoch: int) -> list[int]:
@@ -161,7 +176,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         for step in loop.steps(total_steps, eval_every=cfg.eval_every, evaluate=validate):
             epoch, position = divmod(step, steps_per_epoch)
             batch = [examples.pairs[i] for i in epoch_order(epoch)[position * cfg.batch_size : (position + 1) * cfg.batch_size]]
-            lr = lr_at(step, total=total_steps, base=cfg.learning_rate, warmup=cfg.warmup_steps, schedule=cfg.schedule)
+            lr = lr_at(step, total=total_steps, base=cfg.learning_rate, warmup=cfg.warmup_for(total_steps), schedule=cfg.schedule)
             metrics, seconds = timed(
                 sft_optimizer_step, policy=policy, optimizer=optimizer, batch=batch, cfg=cfg, lr=lr, pad_id=pad_id,
                 step=step + 1, on_nonfinite=loop.nonfinite,
@@ -177,7 +192,8 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
             log = (step + 1) % max(1, total_steps // 20) == 0 or step + 1 == total_steps  # about 20 log lines a run
             loop.end_of_step(f"loss {loss:.4f}, lr {lr:.2e}", log=log, loss=loss)
         # ------------------------------------------------------------------ validate and save
-        return loop.finish(policy, tokenizer, validate(loop.state.step, "final"))
+        final = validate(loop.state.step, data.val, "full") if cfg.final_eval_full else validate(loop.state.step, tag="final")
+        return loop.finish(policy, tokenizer, final)
 
 
 @dataclass

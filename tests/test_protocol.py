@@ -1,0 +1,105 @@
+"""The handout's evaluation protocol in every recipe (issue 18, points 3, 4, 5 and 7): curves start
+at step 0, SFT's final number is on the full validation set, evaluation samples without
+min_tokens (rollouts keep the handout's 4), and validation data is never silently substituted."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from cs336_alignment.config import ConfigError, load_config
+from cs336_alignment.generation import NativeEngine, SamplingParams
+from cs336_alignment.recipes import ei, grpo, sft
+from cs336_alignment.recipes.common import DataConfig, load_data
+from cs336_alignment.recipes.eval import EvalConfig
+from cs336_alignment.run_dir import read_jsonl
+
+TASK = {"train": "task:arithmetic", "task_knobs": {"digits": 1}, "n_task_train": 16, "n_task_val": 6}
+SFT_JSONL = Path(__file__).parent / "fixtures" / "data" / "sft.jsonl"
+
+
+def _cfg(cls, out: Path, **fields):
+    return load_config(cls, None, [f"{k}={json.dumps(v)}" for k, v in {"model": "tiny", "out": str(out), "device": "cpu",
+                                                                          **fields}.items()])
+
+
+@pytest.fixture()
+def sampling_calls(monkeypatch) -> list[SamplingParams]:
+    """Every SamplingParams the native engine is asked to generate with."""
+    calls, real = [], NativeEngine.generate
+
+    def spy(self, prompts, sampling, *args, **kwargs):
+        calls.append(sampling)
+        return real(self, prompts, sampling, *args, **kwargs)
+
+    monkeypatch.setattr(NativeEngine, "generate", spy)
+    return calls
+
+
+def test_the_handouts_evaluation_sampling_has_no_min_tokens():
+    handout = SamplingParams.r1_zero()
+    assert (handout.temperature, handout.top_p, handout.max_tokens, handout.min_tokens) == (1.0, 1.0, 1024, 0)
+    assert handout.stop == ("</answer>",) and handout.include_stop_str_in_output
+    assert EvalConfig().sampling().min_tokens == 0
+
+
+def test_grpo_validates_from_step_0_without_min_tokens_and_rolls_out_with_4(tmp_path, sampling_calls):
+    cfg = _cfg(grpo.GRPOConfig, tmp_path / "g", data=TASK, n_grpo_steps=1, rollout_batch_size=4, group_size=2,
+               train_batch_size=4, micro_batch_size=2, sampling_max_tokens=6, n_eval_examples=3, eval_at_start=True,
+               control={"progress": False})
+    grpo.train_grpo(cfg)
+    rollouts = [s for s in sampling_calls if s.n == 2]
+    evaluations = [s for s in sampling_calls if s.n == 1]
+    assert [s.min_tokens for s in rollouts] == [4] and [s.min_tokens for s in evaluations] == [0, 0]
+    evals = [r for r in read_jsonl(tmp_path / "g" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [(r["eval_step"], r["split"], r["n_examples"]) for r in evals] == [(0, "subset", 3), (1, "full", 6)]
+
+
+def test_sft_and_ei_validate_the_starting_policy_and_sft_ends_on_the_full_set(tmp_path, sampling_calls, monkeypatch):
+    import cs336_alignment.recipes.common as common
+
+    generators, real = [], common.load_generator
+    monkeypatch.setattr(common, "load_generator", lambda backend, *a, **kw: generators.append((backend, kw["device"]))
+                        or real(backend, *a, **kw))
+    sft.train_sft(_cfg(sft.SFTConfig, tmp_path / "s", data={"train": str(SFT_JSONL), "val": str(SFT_JSONL)},
+                       max_steps=1, batch_size=4, micro_batch_size=4, n_eval_examples=2, eval_max_tokens=4,
+                       eval_at_start=True, generator_device="cpu", control={"progress": False}))
+    assert [(b, str(d)) for b, d in generators] == [("native", "cpu")]  # SFT validates through the configured generator
+    evals = [r for r in read_jsonl(tmp_path / "s" / "metrics.jsonl") if r["kind"] == "eval"]
+    n_val = sum(1 for line in SFT_JSONL.read_text().splitlines() if line.strip())
+    assert [(r["eval_step"], r["split"], r["n_examples"]) for r in evals] == [(0, "subset", 2), (1, "full", n_val)]
+    assert {s.min_tokens for s in sampling_calls} == {0}  # SFT only evaluates
+    ei.train_ei(_cfg(ei.EIConfig, tmp_path / "e", data=TASK, n_ei_steps=1, batch_questions=2, rollouts_per_question=2,
+                     sampling_max_tokens=6, batch_size=2, micro_batch_size=2, n_eval_examples=2, eval_at_start=True,
+                     final_eval_full=False, log_entropy=False, control={"progress": False}))
+    evals = [r for r in read_jsonl(tmp_path / "e" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["eval_step"] for r in evals] == [0, 1]
+
+
+def test_missing_validation_data_is_refused_unless_train_is_asked_for():
+    with pytest.raises(ConfigError, match=r"field 'data.val': empty; .* or write data.val=train"):
+        load_data(DataConfig(train=str(SFT_JSONL)), seed=0)
+    data = load_data(DataConfig(train=str(SFT_JSONL), val="train"), seed=0)
+    assert data.val == data.train and data.val
+    assert load_data(DataConfig(**{**TASK, "task_knobs": {"digits": 1}}), seed=0).val  # a task's own split
+
+
+def test_every_recipe_draws_its_validation_subset_independently_of_file_order(tmp_path):
+    for module in (sft, ei, grpo):  # the one shared, seeded, order-free draw
+        assert "validation_subset(data.val, cfg.n_eval_examples, cfg.eval_seed)" in inspect.getsource(module)
+    lines = [line for line in SFT_JSONL.read_text().splitlines() if line.strip()]
+    shuffled = tmp_path / "shuffled.jsonl"
+    random.Random(0).shuffle(lines)
+    shuffled.write_text("\n".join(lines) + "\n")
+    prompts = []
+    for name, val in (("a", SFT_JSONL), ("b", shuffled)):
+        sft.train_sft(_cfg(sft.SFTConfig, tmp_path / name, data={"train": str(SFT_JSONL), "val": str(val)}, max_steps=1,
+                           batch_size=4, micro_batch_size=4, n_eval_examples=3, eval_max_tokens=2, eval_at_start=True,
+                           final_eval_full=False, control={"progress": False}))
+        (step0,) = (tmp_path / name / "eval").glob("subset_step00000")
+        prompts.append(sorted(json.loads(line)["prompt"] for line in (step0 / "generations.jsonl").read_text().splitlines()))
+    assert prompts[0] == prompts[1] and len(prompts[0]) == 3
