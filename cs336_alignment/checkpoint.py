@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -92,7 +92,9 @@ class RunControl:
     resume: bool = False  # continue from the last complete checkpoint in the run directory
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end or when the budget runs out)
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted
-    time_budget: str = ""  # e.g. "4h", "90m": stop training at this much time (evaluation excluded)
+    time_budget: str = ""  # e.g. "4h", "90m": stop training once the budget clock reaches this
+    budget_clock: Literal["train", "wall"] = "train"  # what the budget counts: training steps only, or the wall clock
+    # since the run started (model loading, validation and start-up included; each resumed session adds its own)
     skip_nonfinite: bool = False  # skip (and count) optimizer steps with NaN/inf loss or gradient instead of stopping
     progress: bool = True  # progress bar with ETA
     overwrite: bool = False  # start over in a directory holding another run or other files (moved aside to <out>.old-<time>/)

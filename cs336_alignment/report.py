@@ -147,6 +147,12 @@ class Run:
     label: str = ""
 
     @property
+    def budget_clock(self) -> str:
+        """The clock the run's time budget counted ("train": training steps only; "wall": everything,
+        validation and start-up included); its wall-clock plots use that clock."""
+        return str(self.config.get("control.budget_clock") or "train")
+
+    @property
     def name(self) -> str:
         return self.path.resolve().name or str(self.path)
 
@@ -182,6 +188,8 @@ class Run:
             else:  # validation before any training
                 step = number(record.get("eval_step"))
                 wall = 0.0
+            if self.budget_clock == "wall":  # every record carries the run's wall clock itself
+                wall = number(record.get("wall_clock"))
             if step is None:
                 continue
             by_step[step] = Point(step, wall, value)
@@ -454,7 +462,16 @@ def render_plot(spec: PlotSpec, runs: Sequence[Run], out_dir: Path) -> PlotResul
         ax.plot(xs, ys, color=colors[index], linestyle="--" if curve.dashed else "-", marker=marker,
                 markersize=4, linewidth=1.5, label=f"{run.label}{curve.suffix}")
     ax.set_title(spec.title)
-    ax.set_xlabel(f"training wall-clock ({unit}, excluding validation)" if spec.x == "wall_clock" else "optimizer step")
+    clocks = {run.budget_clock for _, run, _, _ in series}
+    if spec.x != "wall_clock":
+        xlabel = "optimizer step"
+    elif clocks == {"wall"}:
+        xlabel = f"wall-clock ({unit}, the budget clock: validation and start-up included)"
+    elif clocks == {"train"}:
+        xlabel = f"training wall-clock ({unit}, excluding validation)"
+    else:
+        xlabel = f"wall-clock ({unit}, each run on the clock its budget counted)"
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(spec.ylabel)
     ax.grid(True, alpha=0.3)
     if max(len(run.label) for _, run, _, _ in series) > LEGEND_INSIDE_CHARS:
@@ -735,8 +752,9 @@ def build_markdown(runs: Sequence[Run], plots: Sequence[PlotResult], out_dir: Pa
     if training:
         lines += ["## Plots", "",
                   "Step is the optimizer step; a validation is placed at the step and training wall-clock of the "
-                  "last train record before it (validation records carry neither). Solid lines are training "
-                  "metrics, dashed lines with markers validation metrics.", ""]
+                  "last train record before it. A run budgeted on the wall clock (`control.budget_clock: wall`) is "
+                  "plotted against that clock instead (validation and start-up included, each record's own "
+                  "`wall_clock`). Solid lines are training metrics, dashed lines with markers validation metrics.", ""]
         rel = os.path.relpath
         for result in plots:
             if result.path is None:

@@ -27,6 +27,7 @@ import socket
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -341,8 +342,10 @@ class MetricsSink:
     def __init__(
         self, run_dir: RunDir, wandb_project: str | None = None, run_name: str | None = None, config: Any = None,
         resume: bool = False,
+        clock: Callable[[], float] | None = None,
     ):
         self.run_dir = run_dir
+        self.clock = clock  # when given, every record gets "wall_clock": clock()
         self.wandb = None
         if wandb_project:
             try:
@@ -363,7 +366,8 @@ class MetricsSink:
 
     def log(self, kind: str, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         """Append ``{"kind": kind, "<kind>_step": step, **metrics}``; returns the JSON-safe record."""
-        record = self.run_dir.log_metrics({"kind": kind, f"{kind}_step": step, **metrics})
+        clock = {"wall_clock": self.clock()} if self.clock is not None else {}
+        record = self.run_dir.log_metrics({"kind": kind, f"{kind}_step": step, **metrics, **clock})
         if self.wandb is not None:
             numeric = {f"{kind}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             self.wandb.log({f"{kind}_step": step, **numeric})

@@ -103,3 +103,50 @@ def test_every_recipe_draws_its_validation_subset_independently_of_file_order(tm
         (step0,) = (tmp_path / name / "eval").glob("subset_step00000")
         prompts.append(sorted(json.loads(line)["prompt"] for line in (step0 / "generations.jsonl").read_text().splitlines()))
     assert prompts[0] == prompts[1] and len(prompts[0]) == 3
+
+
+def _slow_validation_run(out: Path, budget_clock: str, total: int = 8) -> list[int]:
+    """Steps that take no time, validations that take 0.15 s each: what each budget clock counts."""
+    import time
+
+    import torch
+    from test_recipe_parts import LoopConfig
+
+    from cs336_alignment.checkpoint import RunControl
+    from cs336_alignment.recipes.loop import RunLoop
+
+    validated = []
+    cfg = LoopConfig(out=str(out), control=RunControl(time_budget="0.4s", budget_clock=budget_clock, progress=False))
+    with RunLoop(cfg, "TEST") as loop:
+        model = torch.nn.Linear(1, 1)
+        loop.attach(model, None)
+        for step in loop.steps(total, eval_every=1, evaluate=lambda s: (validated.append(s), time.sleep(0.15))):
+            loop.sink.log("train", step + 1, {"x": 1.0})
+            loop.end_of_step()
+    return validated
+
+
+def test_a_wall_clock_budget_counts_validation_and_every_record_carries_the_wall_clock(tmp_path):
+    assert _slow_validation_run(tmp_path / "train", "train") == [1, 2, 3, 4, 5, 6, 7]  # validation is not training
+    validated = _slow_validation_run(tmp_path / "wall", "wall")
+    assert 1 <= len(validated) <= 3  # 0.4 s of wall clock holds about 2 validations of 0.15 s
+    records = read_jsonl(tmp_path / "wall" / "metrics.jsonl")
+    clocks = [r["wall_clock"] for r in records]
+    assert clocks == sorted(clocks) and clocks[-1] >= 0.3
+    assert "time budget 0.4s (wall clock) reached after" in (tmp_path / "wall" / "log.txt").read_text()
+
+
+def test_backend_auto_falls_back_to_native_in_one_logged_line(tmp_path, tiny_model, tiny_tokenizer):
+    import torch
+    from test_recipe_parts import LoopConfig
+
+    from cs336_alignment.checkpoint import RunControl
+    from cs336_alignment.generation import load_generator
+    from cs336_alignment.recipes.loop import RunLoop
+
+    with RunLoop(LoopConfig(out=str(tmp_path / "run"), control=RunControl(progress=False)), "TEST"):
+        engine = load_generator("auto", tiny_model, tiny_tokenizer, model_path="tiny", device=torch.device("cpu"), seed=0)
+    assert isinstance(engine, NativeEngine)
+    (line,) = [x for x in (tmp_path / "run" / "log.txt").read_text().splitlines() if "backend auto" in x]
+    assert "vLLM cannot run here (not on CUDA), generating with the native engine" in line
+    assert "not leaderboard-conformant" in line

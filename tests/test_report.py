@@ -349,3 +349,19 @@ def test_run_kind_detection(tmp_path):
     assert ev.kind == "evaluation" and ev.eval_metrics["count_format1_answer1"] == 2
     assert isinstance(ev, Run) and ev.config["model"] == "models/qwen"
     assert np.isclose(ev.eval_metrics["accuracy"], 0.5)
+
+
+def test_a_wall_budgeted_run_is_plotted_against_its_own_wall_clock(tmp_path):
+    path = tmp_path / "leaderboard"
+    rd = RunDir(path, console=False)
+    atomic_write_text(path / "config.yaml", "recipe: grpo\ncontrol:\n  budget_clock: wall\n  time_budget: 4h\n")
+    rd.log_metrics({"kind": "eval", "eval_step": 0, "accuracy": 0.1, "wall_clock": 90.0})  # after loading: 90 s in
+    rd.log_metrics({"kind": "train", "train_step": 1, "grad_norm": 1.0, "wall_clock_train": 10.0, "wall_clock": 150.0})
+    rd.log_metrics({"kind": "eval", "eval_step": 1, "accuracy": 0.3, "wall_clock": 210.0})  # the validation's 60 s count
+    rd.close()
+    run = load_run(path)
+    assert run.budget_clock == "wall"
+    assert [(p.step, p.wall_clock) for p in run.points("eval", "accuracy")] == [(0, 90.0), (1, 210.0)]
+    assert [p.wall_clock for p in run.points("train", "grad_norm")] == [150.0]
+    train_only = load_run(make_grpo_run(tmp_path / "train", n_steps=1))
+    assert train_only.budget_clock == "train" and [p.wall_clock for p in train_only.points("eval", "accuracy")] == [10.0]

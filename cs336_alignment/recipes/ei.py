@@ -90,7 +90,7 @@ class EIConfig:
     gradient_checkpointing: bool = False  # trade compute for activation memory
     logprob_chunk_size: int | None = 1024  # log-probs/entropy over this many positions at a time (None: full fp32 logits)
     length_grouping: bool = True  # sort each SFT batch by length before micro-batching
-    backend: Literal["native", "vllm"] = "native"  # generation backend: our engine, or vLLM (CUDA, optional extra)
+    backend: Literal["native", "vllm", "auto"] = "native"  # native, vllm (CUDA, optional extra) or auto (vLLM where it runs)
     max_num_seqs: int = 256  # native generator: sequences decoded together
     kv_cache_memory_fraction: float = 0.3  # native generator: share of free GPU memory for the KV cache
     gpu_memory_utilization: float = 0.85  # vLLM generator: share of its GPU's memory

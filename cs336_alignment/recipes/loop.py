@@ -107,7 +107,7 @@ FREE_FIELDS = frozenset({  # how the run is watched, placed or fitted in memory:
     "max_num_seqs", "kv_cache_memory_fraction", "gpu_memory_utilization", "micro_batch_size",
     "gradient_accumulation_steps", "eval_every", "eval_at_start", "n_eval_examples", "eval_seed", "final_eval_full",
     "log_rollout_examples", "eval_max_tokens", "log_entropy", "wandb_project", "run_name",
-    "control.resume", "control.checkpoint_every", "control.keep_last", "control.time_budget",
+    "control.resume", "control.checkpoint_every", "control.keep_last", "control.time_budget", "control.budget_clock",
     "control.skip_nonfinite", "control.progress", "control.overwrite", "control.allow_config_change",
 })
 STEP_COUNT_FIELDS = frozenset({"n_grpo_steps", "n_ei_steps", "epochs", "max_steps"})  # only with a constant learning rate
@@ -181,6 +181,7 @@ class RunState:
     train_clock: float = 0.0  # seconds of training so far (validation excluded)
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
     metrics_bytes: int = 0  # length of metrics.jsonl when the state was saved
+    wall_clock: float = 0.0  # seconds of wall clock since the run started (validation and start-up included)
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any]) -> RunState:
@@ -211,6 +212,8 @@ class RunLoop:
 
     def __init__(self, cfg: Any, recipe: str):
         _check_before_the_run(cfg)
+        self._session_start = time.monotonic()  # the wall clock of this session starts here
+        self._wall_before = 0.0  # wall-clock seconds of the sessions before this one (up to their checkpoint)
         seed_everything(cfg.seed)
         self.recipe = recipe
         self.control: RunControl = cfg.control
@@ -230,7 +233,7 @@ class RunLoop:
                 notes = start_fresh(out, cfg.control, model=cfg.model if cfg.model != "tiny" else "")
             self.run = RunDir(out)
             self.logger = self.run.logger
-            logging.getLogger("cs336_alignment.rewards").addHandler(self.run.file_handler)  # a user reward's errors
+            logging.getLogger("cs336_alignment").addHandler(self.run.file_handler)  # the package's warnings (rewards, backend)
             self.run.files.record("checkpoints/")  # the run's own, with everything in it
             for note in skipped + notes:
                 self.logger.warning(note)
@@ -241,7 +244,7 @@ class RunLoop:
             else:
                 self._check_resume_config(cfg)
             self.sink = MetricsSink(self.run, wandb_project=cfg.wandb_project or None, run_name=cfg.run_name or None,
-                                    config=cfg, resume=self.resuming)
+                                    config=cfg, resume=self.resuming, clock=self.wall_clock)
         except BaseException:
             self.close()
             raise
@@ -296,7 +299,7 @@ class RunLoop:
             self.sink.close()
             self.sink = None
         if self.run is not None:
-            logging.getLogger("cs336_alignment.rewards").removeHandler(self.run.file_handler)
+            logging.getLogger("cs336_alignment").removeHandler(self.run.file_handler)
             self.run.close()
         self.lock.release()
 
@@ -315,6 +318,7 @@ class RunLoop:
         self._policy, self._optimizer = policy, optimizer
         if self._latest is not None:
             self.state = RunState.from_saved(self.checkpoints.load(self._latest, policy, optimizer))
+            self._wall_before = self.state.wall_clock
             truncate_metrics(self.run.metrics_path, self.state.metrics_bytes)
             if generator is not None:
                 generator.load_weights(policy)
@@ -329,9 +333,9 @@ class RunLoop:
         :meth:`end_of_step`, which calls ``evaluate(steps_done)`` every ``eval_every`` steps."""
         self._total, self._eval_every, self._evaluate = total, eval_every, evaluate
         budget = self.control.budget_seconds
-        if budget is not None and self.state.train_clock >= budget:  # a resumed run whose budget ran out
-            self.logger.info("time budget already spent (%s of training): skipping to the final validation",
-                             format_seconds(self.state.train_clock))
+        if budget is not None and self._budget_spent() >= budget:  # a resumed run whose budget ran out
+            self.logger.info("time budget already spent (%s on the %s clock): skipping to the final validation",
+                             format_seconds(self._budget_spent()), self.control.budget_clock)
             return
         self._progress = Progress(total, start=self.state.step, enabled=self.control.progress, desc=self.recipe.lower())
         self._clock_at_start = self.state.train_clock
@@ -358,6 +362,15 @@ class RunLoop:
         self.logger.warning("Ctrl-C: stopping once the running %s step is done and checkpointed (Ctrl-C again stops at once)",
                             self.recipe)
 
+    def wall_clock(self) -> float:
+        """Seconds of wall clock since the run started: this session's since RunLoop was made, plus
+        the earlier sessions' up to the checkpoint this one resumed from. Logged with every record."""
+        return self._wall_before + time.monotonic() - self._session_start
+
+    def _budget_spent(self) -> float:
+        """The reading of the clock ``control.budget_clock`` names."""
+        return self.state.train_clock if self.control.budget_clock == "train" else self.wall_clock()
+
     def stop_clock(self) -> float:
         """Stop the running step's clock (before its metrics are logged) and return the training
         clock: seconds of training so far, this step included, validation and logging excluded.
@@ -377,7 +390,7 @@ class RunLoop:
             self.logger.info("%s step %d/%d: %s%s", self.recipe, s.step, self._total, f"{summary}, " if summary else "", eta)
         fault_point("step", s.step)
         budget = control.budget_seconds
-        self._out_of_time = budget is not None and s.train_clock >= budget
+        self._out_of_time = budget is not None and self._budget_spent() >= budget
         last = s.step == self._total
         if self._eval_every and s.step % self._eval_every == 0 and not last and not self._out_of_time:
             self._evaluate(s.step)
@@ -388,13 +401,15 @@ class RunLoop:
         if self._interrupted:
             raise Interrupted(f"interrupted: stopped after {self.recipe} step {s.step}/{self._total}, checkpoint {saved}", saved)
         if self._out_of_time:
-            self.logger.info("time budget %s reached after %d %s steps (%s of training)", control.time_budget, s.step,
-                             self.recipe, format_seconds(s.train_clock))
+            self.logger.info("time budget %s (%s clock) reached after %d %s steps (%s of training, %s of wall clock)",
+                             control.time_budget, control.budget_clock, s.step, self.recipe, format_seconds(s.train_clock),
+                             format_seconds(self.wall_clock()))
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the attached model and optimizer, the RNG states and the counters, atomically."""
         s = self.state
         s.metrics_bytes = self.run.metrics_path.stat().st_size if self.run.metrics_path.exists() else 0
+        s.wall_clock = self.wall_clock()
         return self.checkpoints.save(s.step, model=self._policy, optimizer=self._optimizer, state=asdict(s))
 
     def nonfinite(self, error: NonFiniteError) -> None:

@@ -90,7 +90,7 @@ class SFTConfig:
     eval_max_tokens: int = 1024  # validation sampling: maximum new tokens
     device: str = "auto"  # "auto", "cpu", "cuda", ...
     generator_device: str = "same"  # validation generator: "same" device as the policy, or its own ("cuda:1")
-    backend: Literal["native", "vllm"] = "native"  # validation generation backend: our engine, or vLLM (CUDA, optional)
+    backend: Literal["native", "vllm", "auto"] = "native"  # validation generation: native, vllm, or auto (vLLM where it runs)
     max_num_seqs: int = 256  # native generator: sequences decoded together
     kv_cache_memory_fraction: float = 0.3  # native generator: share of free GPU memory for the KV cache
     gpu_memory_utilization: float = 0.85  # vLLM generator: share of its GPU's memory
