@@ -50,6 +50,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .checkpoint import parse_duration
 from .errors import UserError
 from .run_dir import atomic_write_text, read_jsonl
 
@@ -472,6 +473,10 @@ def render_plot(spec: PlotSpec, runs: Sequence[Run], out_dir: Path) -> PlotResul
     else:
         xlabel = f"wall-clock ({unit}, each run on the clock its budget counted)"
     ax.set_xlabel(xlabel)
+    budgets = {parse_duration(run.config.get("control.time_budget")) for _, run, _, _ in series if run.budget_clock == "wall"}
+    for budget in sorted(b for b in budgets if b) if spec.x == "wall_clock" else ():
+        ax.axvline(budget / scale, color="0.5", linestyle=":", linewidth=1.0, label="time budget")
+        ax.set_xlim(right=budget / scale)  # the axis ends at the (largest) budget: what counts for a leaderboard
     ax.set_ylabel(spec.ylabel)
     ax.grid(True, alpha=0.3)
     if max(len(run.label) for _, run, _, _ in series) > LEGEND_INSIDE_CHARS:

@@ -150,3 +150,52 @@ def test_backend_auto_falls_back_to_native_in_one_logged_line(tmp_path, tiny_mod
     (line,) = [x for x in (tmp_path / "run" / "log.txt").read_text().splitlines() if "backend auto" in x]
     assert "vLLM cannot run here (not on CUDA), generating with the native engine" in line
     assert "not leaderboard-conformant" in line
+
+
+def test_a_wall_clock_budget_keeps_time_for_the_final_validation(tmp_path, monkeypatch):
+    import time
+
+    import torch
+    from test_recipe_parts import LoopConfig
+
+    import cs336_alignment.recipes.loop as loop_module
+    from cs336_alignment.checkpoint import RunControl
+    from cs336_alignment.data import Example
+    from cs336_alignment.recipes.common import LoadedData
+
+    def slow_evaluate(generator, reward_fn, prompts, **kwargs):  # 0.04 s per example, like a real pace
+        time.sleep(0.04 * len(prompts))
+        metrics = {k: 0.5 for k in loop_module.EVAL_KEYS} | {"n_examples": len(prompts)}
+        return metrics, []
+
+    monkeypatch.setattr(loop_module, "evaluate", slow_evaluate)
+    examples = [Example(question=f"{i} + 1", ground_truth=str(i + 1)) for i in range(15)]
+    data = LoadedData(train=examples, val=examples, template="{question}", reward_fn=lambda r, g: {"reward": 0.0})
+    cfg = LoopConfig(out=str(tmp_path / "run"), control=RunControl(time_budget="1.2s", budget_clock="wall", progress=False))
+    policy = torch.nn.Linear(1, 1)
+    with loop_module.RunLoop(cfg, "TEST") as loop:
+        loop.attach(policy, None)
+
+        def validate(step, chosen):
+            return loop.validate(None, policy, data=data, examples=chosen, sampling=SamplingParams(), step=step, tag="t")
+
+        validate(0, examples[:5])  # at the start: 0.2 s, and the pace (0.04 s per example)
+        for step in loop.steps(100, final_examples=15):  # the final validation will take 0.6 s
+            time.sleep(0.05)
+            loop.end_of_step()
+        steps_done = loop.state.step
+        validate(steps_done, examples)
+        end = loop.wall_clock()
+    # 1.2 s - 0.2 s (first validation) - 0.6 s (kept for the final one) = 0.4 s of steps of 0.05 s
+    assert 3 <= steps_done <= 9, steps_done
+    assert end <= 1.2 + 0.25, end  # the final validation ends within the budget (plus scheduling slack)
+
+
+def test_the_leaderboard_config_follows_the_handouts_rules():
+    from cs336_alignment.experiments import load_study
+
+    cfg = load_study(Path(__file__).resolve().parents[1] / "configs" / "leaderboard.yaml", []).config
+    assert (cfg.control.time_budget, cfg.control.budget_clock) == ("4h", "wall")  # 4 hours of wall clock
+    assert cfg.backend == "auto"  # vLLM where it runs, else native with a warning
+    assert cfg.final_eval_full and cfg.data.prompt == "r1_zero" and cfg.eval_at_start
+    assert (cfg.sampling_max_tokens, cfg.data.reward) == (1024, "")  # evaluation: T=1, 1024 tokens, r1_zero's reward

@@ -21,6 +21,7 @@ from cs336_alignment.report import (
     flatten_config,
     load_run,
     pick_examples,
+    render_plot,
     report_main,
     spread,
     truncate_middle,
@@ -351,7 +352,15 @@ def test_run_kind_detection(tmp_path):
     assert np.isclose(ev.eval_metrics["accuracy"], 0.5)
 
 
-def test_a_wall_budgeted_run_is_plotted_against_its_own_wall_clock(tmp_path):
+def test_a_wall_budgeted_run_is_plotted_against_its_own_wall_clock(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    import cs336_alignment.report as report
+
+    lines, limits, real_axvline, real_save = [], [], Axes.axvline, report._save_atomically
+    monkeypatch.setattr(Axes, "axvline", lambda self, x, **kw: lines.append((x, kw.get("label"))) or real_axvline(self, x, **kw))
+    monkeypatch.setattr(report, "_save_atomically", lambda fig, target: limits.append(fig.axes[0].get_xlim()) or
+                        real_save(fig, target))
     path = tmp_path / "leaderboard"
     rd = RunDir(path, console=False)
     atomic_write_text(path / "config.yaml", "recipe: grpo\ncontrol:\n  budget_clock: wall\n  time_budget: 4h\n")
@@ -363,5 +372,11 @@ def test_a_wall_budgeted_run_is_plotted_against_its_own_wall_clock(tmp_path):
     assert run.budget_clock == "wall"
     assert [(p.step, p.wall_clock) for p in run.points("eval", "accuracy")] == [(0, 90.0), (1, 210.0)]
     assert [p.wall_clock for p in run.points("train", "grad_norm")] == [150.0]
+    spec = next(p for p in PLOTS if p.filename == "val_accuracy_vs_wall_clock.png")
+    (tmp_path / "plots").mkdir()
+    result = render_plot(spec, [run], tmp_path / "plots")
+    assert result.path is not None and result.path.stat().st_size > 0
+    assert lines == [(240.0, "time budget")]  # 4 h on an axis in minutes (the data spans 3.5 minutes)
+    assert limits[-1][1] == 240.0  # and the axis ends there
     train_only = load_run(make_grpo_run(tmp_path / "train", n_steps=1))
     assert train_only.budget_clock == "train" and [p.wall_clock for p in train_only.points("eval", "accuracy")] == [10.0]

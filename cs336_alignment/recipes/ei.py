@@ -140,7 +140,8 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
         if cfg.eval_at_start and loop.state.step == 0:
             validate(0)
 
-        for ei_step in loop.steps(cfg.n_ei_steps, eval_every=1, evaluate=validate):
+        n_final = len(data.val) if cfg.final_eval_full else len(val_subset)  # the final validation's size
+        for ei_step in loop.steps(cfg.n_ei_steps, eval_every=1, evaluate=validate, final_examples=n_final):
             questions = random.Random(step_seed(cfg.seed, ei_step)).sample(data.train, n_questions)
             sampling = dataclasses.replace(rollout_sampling, seed=step_seed(cfg.seed, ei_step, 1))
             rollouts, rollout_seconds = timed(

@@ -226,7 +226,8 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
 
         if cfg.eval_at_start and loop.state.step == 0:
             validate(0)
-        for grpo_step in loop.steps(cfg.n_grpo_steps, eval_every=cfg.eval_every, evaluate=validate):
+        n_final = len(data.val) if cfg.final_eval_full else len(val_subset)  # the final validation's size
+        for grpo_step in loop.steps(cfg.n_grpo_steps, eval_every=cfg.eval_every, evaluate=validate, final_examples=n_final):
             # ------------------------------------------------------------------ rollout
             questions = random.Random(step_seed(cfg.seed, grpo_step)).sample(data.train, cfg.n_prompts_per_rollout_batch)
             sampling = dataclasses.replace(rollout_sampling, seed=step_seed(cfg.seed, grpo_step, 1))

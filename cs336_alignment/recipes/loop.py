@@ -260,6 +260,8 @@ class RunLoop:
         self._step_end: float | None = None
         self._out_of_time = False
         self._interrupted = False  # a first Ctrl-C arrived: stop after this step, checkpointed
+        self._final_examples = 0  # size of the final validation (steps())
+        self._eval_seconds_per_example: float | None = None  # pace of the latest validation
 
     def _check_resume_config(self, cfg: Any) -> None:
         """Refuse a resume whose config changes what the completed steps computed with (one line,
@@ -327,11 +329,17 @@ class RunLoop:
 
     # ---------------------------------------------------------------------------- the loop
 
-    def steps(self, total: int, *, eval_every: int = 0, evaluate: Callable[[int], Any] | None = None) -> Iterator[int]:
+    def steps(
+        self, total: int, *, eval_every: int = 0, evaluate: Callable[[int], Any] | None = None, final_examples: int = 0
+    ) -> Iterator[int]:
         """The 0-based indices of the steps still to run, from where the run stands, until
         ``total`` steps are done or the time budget is spent. Every step's body must end with
-        :meth:`end_of_step`, which calls ``evaluate(steps_done)`` every ``eval_every`` steps."""
+        :meth:`end_of_step`, which calls ``evaluate(steps_done)`` every ``eval_every`` steps.
+        On the wall clock, the budget keeps back the time the final validation of
+        ``final_examples`` examples will take (at the pace of the latest validation), so that it
+        too ends within the budget."""
         self._total, self._eval_every, self._evaluate = total, eval_every, evaluate
+        self._final_examples = final_examples
         budget = self.control.budget_seconds
         if budget is not None and self._budget_spent() >= budget:  # a resumed run whose budget ran out
             self.logger.info("time budget already spent (%s on the %s clock): skipping to the final validation",
@@ -368,8 +376,11 @@ class RunLoop:
         return self._wall_before + time.monotonic() - self._session_start
 
     def _budget_spent(self) -> float:
-        """The reading of the clock ``control.budget_clock`` names."""
-        return self.state.train_clock if self.control.budget_clock == "train" else self.wall_clock()
+        """The reading of the clock ``control.budget_clock`` names; on the wall clock, plus the
+        time kept back for the final validation (see :meth:`steps`)."""
+        if self.control.budget_clock == "train":
+            return self.state.train_clock
+        return self.wall_clock() + self._final_examples * (self._eval_seconds_per_example or 0.0)
 
     def stop_clock(self) -> float:
         """Stop the running step's clock (before its metrics are logged) and return the training
@@ -401,9 +412,11 @@ class RunLoop:
         if self._interrupted:
             raise Interrupted(f"interrupted: stopped after {self.recipe} step {s.step}/{self._total}, checkpoint {saved}", saved)
         if self._out_of_time:
-            self.logger.info("time budget %s (%s clock) reached after %d %s steps (%s of training, %s of wall clock)",
-                             control.time_budget, control.budget_clock, s.step, self.recipe, format_seconds(s.train_clock),
-                             format_seconds(self.wall_clock()))
+            self.logger.info("time budget %s (%s clock) reached after %d %s steps (%s of training, %s of wall clock, "
+                             "%s kept for the final validation)", control.time_budget, control.budget_clock, s.step,
+                             self.recipe, format_seconds(s.train_clock), format_seconds(self.wall_clock()),
+                             format_seconds(self._budget_spent() - self.wall_clock())
+                             if control.budget_clock == "wall" else format_seconds(0))
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the attached model and optimizer, the RNG states and the counters, atomically."""
@@ -463,6 +476,7 @@ class RunLoop:
             )
         policy.train()
         record = {k: metrics[k] for k in EVAL_KEYS} | {"split": tag, "seconds": time.perf_counter() - t0}
+        self._eval_seconds_per_example = record["seconds"] / max(1, len(examples))
         self.sink.log("eval", step, record)
         for r in records[:n_logged]:
             self.logger.info("eval step %d example: reward=%s | %r -> %r", step, r.reward, r.prompt[-80:], r.generation[:300])

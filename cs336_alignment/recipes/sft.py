@@ -173,7 +173,8 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
             return order
 
         # ------------------------------------------------------------------ train
-        for step in loop.steps(total_steps, eval_every=cfg.eval_every, evaluate=validate):
+        n_final = len(data.val) if cfg.final_eval_full else len(val_subset)  # the final validation's size
+        for step in loop.steps(total_steps, eval_every=cfg.eval_every, evaluate=validate, final_examples=n_final):
             epoch, position = divmod(step, steps_per_epoch)
             batch = [examples.pairs[i] for i in epoch_order(epoch)[position * cfg.batch_size : (position + 1) * cfg.batch_size]]
             lr = lr_at(step, total=total_steps, base=cfg.learning_rate, warmup=cfg.warmup_for(total_steps), schedule=cfg.schedule)
