@@ -140,7 +140,7 @@ def _register_recipe_command(recipe: str, help_text: str) -> None:
 
         with _user_errors():
             cls, train = recipe_classes(recipe)
-            cfg = load_config(cls, config, list(overrides or []) + _control_flags(resume, time_budget))
+            cfg = load_config(cls, config, list(overrides or []) + _control_flags(resume, time_budget), recipe=recipe)
             _echo_metrics(train(cfg))
 
     app.command(recipe, help=help_text)(command)
@@ -191,7 +191,7 @@ def config_command(
 
     with _user_errors():
         cls, _ = recipe_classes(recipe)
-        cfg = load_config(cls, config, list(overrides or []))
+        cfg = load_config(cls, config, list(overrides or []), recipe=recipe)
     typer.echo(f"# python -m cs336_alignment {recipe} --config FILE, or: run FILE with 'recipe: {recipe}' added")
     typer.echo(commented_yaml(cfg), nl=False)
 

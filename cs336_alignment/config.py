@@ -307,10 +307,13 @@ def expand_env(data: Any, source: str | None = None, lines: Mapping[tuple[str, .
     return _ENV_VAR.sub(sub, data)
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (), *,
+                recipe: str | None = None) -> T:
     """Defaults of ``cls``, updated by the YAML file at ``path``, then by ``key=value`` overrides.
 
-    ``${VAR}`` / ``${VAR:-default}`` in the file's strings are read from the environment.
+    ``${VAR}`` / ``${VAR:-default}`` in the file's strings are read from the environment. With
+    ``recipe``, the file may be a study config: its ``recipe:`` key must name that recipe
+    (ConfigError otherwise) and is then dropped.
     """
     data: dict[str, Any] = {}
     lines: dict[tuple[str, ...], int] = {}
@@ -318,6 +321,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     if path is not None:
         data, lines = read_yaml(path)
         source = str(path)
+        if recipe is not None and "recipe" in data:
+            named = data.pop("recipe")
+            if named != recipe:
+                raise ConfigError(f"{path}:{lines.get(('recipe',), 1)}: field 'recipe': this is a {named} study config, "
+                                  f"not {recipe}; run it with `python -m cs336_alignment run {path}`")
         data = expand_env(data, source, lines)
     if overrides:
         data = apply_overrides(data, overrides)

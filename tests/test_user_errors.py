@@ -87,6 +87,8 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("SFT validation through a missing vLLM",
      lambda t: ["sft", "model=tiny", "device=cpu", "data.train=task:arithmetic", "backend=vllm"],
      "vLLM backend selected but vllm is not installed"),
+    ("a study config of another recipe", lambda t: ["sft", "--config", str(CONFIGS / "grpo.yaml")],
+     "grpo.yaml:2: field 'recipe': this is a grpo study config, not sft; run it with"),
     ("eval without data", lambda t: ["eval", "--model", "tiny"], "field 'data': empty; eval needs a model"),
     ("eval data is a directory", lambda t: ["eval", "--model", "tiny", "--data", str(t)], "is a directory"),
 ]
@@ -109,3 +111,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, 
     assert len(lines) == 1 and lines[0].startswith("error: ") and culprit in lines[0], result.output
     assert "Traceback" not in result.output
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no run directory, nothing written
+
+
+def test_a_recipe_command_takes_the_study_config_of_its_recipe(monkeypatch, tmp_path):
+    monkeypatch.delenv("CS336_MODEL", raising=False)
+    monkeypatch.setenv("CS336_RUNS", str(tmp_path))
+    result = CliRunner().invoke(app, ["config", "grpo", "--config", str(CONFIGS / "grpo.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "\nloss_type: reinforce_with_baseline" in result.output  # configs/grpo.yaml's, read through
+    result = CliRunner().invoke(app, ["grpo", "--config", str(CONFIGS / "grpo.yaml")])  # as the README writes it
+    assert result.exit_code == 2 and "field 'recipe'" not in result.output  # read; stopped only by the absent data
+    assert result.output.strip() == "error: /data/a5-alignment/MATH/train.jsonl: no such file"
+    assert not list(tmp_path.iterdir())
