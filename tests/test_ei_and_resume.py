@@ -224,7 +224,7 @@ def test_time_budget_stops_checkpoints_and_validates(tmp_path, nan_reward):
     assert 1 <= len(steps) < 50
     assert [s for s, _ in Checkpointer(tmp_path / "b").complete()] == [len(steps)]
     assert records[-1]["kind"] == "eval"
-    assert "time budget 0.5s reached" in (tmp_path / "b" / "log.txt").read_text()
+    assert "time budget 0.5s (train clock) reached" in (tmp_path / "b" / "log.txt").read_text()
 
 
 def test_injected_nan_stops_with_a_clear_message_and_a_usable_checkpoint(tmp_path, nan_reward):

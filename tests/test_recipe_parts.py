@@ -75,7 +75,7 @@ def test_time_budget_stops_after_the_step_that_spends_it_and_checkpoints(tmp_pat
     loop, evaluated, _ = _run_loop(cfg, total=5, eval_every=1)
     assert loop.state.step == 1 and evaluated == []  # out of time: no validation, straight to the checkpoint
     assert [s for s, _ in Checkpointer(tmp_path / "r").complete()] == [1]
-    assert "time budget 0.000001 reached after 1 TEST steps" in (tmp_path / "r" / "log.txt").read_text()
+    assert "time budget 0.000001 (train clock) reached after 1 TEST steps" in (tmp_path / "r" / "log.txt").read_text()
 
 
 def test_a_step_body_without_end_of_step_is_an_error(tmp_path):
