@@ -83,6 +83,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         model=str(init), out=str(out / "sft"), seed=cfg.seed, data=data, epochs=cfg.sft_epochs,
         learning_rate=cfg.sft_learning_rate, batch_size=32, micro_batch_size=16, n_eval_examples=cfg.n_val,
         eval_max_tokens=cfg.max_tokens, device="cpu", control=control,
+        normalize="batch_tokens",  # per token: the large learning rate a tiny model wants stays the same for any length
     ))
     after_sft = train_sft(sft_cfg)
     sft_seconds = time.perf_counter() - t0

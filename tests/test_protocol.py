@@ -199,3 +199,28 @@ def test_the_leaderboard_config_follows_the_handouts_rules():
     assert cfg.backend == "auto"  # vLLM where it runs, else native with a warning
     assert cfg.final_eval_full and cfg.data.prompt == "r1_zero" and cfg.eval_at_start
     assert (cfg.sampling_max_tokens, cfg.data.reward) == (1024, "")  # evaluation: T=1, 1024 tokens, r1_zero's reward
+
+
+def test_sft_and_ei_default_to_the_handouts_loss_and_ei_keeps_every_correct_output(tmp_path):
+    assert sft.SFTConfig().normalize == "constant" and ei.EIConfig().normalize == "constant"
+    assert ei.EIConfig().dedupe_correct is False  # the handout's Algorithm drops only wrong outputs
+    sft.train_sft(_cfg(sft.SFTConfig, tmp_path / "s", data={"train": str(SFT_JSONL), "val": "train"}, max_steps=1,
+                       batch_size=4, micro_batch_size=4, n_eval_examples=1, eval_max_tokens=2, final_eval_full=False,
+                       control={"progress": False}))
+    (record,) = [r for r in read_jsonl(tmp_path / "s" / "metrics.jsonl") if r["kind"] == "data"]
+    assert record["loss_normalization"] == "constant"  # the run records which reduction ran
+    assert "loss per sequence: summed NLL / normalize_constant" in (tmp_path / "s" / "log.txt").read_text()
+
+
+def test_filtered_sft_drops_the_wrong_traces(tmp_path):
+    from cs336_alignment.data import load_examples
+
+    lines = [{"prompt": ex.prompt, "response": ex.response, "ground_truth": ex.ground_truth} for ex in load_examples(SFT_JSONL)]
+    wrong = [{**ex, "ground_truth": str(ex["ground_truth"]) + "1"} for ex in lines[:3]]  # their traces' answers are wrong
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(ex) + "\n" for ex in lines + wrong))
+    sft.train_sft(_cfg(sft.SFTConfig, tmp_path / "s", data={"train": str(data), "val": "train"}, filter_correct=True,
+                       max_steps=1, batch_size=2, micro_batch_size=2, n_eval_examples=1, eval_max_tokens=2,
+                       final_eval_full=False, control={"progress": False}))
+    (record,) = [r for r in read_jsonl(tmp_path / "s" / "metrics.jsonl") if r["kind"] == "data"]
+    assert (record["n_available"], record["n_examples"]) == (len(lines) + 3, len(lines))  # the 3 wrong ones dropped

@@ -70,13 +70,13 @@ class EIConfig:
     sampling_temperature: float = 1.0  # rollout sampling temperature
     sampling_min_tokens: int = 4  # rollouts have at least this many tokens
     sampling_max_tokens: int = 1024  # and at most this many
-    dedupe_correct: bool = True  # keep one copy of each distinct correct response per question
+    dedupe_correct: bool = False  # keep one copy of each distinct correct response (the handout keeps every one)
     sft_epochs: int = 1  # E: SFT epochs over each step's kept responses
     fresh_optimizer: bool = False  # a new AdamW at every EI step (True) or one optimizer for the run
     learning_rate: float = 2e-5  # AdamW learning rate of the SFT phase (constant)
     batch_size: int = 32  # sequences per optimizer step
     micro_batch_size: int = 2  # sequences per forward/backward
-    normalize: Literal["batch_tokens", "constant"] = "batch_tokens"  # SFT loss normalisation (see sft.py)
+    normalize: Literal["constant", "batch_tokens"] = "constant"  # SFT loss reduction (see SFTConfig): the handout's
     normalize_constant: float = 1.0  # the constant when normalize = "constant"
     weight_decay: float = 0.0  # AdamW weight decay
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas

@@ -56,6 +56,10 @@ __all__ = [
 
 
 TokenPair = tuple[list[int], list[int]]  # (prompt ids, response ids)
+LOSS_NORMALIZATION = {  # how each SFT loss reduction reads in the run's log
+    "constant": "per sequence: summed NLL / normalize_constant, mean over the batch (the handout's)",
+    "batch_tokens": "per response token of the batch",
+}
 
 
 @dataclass
@@ -77,7 +81,8 @@ class SFTConfig:
     batch_size: int = 32  # sequences per optimizer step
     micro_batch_size: int = 2  # sequences per forward/backward; accumulation = batch / micro
     max_seq_len: int = 2048  # prompt + response tokens; longer examples are cut (and counted)
-    normalize: Literal["batch_tokens", "constant"] = "batch_tokens"  # loss per token of the batch, or sum / constant
+    normalize: Literal["constant", "batch_tokens"] = "constant"  # the handout's: each sequence's summed NLL /
+    # normalize_constant, mean over the batch; or batch_tokens: per response token of the batch
     normalize_constant: float = 1.0  # the constant when normalize = "constant"
     weight_decay: float = 0.0  # AdamW weight decay
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
@@ -147,14 +152,15 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(steps_per_epoch * cfg.epochs, cfg.max_steps)
         val_subset = validation_subset(data.val, cfg.n_eval_examples, cfg.eval_seed)
         loop.logger.info(
-            "SFT: %d examples (%d available%s, %d cut to max_seq_len), %d epochs x %d steps, batch %d = %d x %d micro",
-            len(examples.pairs), examples.n_available, ", filtered" if cfg.filter_correct else "", examples.n_cut, cfg.epochs,
-            steps_per_epoch, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.micro_batch_size,
+            "SFT: %d examples (%d available%s, %d cut to max_seq_len), %d epochs x %d steps, batch %d = %d x %d micro, "
+            "loss %s", len(examples.pairs), examples.n_available, ", filtered" if cfg.filter_correct else "", examples.n_cut,
+            cfg.epochs, steps_per_epoch, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.micro_batch_size,
+            LOSS_NORMALIZATION[cfg.normalize],
         )
         loop.attach(policy, optimizer)
         if not loop.resuming:
             loop.sink.log("data", 0, {"n_examples": len(examples.pairs), "n_available": examples.n_available,
-                                      "n_cut": examples.n_cut})
+                                      "n_cut": examples.n_cut, "loss_normalization": cfg.normalize})
         eval_sampling = SamplingParams.r1_zero(max_tokens=cfg.eval_max_tokens, seed=cfg.eval_seed)
 
         def validate(step: int, examples: list[Example] = val_subset, tag: str = "subset") -> dict[str, Any]:
