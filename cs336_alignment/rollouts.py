@@ -51,6 +51,7 @@ class Rollout:
     format_reward: float = 0.0
     answer_reward: float = 0.0
     advantage: float = 0.0  # group-normalised reward, filled after scoring
+    old_logprobs: torch.Tensor | None = None  # (L,) log pi_old of each response token (off-policy GRPO), on the device
 
     @property
     def num_tokens(self) -> int:
@@ -69,6 +70,7 @@ class MicroBatch:
     generator_logprobs: torch.Tensor  # (b, T) fp32, zero outside the response
     num_response_tokens: int = 0  # response tokens in the micro-batch (known on the host, no device sync)
     old_log_probs: torch.Tensor | None = None  # (b, T) fp32, set when the loss or logging needs them
+    rollouts: list[Rollout] = dataclasses.field(default_factory=list)  # the b records packed here, in row order
 
 
 def sample_rollouts(
@@ -127,6 +129,10 @@ def pack_rollouts(rollouts: Sequence[Rollout], pad_id: int, device: torch.device
     gen = torch.zeros(mask.shape, dtype=torch.float32)  # (b, T)
     # Response positions of a row are contiguous and in order, so row-major fill lines up.
     gen[mask] = torch.tensor([lp for r in rollouts for lp in r.generator_logprobs], dtype=torch.float32)
+    old = None
+    if rollouts and all(r.old_logprobs is not None for r in rollouts):  # computed once, re-packed every epoch
+        old = torch.zeros(mask.shape, dtype=torch.float32, device=device)  # (b, T)
+        old[mask.to(device)] = torch.cat([r.old_logprobs.float() for r in rollouts]).to(device)
     return MicroBatch(
         input_ids=packed["input_ids"].to(device),
         labels=packed["labels"].to(device),
@@ -135,6 +141,8 @@ def pack_rollouts(rollouts: Sequence[Rollout], pad_id: int, device: torch.device
         raw_rewards=torch.tensor([[r.reward] for r in rollouts], dtype=torch.float32, device=device),  # (b, 1)
         generator_logprobs=gen.to(device),
         num_response_tokens=sum(r.num_tokens for r in rollouts),
+        old_log_probs=old,
+        rollouts=list(rollouts),
     )
 
 

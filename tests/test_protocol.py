@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from cs336_alignment.config import ConfigError, load_config
 from cs336_alignment.generation import NativeEngine, SamplingParams
@@ -224,3 +225,26 @@ def test_filtered_sft_drops_the_wrong_traces(tmp_path):
                        final_eval_full=False, control={"progress": False}))
     (record,) = [r for r in read_jsonl(tmp_path / "s" / "metrics.jsonl") if r["kind"] == "data"]
     assert (record["n_available"], record["n_examples"]) == (len(lines) + 3, len(lines))  # the 3 wrong ones dropped
+
+
+def test_off_policy_epochs_reshuffle_the_rollout_batch_and_keep_each_rollouts_old_log_probs(tmp_path, monkeypatch):
+    seen = []  # per optimizer step: (rollout ids in row order, {id: old log-probs})
+    real = grpo.accumulate_gradients
+
+    def spy(policy, step_batches, cfg, **kw):
+        rows = [(id(r), mb.old_log_probs[i][mb.response_mask[i]].clone()) for mb in step_batches
+                for i, r in enumerate(mb.rollouts)]
+        seen.append(rows)
+        return real(policy, step_batches, cfg, **kw)
+
+    monkeypatch.setattr(grpo, "accumulate_gradients", spy)
+    grpo.train_grpo(_cfg(grpo.GRPOConfig, tmp_path / "g", data=TASK, n_grpo_steps=1, rollout_batch_size=8, group_size=2,
+                         train_batch_size=4, micro_batch_size=2, epochs_per_rollout_batch=2, loss_type="grpo_clip",
+                         sampling_max_tokens=6, n_eval_examples=2, final_eval_full=False, length_grouping=False,
+                         control={"progress": False}))
+    assert len(seen) == 4  # 2 epochs x 2 train batches of 4
+    first, second = [r for step in seen[:2] for r in step], [r for step in seen[2:] for r in step]
+    assert sorted(i for i, _ in first) == sorted(i for i, _ in second)  # the same 8 rollouts in each epoch
+    assert [i for i, _ in first] != [i for i, _ in second]  # in a new order
+    old = dict(first)
+    assert all(torch.equal(old[i], lp) for i, lp in second)  # each keeps the log-probs of the sampling policy

@@ -54,6 +54,7 @@ __all__ = [
     "accumulate_gradients",
     "old_log_probs",
     "policy_update",
+    "reshuffled",
     "rollout_batch_metrics",
     "score",
     "train_grpo",
@@ -249,6 +250,7 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
             steps, train_seconds = timed(
                 policy_update, policy=policy, optimizer=optimizer, batches=batches, cfg=cfg,
                 optimizer_step=loop.state.optimizer_step, gap=None if cfg.off_policy else gap, on_nonfinite=loop.nonfinite,
+                shuffle_seed=step_seed(cfg.seed, grpo_step, 2), pad_id=pad_id,
             )
             generator.load_weights(policy)
             # ------------------------------------------------------------------ log, end of step
@@ -304,6 +306,8 @@ def old_log_probs(policy: torch.nn.Module, batches: Sequence[MicroBatch], cfg: G
                 policy, mb.input_ids, mb.labels, chunk_size=cfg.logprob_chunk_size, positions_mask=mb.response_mask
             )["log_probs"].float()  # (b, T)
             gap.add(mb.old_log_probs, mb)
+            for row, rollout in enumerate(mb.rollouts):  # kept with each rollout: later epochs re-pack them
+                rollout.old_logprobs = mb.old_log_probs[row][mb.response_mask[row]]  # (L,)
 
 
 @dataclass
@@ -349,9 +353,14 @@ def policy_update(
     optimizer_step: int,
     gap: LogprobGap | None,
     on_nonfinite: Callable[[NonFiniteError], None],
+    shuffle_seed: int = 0,
+    pad_id: int = 0,
 ) -> list[StepStats]:
-    """Update phase: ``epochs_per_rollout_batch`` passes over the micro-batches, one optimizer
-    step per train batch (gradient accumulation over its micro-batches).
+    """Update phase: ``epochs_per_rollout_batch`` passes over the rollout batch, one optimizer
+    step per train batch (gradient accumulation over its micro-batches). The first pass uses
+    ``batches``; each later one a fresh permutation of the same rollouts, seeded by
+    ``shuffle_seed`` and the epoch, cut into train and micro-batches again (our choice: the
+    handout reuses one order; length grouping still applies within each train batch).
 
     ``optimizer_step`` counts the steps taken before; ``gap`` (on-policy) collects the
     generator-vs-policy log-prob gap from the forward passes. Returns the stats of the steps
@@ -360,8 +369,9 @@ def policy_update(
     per_step = cfg.train_batch_size // cfg.micro_train_batch_size  # micro-batches per optimizer step
     taken = []
     for epoch in range(cfg.epochs_per_rollout_batch):
-        for first in range(0, len(batches), per_step):
-            step_batches = batches[first : first + per_step]
+        epoch_batches = batches if epoch == 0 else reshuffled(batches, cfg, seed=step_seed(shuffle_seed, epoch), pad_id=pad_id)
+        for first in range(0, len(epoch_batches), per_step):
+            step_batches = epoch_batches[first : first + per_step]
             tokens = sum(mb.num_response_tokens for mb in step_batches)
             loss, entropy_sum, clipped, ratio_sum = accumulate_gradients(policy, step_batches, cfg, tokens=tokens, gap=gap)
             grad_norm = clip_and_step(policy, optimizer, max_grad_norm=cfg.max_grad_norm, loss=loss,
@@ -370,6 +380,15 @@ def policy_update(
                 taken.append(StepStats(epoch=epoch, tokens=tokens, loss=loss, grad_norm=grad_norm, entropy_sum=entropy_sum,
                                        clipped_tokens=clipped, ratio_sum=ratio_sum, lr=optimizer.param_groups[0]["lr"]))
     return taken
+
+
+def reshuffled(batches: Sequence[MicroBatch], cfg: GRPOConfig, *, seed: int, pad_id: int) -> list[MicroBatch]:
+    """The rollouts of ``batches`` in a seeded permutation, cut into train and micro-batches again
+    (each rollout keeps its old log-probs and advantage)."""
+    rollouts = [r for mb in batches for r in mb.rollouts]
+    random.Random(seed).shuffle(rollouts)
+    return micro_batches(rollouts, train_batch_size=cfg.train_batch_size, micro_batch_size=cfg.micro_train_batch_size,
+                         pad_id=pad_id, device=batches[0].input_ids.device, length_grouping=cfg.length_grouping)
 
 
 def accumulate_gradients(
