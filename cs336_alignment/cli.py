@@ -234,15 +234,18 @@ def report_command(
 @app.command("download")
 def download_command(
     name: str = typer.Argument(..., help="gsm8k, math or math500."),
-    out: Path = typer.Option(Path("data"), "--out", help="Directory for <name>_<split>.jsonl."),
+    out: Path = typer.Option(
+        Path("data"), "--out", help="Directory: math -> train.jsonl, validation.jsonl; gsm8k/, math500/ subfolders.",
+    ),
     split: Optional[str] = typer.Option(None, "--split", help="One split (default: all of the dataset's splits)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N examples per split."),
+    force: bool = typer.Option(False, "--force", help="Overwrite files that already exist."),
 ) -> None:
     """Download a public dataset from the Hugging Face hub into our JSONL form (needs the 'datasets' extra)."""
     from .download import download_main
 
     with _user_errors():
-        download_main(name, out, split, limit)
+        download_main(name, out, split=split, limit=limit, force=force)
 
 
 @contextlib.contextmanager

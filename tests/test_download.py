@@ -63,14 +63,14 @@ def hub(monkeypatch) -> FakeHub:
 
 def test_gsm8k_writes_both_splits_in_gsm8k_form_and_skips_rows_without_final_answer(hub, tmp_path, capsys):
     paths = download_main("gsm8k", tmp_path / "data")
-    assert paths == [tmp_path / "data" / "gsm8k_train.jsonl", tmp_path / "data" / "gsm8k_test.jsonl"]
+    assert paths == [tmp_path / "data" / "gsm8k" / "train.jsonl", tmp_path / "data" / "gsm8k" / "test.jsonl"]
     train = load_examples(paths[0])
     assert [ex.ground_truth for ex in train] == ["7", "2400"]  # thousands separator removed by our loader
     assert train[0].question.startswith("Tom has 3 apples")
     assert [ex.ground_truth for ex in load_examples(paths[1])] == ["7"]
     out = capsys.readouterr().out
-    assert "gsm8k_train.jsonl: 2 examples" in out and "1 skipped" in out
-    assert "gsm8k_test.jsonl: 1 examples" in out
+    assert f"{paths[0]}: 2 examples" in out and "1 skipped" in out
+    assert f"{paths[1]}: 1 examples" in out
     # the written lines are exactly the GSM8K fields (so the loader autodetects GSM8K)
     first = json.loads(paths[0].read_text().splitlines()[0])
     assert set(first) == {"question", "answer"} and first["answer"].endswith("#### 7")
@@ -78,7 +78,7 @@ def test_gsm8k_writes_both_splits_in_gsm8k_form_and_skips_rows_without_final_ans
 
 def test_math_concatenates_all_subjects_and_takes_answer_from_last_boxed(hub, tmp_path, capsys):
     [path] = download_main("math", tmp_path, split="test")
-    assert path == tmp_path / "math_test.jsonl"
+    assert path == tmp_path / "validation.jsonl"  # MATH's test split is the handout's validation set
     assert [c for c in hub.calls] == [("EleutherAI/hendrycks_math", s, "test") for s in MATH_SUBJECTS]
     examples = load_examples(path)
     assert len(examples) == 3 * len(MATH_SUBJECTS) - 1  # one problem had no \boxed{}
@@ -87,7 +87,8 @@ def test_math_concatenates_all_subjects_and_takes_answer_from_last_boxed(hub, tm
     assert examples[-1].question == "precalculus problem 2" and examples[-1].ground_truth == "62"
     assert examples[0].meta == {"level": "Level 1", "type": "Algebra"}
     assert examples[0].solution.startswith("Work for algebra 0")
-    assert "1 skipped" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 skipped" in out and "(test; the handout's validation set)" in out
 
 
 def test_math_answer_keeps_nested_braces_and_uses_the_last_box():
@@ -97,7 +98,7 @@ def test_math_answer_keeps_nested_braces_and_uses_the_last_box():
 
 def test_math500_keeps_its_fields_and_has_only_a_test_split(hub, tmp_path):
     [path] = download_main("MATH500", tmp_path)  # names are case-insensitive
-    assert path.name == "math500_test.jsonl"
+    assert path == tmp_path / "math500" / "test.jsonl"
     examples = load_examples(path)
     assert [ex.ground_truth for ex in examples] == ["1", "2\\sqrt{2}"]
     assert examples[1].meta == {"subject": "Algebra", "level": 2, "unique_id": "test/algebra/2.json"}
@@ -123,11 +124,12 @@ def test_unknown_name_is_a_clear_error(tmp_path):
 
 
 def test_rewrites_atomically_and_leaves_no_temporary_files(hub, tmp_path):
-    target = tmp_path / "gsm8k_test.jsonl"
+    target = tmp_path / "gsm8k" / "test.jsonl"
+    target.parent.mkdir()
     target.write_text("stale\n")
-    download_main("gsm8k", tmp_path, split="test")
+    download_main("gsm8k", tmp_path, split="test", force=True)
     assert [ex.ground_truth for ex in load_examples(target)] == ["7"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gsm8k_test.jsonl"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["test.jsonl"]
 
 
 def test_missing_datasets_library_gives_a_one_line_error(monkeypatch):
@@ -158,7 +160,7 @@ def test_fetch_rows_asks_datasets_for_the_documented_hub_ids(monkeypatch, tmp_pa
         ("HuggingFaceH4/MATH-500", None, "test"),
         ("EleutherAI/hendrycks_math", "algebra", "test"),
     ]
-    assert load_examples(tmp_path / "math_test.jsonl")[0].ground_truth == "9"
+    assert load_examples(tmp_path / "validation.jsonl")[0].ground_truth == "9"
 
 
 def test_hub_failures_become_one_line_errors(monkeypatch):
@@ -171,8 +173,48 @@ def test_hub_failures_become_one_line_errors(monkeypatch):
     assert "\n" not in str(err.value) and "(offline)" in str(err.value)
 
 
-def test_every_dataset_output_is_named_after_its_split(hub, tmp_path):
-    for name, spec in DATASETS.items():
-        paths = download_main(name, tmp_path / name)
-        assert [p.name for p in paths] == [f"{name}_{s}.jsonl" for s in spec.splits]
-        assert all(Path(p).stat().st_size > 0 for p in paths)
+def test_files_land_where_the_configs_read_them_and_nothing_collides(hub, tmp_path):
+    written = {name: download_main(name, tmp_path) for name in DATASETS}
+    assert {name: [str(p.relative_to(tmp_path)) for p in paths] for name, paths in written.items()} == {
+        "gsm8k": ["gsm8k/train.jsonl", "gsm8k/test.jsonl"],
+        "math": ["train.jsonl", "validation.jsonl"],
+        "math500": ["math500/test.jsonl"],
+    }
+    assert all(p.stat().st_size > 0 for paths in written.values() for p in paths)
+    # the paths the study configs read (with CS336_DATA=tmp_path) exist and hold MATH
+    for config in ("grpo.yaml", "ei.yaml"):
+        text = (Path(__file__).resolve().parents[1] / "configs" / config).read_text()
+        for file in ("train.jsonl", "validation.jsonl"):
+            assert "${CS336_DATA:-/data/a5-alignment/MATH}/" + file in text
+            assert load_examples(tmp_path / file)[0].question == "algebra problem 0"
+
+
+def test_existing_file_is_refused_without_force_before_anything_is_fetched(hub, tmp_path):
+    target = tmp_path / "validation.jsonl"
+    target.write_bytes(b"my own validation set\n")
+    with pytest.raises(DownloadError) as err:
+        download_main("math", tmp_path)  # train.jsonl does not exist, validation.jsonl does
+    message = str(err.value)
+    assert "\n" not in message and str(target) in message and "--force" in message
+    assert DownloadError.exit_code == 2
+    assert target.read_bytes() == b"my own validation set\n"  # byte-identical
+    assert not (tmp_path / "train.jsonl").exists() and hub.calls == []  # nothing fetched or written
+
+
+def test_force_overwrites_an_existing_file(hub, tmp_path):
+    target = tmp_path / "math500" / "test.jsonl"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    [path] = download_main("math500", tmp_path, force=True)
+    assert path == target and [ex.ground_truth for ex in load_examples(target)] == ["1", "2\\sqrt{2}"]
+
+
+def test_prints_the_cs336_data_export_for_math_and_overrides_for_the_others(hub, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    download_main("math", Path("data"))  # a relative --out is printed absolute
+    out = capsys.readouterr().out
+    assert f"wrote {Path('data') / 'train.jsonl'}: 20 examples" in out
+    assert f"export CS336_DATA={(tmp_path / 'data').resolve()}" in out
+    download_main("gsm8k", Path("data"))
+    gsm8k_dir = (tmp_path / "data" / "gsm8k").resolve()
+    assert f"data.train={gsm8k_dir / 'train.jsonl'} data.val={gsm8k_dir / 'test.jsonl'}" in capsys.readouterr().out

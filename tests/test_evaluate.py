@@ -39,30 +39,39 @@ class ScriptedGenerator:
         pass
 
 
+SCRIPT = [
+    [(" 2+3 </think> <answer> 5 </answer>", 10, "stop")],  # correct
+    [(" hmm </think> <answer> 41 </answer>", 20, "stop")],  # formatted, wrong
+    [(" rambling without tags", 60, "length")],  # unformatted, truncated
+    [(" x </think> <answer> 7 </answer>", 40, "stop")],  # correct
+]
+
+
 def test_metrics_by_hand(tmp_path):
-    gen = ScriptedGenerator(
-        [
-            [(" 2+3 </think> <answer> 5 </answer>", 10, "stop")],  # correct
-            [(" hmm </think> <answer> 41 </answer>", 20, "stop")],  # formatted, wrong
-            [(" rambling without tags", 30, "length")],  # unformatted, truncated
-            [(" x </think> <answer> 7 </answer>", 40, "stop")],  # correct
-        ]
-    )
+    gen = ScriptedGenerator(SCRIPT)
     metrics, records = evaluate(
-        gen, exact_reward, ["p0", "p1", "p2", "p3"], SamplingParams(max_tokens=30), ["5", "40", "1", "7"], tmp_path
+        gen, exact_reward, ["p0", "p1", "p2", "p3"], SamplingParams(max_tokens=60), ["5", "40", "1", "7"], tmp_path
     )
     assert metrics["n_examples"] == 4 and metrics["n_format_correct"] == 3 and metrics["n_answer_correct"] == 2
     assert metrics["format_accuracy"] == 0.75 and metrics["answer_accuracy"] == 0.5 and metrics["accuracy"] == 0.5
     assert (metrics["count_format1_answer1"], metrics["count_format1_answer0"], metrics["count_format0_answer0"]) == (2, 1, 1)
     assert metrics["truncated_fraction"] == 0.25
-    assert metrics["mean_response_length"] == 25  # (10 + 20 + 30 + 40) / 4
+    assert metrics["mean_response_length"] == 32.5  # (10 + 20 + 60 + 40) / 4
     assert metrics["mean_response_length_correct"] == 25  # (10 + 40) / 2
-    assert metrics["mean_response_length_incorrect"] == 25  # (20 + 30) / 2
+    assert metrics["mean_response_length_incorrect"] == 40  # (20 + 60) / 2: swapped or overall means fail
     lines = [json.loads(x) for x in (tmp_path / "generations.jsonl").read_text().splitlines()]
     assert [x["reward"]["reward"] for x in lines] == [1.0, 0.0, 0.0, 1.0]
     assert lines[2]["finish_reason"] == "length" and lines[1]["ground_truth"] == "40" and lines[0]["prompt"] == "p0"
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk["accuracy"] == 0.5 and on_disk["count_format0_answer0"] == 1
+
+
+def test_log_generations_reports_correct_and_incorrect_lengths_apart():
+    _, summary = log_generations(ScriptedGenerator(SCRIPT), exact_reward, ["p0", "p1", "p2", "p3"], ["5", "40", "1", "7"],
+                                 SamplingParams(max_tokens=60))
+    assert (summary["mean_response_length"], summary["mean_response_length_correct"],
+            summary["mean_response_length_incorrect"]) == (32.5, 25, 40)  # as in test_metrics_by_hand
+    assert summary["accuracy"] == 0.5 and summary["format_accuracy"] == 0.75
 
 
 def test_entropy_and_log_generations(tmp_path, tiny_model, tiny_tokenizer):

@@ -156,11 +156,37 @@ def test_grpo_clip_and_no_clip_differ_and_on_policy_ratio_is_one(tmp_path, sft_m
 
 
 @pytest.mark.parametrize("generator_device", ["same", "cpu"])
-def test_both_layouts_sync_weights(tmp_path, sft_model, generator_device):
+def test_both_layouts_sync_weights(tmp_path, sft_model, generator_device, monkeypatch):
     from transformers import AutoModelForCausalLM
 
+    import cs336_alignment.recipes.grpo as grpo
+    from cs336_alignment.logprobs import get_response_log_probs
+
+    loaded, real = [], grpo.load_policy_and_generator
+    monkeypatch.setattr(grpo, "load_policy_and_generator", lambda *a, **kw: loaded.append(real(*a, **kw)) or loaded[-1])
+    fixed = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])  # any token sequence: (1, 8)
+
+    def log_probs(model):  # (7,) log p of each next token of the fixed sequence
+        with torch.no_grad():
+            return get_response_log_probs(model, fixed[:, :-1], fixed[:, 1:])["log_probs"][0]
+
+    def generator_log_probs():
+        policy, _, _, generator = loaded[0]
+        assert generator.model is not policy  # the generator holds its own copy of the weights
+        return log_probs(generator.model)
+
+    real_steps, before = grpo.RunLoop.steps, []
+
+    def steps_spy(self, *a, **kw):  # the generator before any update
+        before.append(generator_log_probs())
+        yield from real_steps(self, *a, **kw)
+
+    monkeypatch.setattr(grpo.RunLoop, "steps", steps_spy)
     out = tmp_path / generator_device
     train_grpo(_grpo_config(out, sft_model, n_grpo_steps=2, generator_device=generator_device))
+    after, policy_after = generator_log_probs(), log_probs(loaded[0][0])
+    assert torch.allclose(after, policy_after, atol=1e-5)  # synced: the generator scores as the trained policy
+    assert not torch.allclose(after, before[0], atol=1e-4)  # and the training moved it
     log = (out / "log.txt").read_text()
     assert ("colocated" if generator_device == "same" else "separate") in log
     trained = AutoModelForCausalLM.from_pretrained(out / "model")
