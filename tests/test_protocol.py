@@ -248,3 +248,32 @@ def test_off_policy_epochs_reshuffle_the_rollout_batch_and_keep_each_rollouts_ol
     assert [i for i, _ in first] != [i for i, _ in second]  # in a new order
     old = dict(first)
     assert all(torch.equal(old[i], lp) for i, lp in second)  # each keeps the log-probs of the sampling policy
+
+
+def test_the_handouts_sft_jsonl_loads_and_filtered_sft_takes_answers_from_train_jsonl(tmp_path):
+    from cs336_alignment.data import load_examples
+
+    traces = load_examples(SFT_JSONL)
+    folder = tmp_path / "MATH"
+    folder.mkdir()
+    lines = [{"prompt": ex.prompt, "response": ex.response} for ex in traces]  # the handout's format: no answer
+    lines.append({"prompt": traces[0].prompt.replace(traces[0].question, "What is 100 + 1?"), "response": " 101 </think>"})
+    (folder / "sft.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    loaded = load_examples(folder / "sft.jsonl")  # questions as read from the prompts
+    answers = [{"problem": ex.question, "answer": str(trace.ground_truth)} for ex, trace in zip(loaded, traces)]
+    answers[1]["answer"] += "1"  # this trace's answer is now wrong: filtered out
+    (folder / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in answers))
+    assert all(ex.ground_truth is None for ex in loaded)
+    cfg = _cfg(sft.SFTConfig, tmp_path / "s", data={"train": str(folder / "sft.jsonl"), "val": str(folder / "train.jsonl")},
+               filter_correct=True, max_steps=1, batch_size=2, micro_batch_size=2, n_eval_examples=1, eval_max_tokens=2,
+               final_eval_full=False, control={"progress": False})
+    sft.train_sft(cfg)
+    (record,) = [r for r in read_jsonl(tmp_path / "s" / "metrics.jsonl") if r["kind"] == "data"]
+    assert (record["n_available"], record["n_examples"]) == (len(traces), len(traces) - 1)
+    (warning,) = [x for x in (tmp_path / "s" / "log.txt").read_text().splitlines() if "filter_correct: 1 traces" in x]
+    assert "have no ground_truth and their question is not in" in warning and "answers=" in warning
+    (folder / "train.jsonl").unlink()
+    with pytest.raises(ConfigError, match=r"field 'answers': no such file .*train.jsonl; filter_correct needs"):
+        sft.train_sft(_cfg(sft.SFTConfig, tmp_path / "t", data={"train": str(folder / "sft.jsonl"), "val": "train"},
+                           filter_correct=True))
+    assert not (tmp_path / "t").exists()

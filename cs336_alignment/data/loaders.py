@@ -334,13 +334,9 @@ def _parse_gsm8k(obj: dict[str, Any]) -> Example:
 def _parse_sft(obj: dict[str, Any]) -> Example:
     p_name, prompt = _require_text(obj, SFT_PROMPT_FIELDS)
     r_name, response = _require_text(obj, SFT_RESPONSE_FIELDS)
-    found = _pick(obj, SFT_GROUND_TRUTH_FIELDS)
-    if found is None:
-        alts = ", ".join(SFT_GROUND_TRUTH_FIELDS[1:])
-        raise _LineError(f"missing (or {alts}) (have: {_have(obj)})", "ground_truth")
-    g_name, raw = found
-    ground_truth = _answer_value(g_name, raw)
-    used = {p_name, r_name, g_name}
+    found = _pick(obj, SFT_GROUND_TRUTH_FIELDS)  # optional: the handout's sft.jsonl has prompt and response only
+    ground_truth = _answer_value(*found) if found is not None else None
+    used = {p_name, r_name} | ({found[0]} if found is not None else set())
     q = _optional_text(obj, ("question",))
     if q is not None and q[1].strip():
         question = q[1]

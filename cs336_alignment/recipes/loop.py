@@ -112,7 +112,7 @@ FREE_FIELDS = frozenset({  # how the run is watched, placed or fitted in memory:
 })
 STEP_COUNT_FIELDS = frozenset({"n_grpo_steps", "n_ei_steps", "epochs", "max_steps"})  # only with a constant learning rate
 FIXED_FIELDS = frozenset({  # what the completed steps computed with: refused unless control.allow_config_change
-    "model", "seed", "warmup_ratio", "data.train", "data.val", "data.prompt", "data.reward", "data.reward_in_process",
+    "model", "seed", "warmup_ratio", "answers", "data.train", "data.val", "data.prompt", "data.reward", "data.reward_in_process",
     "data.task_knobs",
     "data.n_task_train",
     "data.n_task_val", "learning_rate", "warmup_steps", "schedule", "weight_decay", "betas", "max_grad_norm",

@@ -13,18 +13,20 @@ Glossary: b sequences per micro-batch, T positions after the one-token shift.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from ..checkpoint import NonFiniteError, RunControl
 from ..config import ConfigError
-from ..data import Example, format_prompt, validation_subset
+from ..data import Example, format_prompt, load_examples, validation_subset
 from ..generation import SamplingParams
 from ..logprobs import get_response_log_probs
 from ..losses import sft_microbatch_train_step
@@ -52,6 +54,7 @@ __all__ = [
     "sft_optimizer_step",
     "sft_pairs",
     "train_sft",
+    "with_answers",
 ]
 
 
@@ -72,6 +75,8 @@ class SFTConfig:
     data: DataConfig = field(default_factory=DataConfig)  # examples with reference responses
     n_examples: int | None = None  # use this many unique examples (128, 256, 512, 1024; None = all)
     filter_correct: bool = False  # keep only examples whose reference response earns reward 1
+    answers: str = ""  # JSONL whose questions give the answers of traces without ground_truth (filter_correct);
+    # "" = train.jsonl beside data.train
     epochs: int = 1  # passes over the examples
     max_steps: int | None = None  # stop after this many optimizer steps (None: all epochs)
     learning_rate: float = 2e-5  # peak AdamW learning rate
@@ -140,6 +145,9 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
     if not any(ex.response for ex in data.train):
         raise ConfigError(f"field 'data.train': no example in {cfg.data.train} has a reference response; SFT needs "
                           "(prompt, response) pairs, e.g. sft.jsonl")
+    unmatched = 0
+    if cfg.filter_correct and any(ex.ground_truth is None for ex in data.train):
+        data, unmatched = with_answers(data, cfg.answers or str(Path(cfg.data.train).with_name("train.jsonl")))
     check_fits(cfg.model, data.template, data.train, with_response=True)  # an over-long example: refused now
     check_fits(cfg.model, data.template, data.val, new_tokens=cfg.eval_max_tokens, new_tokens_field="eval_max_tokens")
     with RunLoop(cfg, "SFT") as loop:  # the run directory is locked until the end
@@ -147,6 +155,10 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         policy, tokenizer, optimizer, generator = load_policy_and_generator(cfg, device=loop.device,
                                                                             generator_device=gen_device)
         pad_id = pad_token_id(tokenizer)  # pad, else EOS
+        if unmatched:
+            loop.logger.warning("filter_correct: %d traces have no ground_truth and their question is not in %s; dropped "
+                                "(add ground_truth to those lines, or name the file with their answers in answers=...)",
+                                unmatched, cfg.answers or Path(cfg.data.train).with_name("train.jsonl"))
         examples = sft_examples(data, tokenizer, cfg, logger=loop.logger)
         steps_per_epoch = math.ceil(len(examples.pairs) / cfg.batch_size)
         total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(steps_per_epoch * cfg.epochs, cfg.max_steps)
@@ -201,6 +213,24 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         # ------------------------------------------------------------------ validate and save
         final = validate(loop.state.step, data.val, "full") if cfg.final_eval_full else validate(loop.state.step, tag="final")
         return loop.finish(policy, tokenizer, final)
+
+
+def with_answers(data: LoadedData, answers: str) -> tuple[LoadedData, int]:
+    """``data`` whose training traces without ground_truth take it from the example of ``answers``
+    (e.g. MATH train.jsonl) with the same question; returns it and how many traces found none
+    (they are dropped). A missing ``answers`` file: ConfigError."""
+    if not Path(answers).is_file():
+        raise ConfigError(f"field 'answers': no such file {answers}; filter_correct needs each trace's answer: add "
+                          "ground_truth to the sft.jsonl lines, or name a JSONL with their questions and answers")
+    known = {ex.question.strip(): ex.ground_truth for ex in load_examples(answers)}
+    train, unmatched = [], 0
+    for ex in data.train:
+        truth = ex.ground_truth if ex.ground_truth is not None else known.get(ex.question.strip())
+        if truth is None:
+            unmatched += 1
+        else:
+            train.append(dataclasses.replace(ex, ground_truth=truth))
+    return dataclasses.replace(data, train=train), unmatched
 
 
 @dataclass
