@@ -135,12 +135,16 @@ def _register_recipe_command(recipe: str, help_text: str) -> None:
         overrides: Optional[list[str]] = typer.Argument(None, help="Config fields as key=value (nested: data.train=...)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in the run directory."),
         time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop training after this long (e.g. 4h, 90m)."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Resolve and check the config, print it, run nothing."),
     ) -> None:
         from .experiments import recipe_classes
 
         with _user_errors():
             cls, train = recipe_classes(recipe)
             cfg = load_config(cls, config, list(overrides or []) + _control_flags(resume, time_budget), recipe=recipe)
+            if dry_run:
+                _echo_dry_run(recipe, cfg)
+                return
             _echo_metrics(train(cfg))
 
     app.command(recipe, help=help_text)(command)
@@ -157,12 +161,16 @@ def run_command(
     smoke: bool = typer.Option(False, "--smoke", help="Tiny model, built-in task, CPU, one step: checks the config runs."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint."),
     time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop training after this long (e.g. 4h)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Resolve and check the config, print it, run nothing."),
 ) -> None:
     """Run one study config (eval, sft, ei or grpo, as its 'recipe:' key says)."""
     from .experiments import load_study, run_study
 
     with _user_errors():
         study = load_study(config, list(overrides or []) + _control_flags(resume, time_budget), smoke=smoke)
+        if dry_run:
+            _echo_dry_run(study.recipe, study.config)
+            return
         _echo_metrics(run_study(study))
 
 
@@ -290,6 +298,14 @@ def _resume_command() -> str:
 def _control_flags(resume: bool, time_budget: Optional[str]) -> list[str]:
     flags = ["control.resume=true"] if resume else []
     return flags + ([f"control.time_budget={time_budget}"] if time_budget else [])
+
+
+def _echo_dry_run(recipe: str, cfg: object) -> None:
+    """What --dry-run prints: the resolved config, as `config` prints it, and that nothing ran."""
+    from .config import commented_yaml
+
+    typer.echo(f"# dry run: {recipe} with this config; nothing was run or written")
+    typer.echo(commented_yaml(cfg), nl=False)
 
 
 def _echo_metrics(metrics: dict) -> None:
