@@ -52,7 +52,7 @@ import yaml
 
 from .checkpoint import parse_duration
 from .errors import UserError
-from .run_dir import atomic_write_text, read_jsonl
+from .run_dir import atomic_write_text, read_jsonl, umask_mode
 
 __all__ = [
     "Curve",
@@ -492,6 +492,7 @@ def render_plot(spec: PlotSpec, runs: Sequence[Run], out_dir: Path) -> PlotResul
 
 def _save_atomically(fig: Any, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".png")
+    os.fchmod(fd, umask_mode())  # readable as the umask allows, like every file we write
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", bbox_inches="tight")

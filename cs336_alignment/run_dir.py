@@ -46,18 +46,29 @@ __all__ = [
     "claim_directory",
     "move_aside",
     "read_jsonl",
+    "umask_mode",
 ]
+
+
+def umask_mode() -> int:
+    """The mode a plain ``open()`` gives a new file: 0o666 less the process umask (mkstemp's
+    temporary files are 0o600, which teammates on a shared cluster could not read)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the new one, never a part.
 
-    Writes a temporary file in the same directory, fsyncs it, then renames it over ``path``.
+    Writes a temporary file in the same directory, fsyncs it, then renames it over ``path``;
+    the file gets the mode the umask allows (as ``open()`` would), not mkstemp's 0o600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, umask_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

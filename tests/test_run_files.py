@@ -161,3 +161,26 @@ def test_eval_replaces_only_its_own_output(tmp_path):
     want = f"error: field 'out': {mine / 'metrics.json'} exists and no run wrote it; choose another out=..."
     assert result.output.strip() == want
     assert _snapshot(mine) == before and os.listdir(mine) == ["metrics.json"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_every_file_a_run_writes_respects_the_umask(tmp_path, tiny_model, tiny_tokenizer, umask, mode):
+    import os
+
+    import torch
+
+    old = os.umask(umask)
+    try:
+        out = tmp_path / "run"
+        with RunLoop(_cfg(out, checkpoint_every=1), "TEST") as loop:
+            loop.attach(tiny_model, torch.optim.SGD(tiny_model.parameters(), lr=0.1))
+            for _ in loop.steps(1):
+                loop.sink.log("train", 1, {"loss": 1.0})
+                loop.end_of_step()
+            loop.finish(tiny_model, tiny_tokenizer, {"accuracy": 0.5})
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    assert {"config.yaml", "final.json", "checkpoints/step_000001/model.pt", "model/config.json"} <= set(modes)
+    wrong = {name: oct(m) for name, m in modes.items() if m != mode and name != ".lock"}
+    assert not wrong, wrong  # config.yaml and final.json were mkstemp's 0o600 before

@@ -77,6 +77,7 @@ from ..run_dir import (
     checked_out_dir,
     claim_directory,
     read_jsonl,
+    umask_mode,
 )
 from .common import LoadedData, check_model_path, seed_everything
 
@@ -509,6 +510,7 @@ class RunLoop:
             written = sorted(p for p in staging.rglob("*") if p.is_file())
             self.run.files.record(*(f"model/{p.relative_to(staging).as_posix()}" for p in written))
             for p in written:
+                p.chmod(umask_mode())  # safetensors writes 0o600: readable as the umask allows, like every other file
                 target = model_dir / p.relative_to(staging)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(p, target)
