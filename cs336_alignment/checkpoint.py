@@ -355,8 +355,8 @@ class RunDirectoryInUse(UserError, RuntimeError):
     exit_code = 2  # found before anything is written
 
 
-def refuse_foreign(path: Path, control: RunControl) -> None:
-    """Raise ForeignFiles (one line) when ``path`` holds files no run wrote and
+def refuse_foreign(path: Path, control: RunControl) -> list[str]:
+    """The files in ``path`` that no run wrote; ForeignFiles (one line) when there are any and
     ``control.overwrite`` is off. Read-only: a fresh run calls it before creating its lock file."""
     foreign = RunFiles(path).foreign()
     if foreign and not control.overwrite:
@@ -365,6 +365,7 @@ def refuse_foreign(path: Path, control: RunControl) -> None:
             f"field 'out': {path} holds files that no run wrote ({listed}); choose another out=..., "
             f"or set control.overwrite=true to move everything in it aside to {path.name}.old-<time>/"
         )
+    return foreign
 
 
 def start_fresh(path: Path, control: RunControl, *, model: str = "") -> list[str]:
@@ -380,7 +381,7 @@ def start_fresh(path: Path, control: RunControl, *, model: str = "") -> list[str
       ``<path>.old-<time>/`` (the lock file stays). ``model`` inside ``path`` is then refused,
       as it would be moved away before it is loaded.
     """
-    refuse_foreign(path, control)
+    foreign = refuse_foreign(path, control)
     files = RunFiles(path)
     done = Checkpointer(path).complete()
     quarantined = sorted((path / "checkpoints").glob(".corrupt_*"))
@@ -388,7 +389,7 @@ def start_fresh(path: Path, control: RunControl, *, model: str = "") -> list[str
     notes = []
     if control.resume:
         notes.append(f"resume requested but {path / 'checkpoints'} has no complete checkpoint: starting from scratch")
-    if files.foreign() or done or quarantined or finished:
+    if foreign or done or quarantined or finished:
         if not control.overwrite:
             held = (f"checkpoints (latest: step {done[-1][0]})" if done else
                     f"a finished run (final.json){' whose checkpoints were removed' if control.resume else ''}" if finished else

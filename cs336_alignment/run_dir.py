@@ -52,9 +52,16 @@ __all__ = [
 
 def umask_mode() -> int:
     """The mode a plain ``open()`` gives a new file: 0o666 less the process umask (mkstemp's
-    temporary files are 0o600, which teammates on a shared cluster could not read)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    temporary files are 0o600, which teammates on a shared cluster could not read).
+
+    The umask is read from /proc/self/status where Linux has it: setting and restoring it, the
+    only portable read, leaves it 0 for an instant in every thread of the process."""
+    try:
+        status = Path("/proc/self/status").read_text(encoding="ascii")
+        mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
     return 0o666 & ~mask
 
 

@@ -67,8 +67,6 @@ class EvalConfig:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be between 0 and max_tokens ({self.max_tokens})")
-        if not 0 < self.kv_cache_memory_fraction < 1:
-            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1), got {self.kv_cache_memory_fraction}")
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(

@@ -376,12 +376,17 @@ class RunLoop:
         the earlier sessions' up to the checkpoint this one resumed from. Logged with every record."""
         return self._wall_before + time.monotonic() - self._session_start
 
+    def _kept_back(self) -> float:
+        """Seconds a wall-clock budget keeps for the final validation (see :meth:`steps`); 0 on the train clock."""
+        if self.control.budget_clock == "train":
+            return 0.0
+        return self._final_examples * (self._eval_seconds_per_example or 0.0)
+
     def _budget_spent(self) -> float:
-        """The reading of the clock ``control.budget_clock`` names; on the wall clock, plus the
-        time kept back for the final validation (see :meth:`steps`)."""
+        """The reading of the clock ``control.budget_clock`` names, plus :meth:`_kept_back`."""
         if self.control.budget_clock == "train":
             return self.state.train_clock
-        return self.wall_clock() + self._final_examples * (self._eval_seconds_per_example or 0.0)
+        return self.wall_clock() + self._kept_back()
 
     def stop_clock(self) -> float:
         """Stop the running step's clock (before its metrics are logged) and return the training
@@ -416,8 +421,7 @@ class RunLoop:
             self.logger.info("time budget %s (%s clock) reached after %d %s steps (%s of training, %s of wall clock, "
                              "%s kept for the final validation)", control.time_budget, control.budget_clock, s.step,
                              self.recipe, format_seconds(s.train_clock), format_seconds(self.wall_clock()),
-                             format_seconds(self._budget_spent() - self.wall_clock())
-                             if control.budget_clock == "wall" else format_seconds(0))
+                             format_seconds(self._kept_back()))
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the attached model and optimizer, the RNG states and the counters, atomically."""
