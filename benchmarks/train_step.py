@@ -73,14 +73,13 @@ def build_model(shape: str, device: torch.device, param_dtype: torch.dtype, chec
 
 
 def apply_liger(model: Any) -> None:
-    """liger-kernel's fused RoPE / RMSNorm / SwiGLU on the model body (optional dependency)."""
+    """liger-kernel's fused RoPE / RMSNorm / SwiGLU on the model body: the recipes' ``use_liger_kernel``."""
+    from cs336_alignment.models import MissingPackage, use_liger_kernel
+
     try:
-        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
-    except ImportError as e:
-        raise SystemExit("--liger needs liger-kernel: pip install liger-kernel (it is optional)") from e
-    apply_liger_kernel_to_qwen2(
-        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model
-    )
+        use_liger_kernel(model)
+    except MissingPackage as e:
+        raise SystemExit(f"--liger: {e}") from None
 
 
 def precision_setup(precision: str, device: torch.device) -> tuple[torch.dtype, Any]:

@@ -1,9 +1,16 @@
 """Checkpoints that survive kills, crashes and full disks; exact resume; time budgets.
 
-A checkpoint is a directory ``<run>/checkpoints/step_<N>/`` holding the policy weights,
-the optimizer state, every RNG state, and the run loop's counters (``recipes/loop.py``'s
-``RunState``: steps done, training clock, and how many bytes of metrics.jsonl existed at
-that moment). It is
+A checkpoint is a directory ``<run>/checkpoints/step_<N>/`` holding
+
+- ``model/``: a Hugging Face folder (``save_pretrained``: safetensors, config, generation config,
+  tokenizer) of the fp32 master weights, the very tensors resume loads: ``from_pretrained``,
+  vLLM, ``eval --model <checkpoint>`` and ``export`` open any checkpoint;
+- ``optimizer.pt``: the optimizer state;
+- ``trainer.pt``: every RNG state and the run loop's counters (``recipes/loop.py``'s
+  ``RunState``: steps done, training clock, and how many bytes of metrics.jsonl existed at
+  that moment).
+
+It is
 written to a temporary directory next to it, fsynced, then renamed into place: a kill
 during the write leaves the previous checkpoint untouched, and a directory without the
 ``COMPLETE`` marker is never loaded. A manifest records every file's size and SHA-256 (hashed
@@ -36,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import UserError
+from .export import save_model_folder
 from .run_dir import ForeignFiles, RunFiles, move_aside
 
 __all__ = [
@@ -50,6 +58,7 @@ __all__ = [
     "check_finite",
     "fault_point",
     "format_seconds",
+    "load_weights",
     "parse_duration",
     "rng_state",
     "set_rng_state",
@@ -61,6 +70,7 @@ __all__ = [
 
 
 COMPLETE = "COMPLETE"
+MODEL_DIR = "model"  # a checkpoint's Hugging Face folder of the master weights
 MANIFEST = "manifest.json"  # {file: {"bytes": size, "sha256": hex digest}}, written with the files
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -203,16 +213,25 @@ class Checkpointer:
             warn(f"skipping checkpoint {path}: {problem} (moved aside to {aside.name})")
         return None
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> Path:
-        """Write checkpoint ``step`` atomically, with a manifest of every file's size and SHA-256
-        (hashed while writing). Any failure raises CheckpointError, removes the partial temporary
-        directory and leaves the previous checkpoint intact."""
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        state: dict[str, Any],
+        *,
+        tokenizer: Any = None,
+    ) -> Path:
+        """Write checkpoint ``step`` atomically: the model's folder (with ``tokenizer``, when
+        given), the optimizer and the trainer state, with a manifest of every file's size and
+        SHA-256. Any failure raises CheckpointError, removes the partial temporary directory and
+        leaves the previous checkpoint intact."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"step_{step:06d}"
         tmp = self.root / f".tmp_step_{step:06d}_{os.getpid()}_{time.time_ns()}"
         try:
             tmp.mkdir()
-            manifest = {"model.pt": _save(tmp / "model.pt", {k: v.detach().cpu() for k, v in model.state_dict().items()})}
+            manifest = {p.relative_to(tmp).as_posix(): _seal(p) for p in save_model_folder(model, tokenizer, tmp / MODEL_DIR)}
             fault_point("checkpoint", step)
             if optimizer is not None:
                 manifest["optimizer.pt"] = _save(tmp / "optimizer.pt", optimizer.state_dict())
@@ -260,7 +279,10 @@ class Checkpointer:
         that would need anything else unpickled (code could run) raises UnsafeCheckpoint.
         """
         device = next(model.parameters()).device
-        model.load_state_dict(_load(path / "model.pt", device))
+        if (path / "model.pt").exists():  # written before checkpoints held a model folder
+            model.load_state_dict(_load(path / "model.pt", device))
+        else:
+            load_weights(path / MODEL_DIR, model)
         if optimizer is not None and (path / "optimizer.pt").exists():
             optimizer.load_state_dict(_load(path / "optimizer.pt", device))
         trainer = _load(path / "trainer.pt", None)
@@ -291,6 +313,50 @@ def _save(path: Path, obj: Any) -> dict[str, Any]:
         f.flush()
         os.fsync(f.fileno())
     return {"bytes": writer.bytes, "sha256": writer.sha256.hexdigest()}
+
+
+def _seal(path: Path) -> dict[str, Any]:
+    """fsync a file just written (by another library) and return its manifest entry."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb+") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+            size += len(block)
+        os.fsync(f.fileno())
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def load_weights(folder: Path, model: torch.nn.Module) -> None:
+    """Copy the weights of ``folder``'s ``*.safetensors`` files into ``model``, tensor by tensor
+    (no second copy of the model in memory). Every parameter and persistent buffer must be in
+    the files, except a tied one (the same tensor as one that is: stored once); a tensor the
+    model lacks, or of another shape, is a CheckpointError."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder} holds no *.safetensors weights; move that checkpoint aside to resume from an older one")
+    own = model.state_dict(keep_vars=True)
+    loaded: set[str] = set()
+    try:
+        with torch.no_grad():
+            for file in files:
+                with safe_open(str(file), framework="pt", device="cpu") as f:
+                    for name in f.keys():
+                        if name not in own:
+                            raise CheckpointError(f"{file} holds {name}, which the model does not have")
+                        tensor = f.get_tensor(name)
+                        if tensor.shape != own[name].shape:
+                            raise CheckpointError(f"{file}: {name} has shape {tuple(tensor.shape)}, "
+                                                  f"the model's is {tuple(own[name].shape)}")
+                        own[name].copy_(tensor)
+                        loaded.add(name)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {folder} ({e}); move that checkpoint aside to resume from an older one") from e
+    stored = {own[name].data_ptr() for name in loaded}
+    missing = [name for name in own if name not in loaded and own[name].data_ptr() not in stored]
+    if missing:
+        raise CheckpointError(f"{folder} lacks {len(missing)} of the model's tensors ({', '.join(missing[:3])}...)")
 
 
 def _write_synced(path: Path, text: str) -> None:

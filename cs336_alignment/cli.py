@@ -122,6 +122,20 @@ def eval_command(
     typer.echo(f"wrote {Path(cfg.out) / 'generations.jsonl'} and {Path(cfg.out) / 'metrics.json'}")
 
 
+@app.command("export")
+def export_command(
+    checkpoint: str = typer.Argument(..., help="A checkpoint (<run>/checkpoints/step_N), a finished run, or a model folder."),
+    out: Path = typer.Option(..., "--out", help="Directory to write; must not exist or be empty."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="Weights' dtype: bfloat16, float16 or float32."),
+) -> None:
+    """Write a servable Hugging Face folder (safetensors in --dtype, tokenizer, generation config) from any checkpoint."""
+    from .export import export_model
+
+    with _user_errors():
+        path = export_model(checkpoint, out, dtype=dtype)
+    typer.echo(f"wrote {path} ({dtype}): load it with from_pretrained, vLLM, or eval --model {path}")
+
+
 RECIPE_COMMANDS = {  # command -> its help; the config class and entry function come from experiments.recipe_classes
     "sft": "Supervised fine-tuning on (prompt, response) pairs (sft.jsonl or a built-in task's traces).",
     "ei": "Expert iteration: sample, keep the rewarded responses, fine-tune on them, repeat.",

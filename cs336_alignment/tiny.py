@@ -197,11 +197,18 @@ def build_tiny_model(
 
 
 def save_tiny_model(out_dir: str | Path, seed: int = 0, **config_overrides: Any) -> Path:
-    """Build the tiny tokenizer and model and save both to ``out_dir`` (a usable model directory)."""
+    """Build the tiny tokenizer and model and save both to ``out_dir`` (a usable model directory).
+
+    The folder is made loadable by transformers 4.x as well as 5.x
+    (:func:`cs336_alignment.hf_compat.make_compatible`).
+    """
+    from .hf_compat import make_compatible
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(tokenizer, seed=seed, **config_overrides)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    make_compatible(out)
     return out

@@ -62,10 +62,10 @@ def test_every_file_is_in_the_manifest_with_its_size_and_checksum(tmp_path):
     saver, _ = _two_checkpoints(tmp_path)
     latest = saver.latest()
     manifest = json.loads((latest / "manifest.json").read_text())
-    assert set(manifest) == {"model.pt", "optimizer.pt", "trainer.pt"}
+    assert set(manifest) == {"model/model.safetensors", "optimizer.pt", "trainer.pt"}  # a plain module: weights only
     for name, entry in manifest.items():
         data = (latest / name).read_bytes()
-        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}  # hashed while writing
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert verify(latest) is None
     flipped = bytearray((latest / "optimizer.pt").read_bytes())
     flipped[len(flipped) // 2] ^= 0xFF  # same size, one byte changed
@@ -111,12 +111,12 @@ def test_resume_with_no_intact_checkpoint_fails_in_one_line(tmp_path):
     run = tmp_path / "run"
     saver, _ = _two_checkpoints(run)
     for _, path in saver.complete():
-        (path / "model.pt").write_bytes(b"")  # truncated to nothing
+        (path / "model" / "model.safetensors").write_bytes(b"")  # truncated to nothing
     cfg = LoopConfig(out=str(run), control=RunControl(resume=True, progress=False))
     with pytest.raises(CheckpointError, match="--resume: no checkpoint in .* is intact"):
         RunLoop(cfg, "TEST")
     log = (run / "log.txt").read_text()
-    assert "skipping checkpoint" in log and "model.pt has 0 bytes" in log
+    assert "skipping checkpoint" in log and "model/model.safetensors has 0 bytes" in log
 
 
 def _grpo(out: Path, **control) -> GRPOConfig:
@@ -140,10 +140,11 @@ def test_a_truncated_latest_checkpoint_falls_back_and_the_resumed_run_reproduces
     train_grpo(_grpo(out))
     latest = Checkpointer(out).latest()
     assert latest.name == "step_000004"
-    model_pt = latest / "model.pt"
-    model_pt.write_bytes(model_pt.read_bytes()[: model_pt.stat().st_size // 2])  # half of it lost
+    weights = latest / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # half of it lost
     train_grpo(_grpo(out, resume=True))  # warns, resumes from step 3, runs step 4 again
-    assert "skipping checkpoint" in (out / "log.txt").read_text() and "model.pt has" in (out / "log.txt").read_text()
+    log = (out / "log.txt").read_text()
+    assert "skipping checkpoint" in log and "model/model.safetensors has" in log
     assert _comparable(out) == _comparable(tmp_path / "clean")
     assert verify(Checkpointer(out).latest()) is None  # step 4 written anew
     assert RunFiles(out).foreign() == []  # every file the run wrote is in its manifest (so a fresh start may clear it)

@@ -11,7 +11,11 @@ Transformations (the command as written, then):
   sweep                     + --dry-run: every grid point resolved and listed.
   eval                      $CS336_MODEL is the tiny model, $CS336_DATA a folder with a small
                             validation.jsonl; optional [--flag N] groups get small values.
-  schedule, --help          as written.
+  schedule, --help,         as written.
+  tiny-model
+  export, eval --model runs/...
+                            a model folder that an earlier command of the block writes (under
+                            runs/) is written first, as tiny-model does.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cs336_alignment.cli import app
+from cs336_alignment.tiny import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "configs" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -68,7 +73,7 @@ def transformed(command: str, data_dir: Path) -> list[str] | None:
         return args + ["--dry-run"]
     if args and args[0] == "eval":
         return args + ["--max-tokens", "4"]
-    if args in (["schedule"], ["--help"]):
+    if args in (["schedule"], ["--help"]) or (args and args[0] in ("tiny-model", "export")):
         return args
     raise AssertionError(f"no transformation for {command!r}: add one (or an allowed reason) to {__file__}")
 
@@ -88,6 +93,9 @@ def test_a_documented_command_runs_as_written(where, command, tmp_path, monkeypa
     args = transformed(command, tmp_path)
     if args is None:
         pytest.skip(f"allowed: {next(why for start, why in ALLOWED.items() if command.startswith(start))}")
+    source = args[1] if args[0] == "export" else args[args.index("--model") + 1] if "--model" in args else ""
+    if source.startswith("runs/"):  # written by an earlier command of the same block
+        save_tiny_model(tmp_path / source)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, f"{where}: {command}\n{result.output}"
     if args[-1] == "--dry-run" and args[0] != "sweep":

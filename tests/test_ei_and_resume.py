@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from cs336_alignment.checkpoint import Checkpointer, CheckpointError, NonFiniteError, parse_duration
 from cs336_alignment.config import load_config
@@ -238,7 +239,7 @@ def test_injected_nan_stops_with_a_clear_message_and_a_usable_checkpoint(tmp_pat
     model = torch.nn.Linear(1, 1)  # the checkpoint files load
     state = torch.load(ckpt.latest() / "trainer.pt", weights_only=False)
     assert state["state"]["step"] == 2
-    weights = torch.load(ckpt.latest() / "model.pt", weights_only=True)
+    weights = load_file(ckpt.latest() / "model" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert str(error.value) in (tmp_path / "n" / "log.txt").read_text()
     del model

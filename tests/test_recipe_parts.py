@@ -32,6 +32,9 @@ class LoopConfig:
     control: RunControl = field(default_factory=lambda: RunControl(checkpoint_every=2, progress=False))
     wandb_project: str = ""
     run_name: str = ""
+    attn_implementation: str = "sdpa"
+    use_liger_kernel: bool = False
+    export_dtype: str = "auto"
 
 
 def _run_loop(cfg: LoopConfig, total: int, eval_every: int) -> tuple[RunLoop, list[int], torch.nn.Linear]:

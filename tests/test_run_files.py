@@ -181,6 +181,6 @@ def test_every_file_a_run_writes_respects_the_umask(tmp_path, tiny_model, tiny_t
     finally:
         os.umask(old)
     modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
-    assert {"config.yaml", "final.json", "checkpoints/step_000001/model.pt", "model/config.json"} <= set(modes)
+    assert {"config.yaml", "final.json", "checkpoints/step_000001/model/model.safetensors", "model/config.json"} <= set(modes)
     wrong = {name: oct(m) for name, m in modes.items() if m != mode and name != ".lock"}
     assert not wrong, wrong  # config.yaml and final.json were mkstemp's 0o600 before

@@ -32,10 +32,10 @@ from types import ModuleType
 from typing import Any, Literal
 from unittest import mock
 
-import numpy as np
 import torch
 
 from ..errors import UserError
+from ..models import model_folder
 from .types import Completion, GenerationResult, SamplingParams
 
 __all__ = [
@@ -113,6 +113,8 @@ def _seed_everything(vllm: ModuleType, seed: int) -> None:
         if fn is not None:
             fn(seed)
             return
+    import numpy as np  # vLLM's dependency, imported only where vLLM runs
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -373,6 +375,7 @@ def load_vllm_generator(
     tokenizer: Any | None = None,
     **llm_kwargs: Any,
 ) -> VLLMGenerator:
-    """Build the vLLM backend for ``model_id`` on ``device``; raises :class:`BackendUnavailable` without vLLM."""
-    llm = build_llm(model_id, device, seed, gpu_memory_utilization, **llm_kwargs)
+    """Build the vLLM backend for ``model_id`` (a model folder, checkpoint or finished run, see
+    :func:`~cs336_alignment.models.model_folder`) on ``device``; raises :class:`BackendUnavailable` without vLLM."""
+    llm = build_llm(model_folder(model_id), device, seed, gpu_memory_utilization, **llm_kwargs)
     return VLLMGenerator(llm, tokenizer)

@@ -22,7 +22,7 @@ from ..checkpoint import NonFiniteError, check_finite
 from ..config import ConfigError
 from ..data import DataError, Example, check_lengths, generate_splits, load_examples, load_template, make_task
 from ..generation import Generator, load_generator
-from ..models import load_policy
+from ..models import load_policy, model_folder
 from ..rewards import RewardFn, resolve_reward_fn
 from ..tiny import build_tiny_tokenizer, tiny_qwen2_config
 
@@ -154,7 +154,7 @@ def check_model_path(model: str) -> None:
         return
     if not model.strip():
         raise ConfigError("field 'model': empty; name the starting model: a directory (e.g. an SFT run's model/) or 'tiny'")
-    path = Path(model).expanduser()
+    path = Path(model_folder(str(Path(model).expanduser())))
     if path.is_file():
         raise ConfigError(f"field 'model': {model} is a file; expected a model directory (from save_pretrained) or 'tiny'")
     hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", model) is not None and not model.startswith(".")
@@ -162,8 +162,8 @@ def check_model_path(model: str) -> None:
         raise ConfigError(f"field 'model': no such directory {model}; expected a model directory (from save_pretrained) "
                           "or 'tiny'")
     if path.is_dir() and not (path / "config.json").is_file():
-        raise ConfigError(f"field 'model': {model} holds no config.json, so it is not a saved model; "
-                          "for a finished run, name its model/ folder")
+        raise ConfigError(f"field 'model': {model} holds no config.json, so it is neither a saved model nor a checkpoint "
+                          "or finished run (whose model/ folder holds one)")
 
 
 @functools.lru_cache(maxsize=4)
@@ -176,7 +176,8 @@ def tokenizer_and_context(model: str) -> tuple[Any, int]:
         return tokenizer, tiny_qwen2_config(len(tokenizer), tokenizer.eos_token_id).max_position_embeddings
     from transformers import AutoConfig, AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model), AutoConfig.from_pretrained(model).max_position_embeddings
+    folder = model_folder(model)
+    return AutoTokenizer.from_pretrained(folder), AutoConfig.from_pretrained(folder).max_position_embeddings
 
 
 def check_fits(
@@ -266,9 +267,11 @@ def load_policy_and_generator(
 ) -> tuple[torch.nn.Module, Any, torch.optim.Optimizer, Generator]:
     """What GRPO and expert iteration start from: the trainable policy (fp32) and its tokenizer,
     its AdamW, and the generator ``cfg.backend`` names, on ``generator_device``, holding the
-    policy's weights. Reads model, seed, gradient_checkpointing, learning_rate, weight_decay,
-    betas, backend, max_num_seqs, kv_cache_memory_fraction, gpu_memory_utilization."""
-    policy, tokenizer = load_policy(cfg.model, device, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing)
+    policy's weights. Reads model, seed, gradient_checkpointing, attn_implementation,
+    use_liger_kernel, learning_rate, weight_decay, betas, backend, max_num_seqs,
+    kv_cache_memory_fraction, gpu_memory_utilization."""
+    policy, tokenizer = load_policy(cfg.model, device, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing,
+                                    attn_implementation=cfg.attn_implementation, liger_kernel=cfg.use_liger_kernel)
     optimizer = make_optimizer(policy, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=cfg.betas)
     generator = load_generator(
         cfg.backend, policy, tokenizer, model_path=cfg.model, device=generator_device, seed=cfg.seed,

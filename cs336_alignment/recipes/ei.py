@@ -88,6 +88,9 @@ class EIConfig:
     final_eval_full: bool = True  # validate on the whole validation set at the end
     device: str = "auto"  # policy device
     gradient_checkpointing: bool = False  # trade compute for activation memory
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel (flash: flash-attn installed)
+    use_liger_kernel: bool = False  # Liger's fused RoPE, RMSNorm and SwiGLU in the policy (GPU; liger-kernel installed)
+    export_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # the final model/ ("auto": bf16 on GPU, else fp32)
     logprob_chunk_size: int | None = 1024  # log-probs/entropy over this many positions at a time (None: full fp32 logits)
     length_grouping: bool = True  # sort each SFT batch by length before micro-batching
     backend: Literal["native", "vllm", "auto"] = "native"  # native, vllm (CUDA, optional extra) or auto (vLLM where it runs)
@@ -121,7 +124,7 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
         policy, tokenizer, optimizer, generator = load_policy_and_generator(cfg, device=device, generator_device=device)
         pad_id = pad_token_id(tokenizer)  # pad, else EOS
         # a fresh optimizer per step is not checkpointed
-        loop.attach(policy, None if cfg.fresh_optimizer else optimizer, generator=generator)
+        loop.attach(policy, None if cfg.fresh_optimizer else optimizer, tokenizer=tokenizer, generator=generator)
         rollout_sampling = SamplingParams.r1_zero(  # stop at </answer> and keep it
             temperature=cfg.sampling_temperature, max_tokens=cfg.sampling_max_tokens, min_tokens=cfg.sampling_min_tokens,
             n=cfg.rollouts_per_question,

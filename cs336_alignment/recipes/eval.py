@@ -17,7 +17,7 @@ from ..data import Example, format_prompts, load_examples, load_template, make_t
 from ..evaluate import evaluate
 from ..generation import NativeEngine, SamplingParams
 from ..generation.vllm_backend import import_vllm, load_vllm_generator
-from ..models import load_model_and_tokenizer, resolve_device
+from ..models import check_model_options, load_model_and_tokenizer, resolve_device
 from ..rewards import RewardFn
 from ..run_dir import (
     ForeignFiles,
@@ -39,7 +39,7 @@ __all__ = [
 class EvalConfig:
     """Zero-shot evaluation of a model directory on a dataset (``python -m cs336_alignment eval``)."""
 
-    model: str = ""  # model directory (from_pretrained), or "tiny" for the random-init tiny model
+    model: str = ""  # model directory (from_pretrained), a checkpoint or finished run (its model/), or "tiny"
     data: str = ""  # MATH / GSM8K / sft-style JSONL, or "task:arithmetic" / "task:countdown" (generated)
     out: str = "runs/eval"  # output directory for generations.jsonl and metrics.json
     prompt: str = "r1_zero"  # prompt template: "r1_zero", "question_only", or a path to a .prompt file
@@ -58,6 +58,7 @@ class EvalConfig:
     kv_cache_memory_fraction: float = 0.5  # native engine: share of free GPU memory for the KV cache
     gpu_memory_utilization: float = 0.85  # vLLM: share of its GPU's memory
     entropy: bool = True  # also compute mean token entropy with a forward pass of the model
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel of the native engine
 
     def __post_init__(self) -> None:
         check_common_fields(self)
@@ -101,6 +102,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         raise ConfigError(f"field '{missing}': empty; eval needs a model (a model directory or 'tiny') and data "
                           "(a JSONL path or 'task:<name>')")
     check_model_path(cfg.model)
+    check_model_options(attn_implementation=cfg.attn_implementation)
     if cfg.backend == "vllm":
         import_vllm()  # a missing or too old vLLM is refused before anything is written
     examples, reward_fn = load_eval_data(cfg)  # bad data, prompt or reward: refused before anything is written
@@ -123,9 +125,12 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         if cfg.backend == "vllm":
             engine = load_vllm_generator(cfg.model, device=device, seed=cfg.seed,
                                          gpu_memory_utilization=cfg.gpu_memory_utilization)
-            model = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)[0] if cfg.entropy else None  # for entropy
+            model = None
+            if cfg.entropy:  # entropy needs the model's forward pass
+                model = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed, attn_implementation=cfg.attn_implementation)[0]
         else:
-            model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed)
+            model, tokenizer = load_model_and_tokenizer(cfg.model, device, seed=cfg.seed,
+                                                        attn_implementation=cfg.attn_implementation)
             engine = NativeEngine(
                 model, tokenizer, copy_weights=False, max_num_seqs=cfg.max_num_seqs,
                 kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,

@@ -103,6 +103,9 @@ class GRPOConfig:
     device: str = "auto"  # policy device: "auto", "cpu", "cuda", "cuda:0", ...
     generator_device: str = "same"  # "same": colocated with the policy; else the generator's own device ("cuda:1")
     gradient_checkpointing: bool = False  # trade compute for activation memory
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel (flash: flash-attn installed)
+    use_liger_kernel: bool = False  # Liger's fused RoPE, RMSNorm and SwiGLU in the policy (GPU; liger-kernel installed)
+    export_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # the final model/ ("auto": bf16 on GPU, else fp32)
     logprob_chunk_size: int | None = 1024  # log-probs/entropy over this many positions at a time (None: full fp32 logits)
     length_grouping: bool = True  # sort each train batch by length before micro-batching (less padding, same gradient)
     backend: Literal["native", "vllm", "auto"] = "native"  # native, vllm (CUDA, optional extra) or auto (vLLM where it runs)
@@ -207,7 +210,7 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         val_subset = validation_subset(data.val, cfg.n_eval_examples, cfg.eval_seed)
         policy, tokenizer, optimizer, generator = load_policy_and_generator(cfg, device=device, generator_device=gen_device)
         pad_id = pad_token_id(tokenizer)  # pad, else EOS
-        loop.attach(policy, optimizer, generator=generator)  # on resume, the generator gets the restored weights
+        loop.attach(policy, optimizer, tokenizer=tokenizer, generator=generator)  # resume: the generator gets the weights
         rollout_sampling = SamplingParams.r1_zero(  # stop at </answer> and keep it
             temperature=cfg.sampling_temperature, max_tokens=cfg.sampling_max_tokens, min_tokens=cfg.sampling_min_tokens,
             n=cfg.group_size,

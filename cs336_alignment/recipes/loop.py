@@ -5,7 +5,7 @@ A recipe's outer loop reads::
 
     loop = RunLoop(cfg, "GRPO")                      # seed, run directory, resolved config, metrics sink
     ...load data, policy, optimizer, generator...
-    loop.attach(policy, optimizer, generator=generator)  # what checkpoints hold; restored when resuming
+    loop.attach(policy, optimizer, tokenizer=tokenizer, generator=generator)  # what checkpoints hold; restored on resume
     for step in loop.steps(cfg.n_grpo_steps, eval_every=cfg.eval_every, evaluate=validate_subset):
         ...the algorithm's phases...
         loop.end_of_step(summary)                    # everything below, in this order
@@ -65,9 +65,10 @@ from ..config import ConfigError, dump_yaml
 from ..data import Example, format_prompts
 from ..errors import UserError
 from ..evaluate import evaluate
+from ..export import export_dtype, save_model_folder
 from ..generation import Generator, SamplingParams
 from ..generation.vllm_backend import import_vllm
-from ..models import autocast, resolve_device
+from ..models import autocast, check_model_options, resolve_device
 from ..rewards import GraderFailures, grader_failures
 from ..run_dir import (
     MetricsSink,
@@ -77,7 +78,6 @@ from ..run_dir import (
     checked_out_dir,
     claim_directory,
     read_jsonl,
-    umask_mode,
 )
 from .common import LoadedData, check_model_path, seed_everything
 
@@ -104,7 +104,8 @@ EVAL_KEYS = (
 # configs is in exactly one set (tests/test_recipe_parts.py enumerates them): a field added later
 # must be classified here.
 FREE_FIELDS = frozenset({  # how the run is watched, placed or fitted in memory: may change
-    "out", "device", "generator_device", "gradient_checkpointing", "logprob_chunk_size", "length_grouping",
+    "out", "device", "generator_device", "gradient_checkpointing", "attn_implementation", "use_liger_kernel", "export_dtype",
+    "logprob_chunk_size", "length_grouping",
     "max_num_seqs", "kv_cache_memory_fraction", "gpu_memory_utilization", "micro_batch_size",
     "gradient_accumulation_steps", "eval_every", "eval_at_start", "n_eval_examples", "eval_seed", "final_eval_full",
     "log_rollout_examples", "eval_max_tokens", "log_entropy", "wandb_project", "run_name",
@@ -193,8 +194,10 @@ class RunState:
 
 def _check_before_the_run(cfg: Any) -> None:
     """Refuse (exit 2) what would otherwise fail only after the run directory exists: no model
-    or one that is not a model, vLLM selected but missing, wandb enabled but not installed."""
+    or one that is not a model, flash-attn, liger-kernel or vLLM selected but missing, wandb
+    enabled but not installed."""
     check_model_path(cfg.model)
+    check_model_options(attn_implementation=cfg.attn_implementation, liger_kernel=cfg.use_liger_kernel)
     if getattr(cfg, "backend", "native") == "vllm":
         import_vllm()
     if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
@@ -252,6 +255,8 @@ class RunLoop:
         self.state = RunState()
         self._policy: torch.nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
+        self._tokenizer: Any = None
+        self._export_dtype = export_dtype(cfg.export_dtype, self.device)  # the final model/'s
         self._total = 0
         self._eval_every = 0
         self._evaluate: Callable[[int], Any] | None = None
@@ -312,13 +317,19 @@ class RunLoop:
         return self._latest is not None
 
     def attach(
-        self, policy: torch.nn.Module, optimizer: torch.optim.Optimizer | None, *, generator: Generator | None = None
+        self,
+        policy: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        *,
+        tokenizer: Any = None,
+        generator: Generator | None = None,
     ) -> RunState:
-        """Name the model and optimizer (None: not checkpointed) that checkpoints hold. When
+        """Name the model, its tokenizer and the optimizer (None: not checkpointed) that
+        checkpoints hold (a checkpoint's model/ is a Hugging Face folder of them). When
         resuming, restore them, every RNG state and the counters from the latest checkpoint,
         cut metrics.jsonl back to its length at that moment, and load the restored weights into
         ``generator`` (when given)."""
-        self._policy, self._optimizer = policy, optimizer
+        self._policy, self._optimizer, self._tokenizer = policy, optimizer, tokenizer
         if self._latest is not None:
             self.state = RunState.from_saved(self.checkpoints.load(self._latest, policy, optimizer))
             self._wall_before = self.state.wall_clock
@@ -428,7 +439,8 @@ class RunLoop:
         s = self.state
         s.metrics_bytes = self.run.metrics_path.stat().st_size if self.run.metrics_path.exists() else 0
         s.wall_clock = self.wall_clock()
-        return self.checkpoints.save(s.step, model=self._policy, optimizer=self._optimizer, state=asdict(s))
+        return self.checkpoints.save(s.step, model=self._policy, optimizer=self._optimizer, state=asdict(s),
+                                     tokenizer=self._tokenizer)
 
     def nonfinite(self, error: NonFiniteError) -> None:
         """A NaN or infinite loss or gradient: with ``control.skip_nonfinite`` the optimizer step
@@ -490,11 +502,11 @@ class RunLoop:
         return record
 
     def finish(self, policy: torch.nn.Module, tokenizer: Any, final: dict[str, Any]) -> dict[str, Any]:
-        """Save the final model and tokenizer, write final.json (which marks the run complete),
-        close the sinks; returns ``final``."""
+        """Save the final model (in the config's ``export_dtype``) and tokenizer, write final.json
+        (which marks the run complete), close the sinks; returns ``final``."""
         out = self.run.path
         self._save_model(policy, tokenizer)
-        self.logger.info("saved model and tokenizer to %s", out / "model")
+        self.logger.info("saved model (%s) and tokenizer to %s", str(self._export_dtype).removeprefix("torch."), out / "model")
         self.run.files.record("final.json")
         atomic_write_text(out / "final.json", json.dumps(final, indent=2, default=str) + "\n")
         self.close()
@@ -509,12 +521,9 @@ class RunLoop:
         staging, model_dir = self.run.path / tmp, self.run.path / "model"
         shutil.rmtree(staging, ignore_errors=True)
         try:
-            policy.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            written = sorted(p for p in staging.rglob("*") if p.is_file())
+            written = save_model_folder(policy, tokenizer, staging, dtype=self._export_dtype)
             self.run.files.record(*(f"model/{p.relative_to(staging).as_posix()}" for p in written))
             for p in written:
-                p.chmod(umask_mode())  # safetensors writes 0o600: readable as the umask allows, like every other file
                 target = model_dir / p.relative_to(staging)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(p, target)

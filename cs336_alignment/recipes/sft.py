@@ -105,6 +105,9 @@ class SFTConfig:
     kv_cache_memory_fraction: float = 0.3  # native generator: share of free GPU memory for the KV cache
     gpu_memory_utilization: float = 0.85  # vLLM generator: share of its GPU's memory
     gradient_checkpointing: bool = False  # trade compute for activation memory
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel (flash: flash-attn installed)
+    use_liger_kernel: bool = False  # Liger's fused RoPE, RMSNorm and SwiGLU in the policy (GPU; liger-kernel installed)
+    export_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # the final model/ ("auto": bf16 on GPU, else fp32)
     logprob_chunk_size: int | None = 1024  # log-probs/entropy over this many positions at a time (None: full fp32 logits)
     length_grouping: bool = True  # sort each batch by length before micro-batching (less padding, same gradient)
     control: RunControl = field(default_factory=RunControl)  # checkpoints, resume, time budget, failures
@@ -169,7 +172,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
             cfg.epochs, steps_per_epoch, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.micro_batch_size,
             LOSS_NORMALIZATION[cfg.normalize],
         )
-        loop.attach(policy, optimizer)
+        loop.attach(policy, optimizer, tokenizer=tokenizer)
         if not loop.resuming:
             loop.sink.log("data", 0, {"n_examples": len(examples.pairs), "n_available": examples.n_available,
                                       "n_cut": examples.n_cut, "loss_normalization": cfg.normalize})
