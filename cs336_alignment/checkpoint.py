@@ -42,6 +42,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from .console import bars_enabled
 from .errors import UserError
 from .export import save_model_folder
 from .run_dir import ForeignFiles, RunFiles, move_aside
@@ -502,13 +503,17 @@ def check_finite(name: str, value: float, step: int) -> None:
 
 
 class Progress:
-    """A progress bar over a run's steps with an ETA from the training clock (evaluation excluded)."""
+    """A progress bar over a run's steps with one ETA: ours, from the training clock (validation
+    excluded), in place of tqdm's, which would count validation time as step time. None under
+    ``--quiet``."""
+
+    BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
 
     def __init__(self, total: int, start: int, enabled: bool, desc: str):
         self.total, self.start = total, start
         self.bar = None
-        if enabled:
-            self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+        if bars_enabled(enabled):
+            self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True, bar_format=self.BAR_FORMAT)
 
     def eta_seconds(self, done: int, clock_this_session: float) -> float | None:
         steps = done - self.start

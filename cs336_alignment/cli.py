@@ -20,6 +20,7 @@ from typing import Optional
 import typer
 
 from .config import load_config
+from .console import set_quiet
 from .errors import UserError
 
 __all__ = [
@@ -50,7 +51,8 @@ def info() -> None:
 
     typer.echo(f"cs336_alignment {__version__}")
     typer.echo(f"python {platform.python_version()}")
-    for name in ("torch", "transformers", "tokenizers", "sympy", "math-verify", "vllm", "wandb", "liger-kernel"):
+    optional = ("vllm", "wandb", "trackio", "tensorboard", "liger-kernel", "flash-attn")
+    for name in ("torch", "transformers", "tokenizers", "safetensors", "sympy", "math-verify", *optional):
         try:
             typer.echo(f"{name} {md.version(name)}")
         except md.PackageNotFoundError:
@@ -68,11 +70,13 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory."),
     quick: bool = typer.Option(False, "--quick", help="The reduced size the test suite runs (about a minute)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="DemoConfig fields as key=value (e.g. grpo_steps=100)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars; only warnings and errors on the console."),
 ) -> None:
     """The main job: SFT then GRPO on a tiny model, on CPU, showing validation reward rise (about 2 minutes)."""
     from .config import to_dict
     from .demo import DemoConfig, format_summary, run_demo
 
+    set_quiet(quiet)
     base = DemoConfig.quick(str(out)) if quick else DemoConfig(out=str(out))
     with _user_errors():
         cfg = load_config(DemoConfig, None, [f"{k}={v}" for k, v in to_dict(base).items()] + list(overrides or []))
@@ -105,10 +109,12 @@ def eval_command(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Maximum new tokens per response."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with EvalConfig fields."),
     overrides: Optional[list[str]] = typer.Argument(None, help="More EvalConfig fields as key=value."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars; only warnings and errors on the console."),
 ) -> None:
     """Zero-shot evaluation: generate, grade, write generations.jsonl and metrics.json."""
     from .recipes.eval import EvalConfig, run_evaluation
 
+    set_quiet(quiet)
     flags = {"model": model, "data": data, "prompt": prompt, "out": out, "limit": limit, "seed": seed, "max_tokens": max_tokens}
     extra = [f"{k}={v}" for k, v in flags.items() if v is not None]
     with _user_errors():
@@ -150,9 +156,11 @@ def _register_recipe_command(recipe: str, help_text: str) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in the run directory."),
         time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop training after this long (e.g. 4h, 90m)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Resolve and check the config, print it, run nothing."),
+        quiet: bool = typer.Option(False, "--quiet", help="No progress bars; only warnings and errors on the console."),
     ) -> None:
         from .experiments import recipe_classes
 
+        set_quiet(quiet)
         with _user_errors():
             cls, train = recipe_classes(recipe)
             cfg = load_config(cls, config, list(overrides or []) + _control_flags(resume, time_budget), recipe=recipe)
@@ -176,10 +184,12 @@ def run_command(
     resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint."),
     time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop training after this long (e.g. 4h)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Resolve and check the config, print it, run nothing."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars; only warnings and errors on the console."),
 ) -> None:
     """Run one study config (eval, sft, ei or grpo, as its 'recipe:' key says)."""
     from .experiments import load_study, run_study
 
+    set_quiet(quiet)
     with _user_errors():
         study = load_study(config, list(overrides or []) + _control_flags(resume, time_budget), smoke=smoke)
         if dry_run:
@@ -193,10 +203,12 @@ def sweep_command(
     sweep: Path = typer.Argument(..., help="A sweep file (configs/sweeps/*.yaml): base, out pattern, grid."),
     smoke: bool = typer.Option(False, "--smoke", help="Run every grid point under the smoke overlay."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the runs without running them."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars; only warnings and errors on the console."),
 ) -> None:
     """Run a grid of overrides one run after another, skipping runs already complete."""
     from .experiments import run_sweep
 
+    set_quiet(quiet)
     with _user_errors():
         run_sweep(sweep, smoke=smoke, dry_run=dry_run, echo=typer.echo)
 

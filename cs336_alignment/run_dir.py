@@ -8,7 +8,8 @@
       .files.jsonl     the manifest of every path the run wrote here (RunFiles)
 
 Recipes add ``checkpoints/``, ``eval/`` and ``model/`` beside these. ``MetricsSink`` writes each
-record to metrics.jsonl and, when enabled, to wandb.
+record to metrics.jsonl and to the trackers the run turns on (wandb, trackio, TensorBoard: see
+:mod:`cs336_alignment.trackers`; ``wandb_id.txt``, ``trackio_run.txt`` and ``tensorboard/`` are theirs).
 
 A run deletes or replaces only what its manifest holds: a fresh start in a directory holding
 anything else is refused, unless told to overwrite, which moves the old contents aside
@@ -26,13 +27,14 @@ import os
 import socket
 import tempfile
 import time
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, dump_yaml, to_dict
+from .console import is_quiet, warnings_only
 from .errors import UserError
+from .trackers import JsonlTracker, open_trackers
 
 __all__ = [
     "MetricsSink",
@@ -299,6 +301,8 @@ class RunDir:
         if console:
             stream = logging.StreamHandler()
             stream.setFormatter(fmt)
+            if is_quiet():  # --quiet: the console shows warnings and errors only
+                stream.addFilter(warnings_only)
             self.logger.addHandler(stream)
 
     def save_config(self, cfg: Any) -> Path:
@@ -350,47 +354,52 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 class MetricsSink:
-    """Every metric goes to the run's metrics.jsonl; also to wandb when enabled.
+    """Every metric goes to the run's metrics.jsonl, and to the other trackers the run turns on
+    (:mod:`cs336_alignment.trackers`: wandb, trackio, TensorBoard).
 
-    Train records carry ``train_step`` and eval records ``eval_step``; in wandb they are
-    logged as ``train/*`` and ``eval/*`` against those axes. A resumed run continues the same
-    wandb run (its id is kept in the run directory).
+    Train records carry ``train_step`` and eval records ``eval_step``; in the trackers they are
+    logged as ``train/*`` and ``eval/*`` against those axes. A non-empty ``wandb_project`` turns
+    wandb on and names the wandb and trackio project ("cs336_alignment" when empty); ``run_name``
+    names the run. A resumed run continues the same tracker runs (their ids are kept in the run
+    directory) and, at its first record (metrics.jsonl cut back to the checkpoint by then), rewinds
+    them to the checkpoint: what was logged after it is dropped where the tracker allows.
     """
 
     def __init__(
         self, run_dir: RunDir, wandb_project: str | None = None, run_name: str | None = None, config: Any = None,
         resume: bool = False,
         clock: Callable[[], float] | None = None,
+        trackers: Sequence[str] = ("jsonl",),
     ):
         self.run_dir = run_dir
         self.clock = clock  # when given, every record gets "wall_clock": clock()
-        self.wandb = None
-        if wandb_project:
-            try:
-                import wandb  # optional extra: only when enabled
-            except ImportError as e:
-                raise ConfigError("wandb logging is enabled but wandb is not installed: pip install wandb") from e
-            id_file = run_dir.path / "wandb_id.txt"
-            run_dir.files.record(id_file.name)
-            run_id = id_file.read_text().strip() if resume and id_file.exists() else uuid.uuid4().hex[:16]
-            id_file.write_text(run_id + "\n")
-            self.wandb = wandb.init(
-                project=wandb_project, name=run_name, config=to_dict(config) if config else None, id=run_id, resume="allow"
-            )
-            self.wandb.define_metric("train_step")
-            self.wandb.define_metric("eval_step")
-            self.wandb.define_metric("train/*", step_metric="train_step")
-            self.wandb.define_metric("eval/*", step_metric="eval_step")
+        self.trackers = open_trackers(run_dir, trackers, wandb_project=wandb_project or "", run_name=run_name or "",
+                                      config=to_dict(config) if config else None, resume=resume, clock=clock)
+        self.jsonl: JsonlTracker = self.trackers[0]  # metrics.jsonl: always on, always first
+        self._rewound = not resume  # a resumed run rewinds its trackers before its first record
+
+    def _rewind(self) -> None:
+        """Tell every tracker each kind's last step in metrics.jsonl (as the checkpoint left it)."""
+        last: dict[str, int] = {}
+        for record in self.run_dir.read_metrics():
+            kind = record.get("kind")
+            step = record.get(f"{kind}_step")
+            if isinstance(kind, str) and isinstance(step, int) and not isinstance(step, bool):
+                last[kind] = max(step, last.get(kind, step))
+        for tracker in self.trackers:
+            tracker.rewind(last)
+        self._rewound = True
 
     def log(self, kind: str, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         """Append ``{"kind": kind, "<kind>_step": step, **metrics}``; returns the JSON-safe record."""
-        clock = {"wall_clock": self.clock()} if self.clock is not None else {}
-        record = self.run_dir.log_metrics({"kind": kind, f"{kind}_step": step, **metrics, **clock})
-        if self.wandb is not None:
-            numeric = {f"{kind}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            self.wandb.log({f"{kind}_step": step, **numeric})
-        return record
+        if not self._rewound:
+            self._rewind()
+        for tracker in self.trackers:
+            tracker.log(kind, step, metrics)
+        return self.jsonl.last_record
 
     def close(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
+        """Close every tracker (idempotent)."""
+        trackers, self.trackers = self.trackers, self.trackers[:1]
+        for tracker in trackers:
+            tracker.close()

@@ -32,6 +32,7 @@ class LoopConfig:
     control: RunControl = field(default_factory=lambda: RunControl(checkpoint_every=2, progress=False))
     wandb_project: str = ""
     run_name: str = ""
+    trackers: list[str] = field(default_factory=lambda: ["jsonl"])
     attn_implementation: str = "sdpa"
     use_liger_kernel: bool = False
     export_dtype: str = "auto"

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..console import bars_enabled
 from .sampling import sample_tokens, stream_keys, stream_uniforms
 from .text import find_new_stop, token_bytes_table
 from .types import Completion, GenerationResult, SamplingParams
@@ -293,7 +294,8 @@ class NativeEngine:
         eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
         stops = [s.encode("utf-8") for s in sampling.stop]
         last_stop_bytes = {s[-1] for s in stops}
-        bar = tqdm(total=n_total, desc="generate", unit="seq", dynamic_ncols=True, disable=not progress)
+        # leave=None: a bar below a run's step bar (validation) vanishes when done; the eval command's stays
+        bar = tqdm(total=n_total, desc="generate", unit="seq", dynamic_ncols=True, disable=not bars_enabled(progress), leave=None)
         admit_at = max(1, slots // 4)  # refill once a quarter of the slots are free
         waiting = n_total  # samples not admitted yet
 

@@ -33,6 +33,7 @@ from ..generation import SamplingParams
 from ..models import autocast
 from ..rollouts import Rollout, sample_rollouts, with_rewards
 from ..tokenization import pad_token_id
+from ..trackers import check_trackers
 from .common import (
     DataConfig,
     check_common_fields,
@@ -98,12 +99,15 @@ class EIConfig:
     kv_cache_memory_fraction: float = 0.3  # native generator: share of free GPU memory for the KV cache
     gpu_memory_utilization: float = 0.85  # vLLM generator: share of its GPU's memory
     control: RunControl = field(default_factory=RunControl)  # checkpoints (one per EI step when set), resume, budget
-    wandb_project: str = ""  # "" disables wandb
-    run_name: str = ""  # wandb run name
+    wandb_project: str = ""  # wandb's project ("" disables wandb unless trackers lists it); also trackio's
+    run_name: str = ""  # the run's name in wandb and trackio ("": theirs)
+    trackers: list[str] = field(
+        default_factory=lambda: ["jsonl"])  # metrics go to: jsonl (always on, listed or not), wandb, trackio, tensorboard
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         check_common_fields(self)
+        check_trackers(self.trackers, installed=False)  # unknown or repeated names; packages: when the run starts
         check_sft_batching(self.batch_size, self.micro_batch_size)
         for name in ("n_ei_steps", "batch_questions", "rollouts_per_question", "sft_epochs"):
             if getattr(self, name) < 1:

@@ -35,6 +35,7 @@ from ..models import autocast, resolve_device
 from ..rewards import GraderFailures, RewardFn
 from ..rollouts import MicroBatch, Rollout, micro_batches, rollout_stats, sample_rollouts, with_rewards
 from ..tokenization import pad_token_id
+from ..trackers import check_trackers
 from .common import (
     DataConfig,
     check_common_fields,
@@ -115,12 +116,15 @@ class GRPOConfig:
     # -- checkpoints, resume, time budget, failures
     control: RunControl = field(default_factory=RunControl)  # see checkpoint.RunControl
     # -- logging
-    wandb_project: str = ""  # "" disables wandb
-    run_name: str = ""  # wandb run name
+    wandb_project: str = ""  # wandb's project ("" disables wandb unless trackers lists it); also trackio's
+    run_name: str = ""  # the run's name in wandb and trackio ("": theirs)
+    trackers: list[str] = field(
+        default_factory=lambda: ["jsonl"])  # metrics go to: jsonl (always on, listed or not), wandb, trackio, tensorboard
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         check_common_fields(self)
+        check_trackers(self.trackers, installed=False)  # unknown or repeated names; packages: when the run starts
         for name in ("rollout_batch_size", "group_size", "train_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

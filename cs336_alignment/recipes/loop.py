@@ -33,7 +33,6 @@ writes.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -62,6 +61,7 @@ from ..checkpoint import (
     truncate_metrics,
 )
 from ..config import ConfigError, dump_yaml
+from ..console import lines_above_bars
 from ..data import Example, format_prompts
 from ..errors import UserError
 from ..evaluate import evaluate
@@ -108,7 +108,7 @@ FREE_FIELDS = frozenset({  # how the run is watched, placed or fitted in memory:
     "logprob_chunk_size", "length_grouping",
     "max_num_seqs", "kv_cache_memory_fraction", "gpu_memory_utilization", "micro_batch_size",
     "gradient_accumulation_steps", "eval_every", "eval_at_start", "n_eval_examples", "eval_seed", "final_eval_full",
-    "log_rollout_examples", "eval_max_tokens", "log_entropy", "wandb_project", "run_name",
+    "log_rollout_examples", "eval_max_tokens", "log_entropy", "wandb_project", "run_name", "trackers",
     "control.resume", "control.checkpoint_every", "control.keep_last", "control.time_budget", "control.budget_clock",
     "control.skip_nonfinite", "control.progress", "control.overwrite", "control.allow_config_change",
 })
@@ -194,15 +194,15 @@ class RunState:
 
 def _check_before_the_run(cfg: Any) -> None:
     """Refuse (exit 2) what would otherwise fail only after the run directory exists: no model
-    or one that is not a model, flash-attn, liger-kernel or vLLM selected but missing, wandb
-    enabled but not installed."""
+    or one that is not a model, flash-attn, liger-kernel or vLLM selected but missing, a tracker
+    (wandb, trackio, tensorboard; wandb also through wandb_project) turned on but not installed."""
+    from ..trackers import check_trackers
+
     check_model_path(cfg.model)
     check_model_options(attn_implementation=cfg.attn_implementation, liger_kernel=cfg.use_liger_kernel)
     if getattr(cfg, "backend", "native") == "vllm":
         import_vllm()
-    if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
-        raise ConfigError(f"field 'wandb_project': {cfg.wandb_project!r} needs wandb, which is not installed: "
-                          "pip install wandb, or set wandb_project=''")
+    check_trackers(getattr(cfg, "trackers", ()), wandb_project=cfg.wandb_project)
 
 
 class RunLoop:
@@ -228,6 +228,7 @@ class RunLoop:
         self.lock = claim_directory(out)  # before anything in the directory is read or written
         self.run: RunDir | None = None
         self.sink: MetricsSink | None = None
+        self._console = contextlib.ExitStack()  # log lines above the progress bars while the run is open
         try:
             self.checkpoints = Checkpointer(out, cfg.control.keep_last)
             skipped: list[str] = []  # corrupt checkpoints moved aside
@@ -238,6 +239,7 @@ class RunLoop:
             self.run = RunDir(out)
             self.logger = self.run.logger
             logging.getLogger("cs336_alignment").addHandler(self.run.file_handler)  # the package's warnings (rewards, backend)
+            self._console.enter_context(lines_above_bars(self.logger, logging.getLogger("cs336_alignment")))
             self.run.files.record("checkpoints/")  # the run's own, with everything in it
             for note in skipped + notes:
                 self.logger.warning(note)
@@ -248,7 +250,8 @@ class RunLoop:
             else:
                 self._check_resume_config(cfg)
             self.sink = MetricsSink(self.run, wandb_project=cfg.wandb_project or None, run_name=cfg.run_name or None,
-                                    config=cfg, resume=self.resuming, clock=self.wall_clock)
+                                    config=cfg, resume=self.resuming, clock=self.wall_clock,
+                                    trackers=getattr(cfg, "trackers", ()))
         except BaseException:
             self.close()
             raise
@@ -306,6 +309,7 @@ class RunLoop:
         if self.sink is not None:
             self.sink.close()
             self.sink = None
+        self._console.close()
         if self.run is not None:
             logging.getLogger("cs336_alignment").removeHandler(self.run.file_handler)
             self.run.close()
@@ -489,7 +493,7 @@ class RunLoop:
             metrics, records = evaluate(
                 generator, data.reward_fn, format_prompts(data.template, list(examples)), sampling=sampling,
                 ground_truths=[ex.ground_truth for ex in examples], out_dir=self.run.path / out_dir,
-                policy=policy, progress=False,
+                policy=policy, progress=self.control.progress,  # a bar below the step bar, gone when done
             )
         policy.train()
         record = {k: metrics[k] for k in EVAL_KEYS} | {"split": tag, "seconds": time.perf_counter() - t0}

@@ -32,6 +32,7 @@ from ..logprobs import get_response_log_probs
 from ..losses import sft_microbatch_train_step
 from ..models import autocast, resolve_device
 from ..tokenization import pack_prompt_and_output_ids, pad_token_id
+from ..trackers import check_trackers
 from .common import (
     DataConfig,
     LoadedData,
@@ -111,12 +112,15 @@ class SFTConfig:
     logprob_chunk_size: int | None = 1024  # log-probs/entropy over this many positions at a time (None: full fp32 logits)
     length_grouping: bool = True  # sort each batch by length before micro-batching (less padding, same gradient)
     control: RunControl = field(default_factory=RunControl)  # checkpoints, resume, time budget, failures
-    wandb_project: str = ""  # "" disables wandb
-    run_name: str = ""  # wandb run name
+    wandb_project: str = ""  # wandb's project ("" disables wandb unless trackers lists it); also trackio's
+    run_name: str = ""  # the run's name in wandb and trackio ("": theirs)
+    trackers: list[str] = field(
+        default_factory=lambda: ["jsonl"])  # metrics go to: jsonl (always on, listed or not), wandb, trackio, tensorboard
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         check_common_fields(self)
+        check_trackers(self.trackers, installed=False)  # unknown or repeated names; packages: when the run starts
         check_sft_batching(self.batch_size, self.micro_batch_size)
         if self.n_examples is not None and self.n_examples < 1:
             raise ValueError(f"n_examples must be >= 1 or null (all), got {self.n_examples}")
