@@ -70,6 +70,18 @@ def test_sampling_does_not_depend_on_batch_size(tiny_model, tiny_tokenizer):
     assert outs[0] == outs[1] == outs[2]
 
 
+def test_a_batch_split_in_two_with_prompt_offsets_samples_what_one_call_does(engine):
+    """What data-parallel ranks rely on: the samples of the whole batch do not depend on the split."""
+    params = SamplingParams(temperature=1.0, max_tokens=16, n=2, seed=11)
+    ids = lambda rs: [[c.token_ids for c in r.completions] for r in rs]  # noqa: E731
+    whole = ids(engine.generate(PROMPTS, params))
+    half = len(PROMPTS) // 2
+    first = ids(engine.generate(PROMPTS[:half], params))  # rank 0: offset 0
+    second = ids(engine.generate(PROMPTS[half:], SamplingParams(**{**params.__dict__, "prompt_offset": half})))  # rank 1
+    assert first + second == whole
+    assert ids(engine.generate(PROMPTS[half:], params)) != whole[half:]  # without the offset: other streams
+
+
 def test_seed_and_n_semantics(engine):
     a = engine.generate(PROMPTS[:2], SamplingParams(max_tokens=12, n=4, seed=1))
     b = engine.generate(PROMPTS[:2], SamplingParams(max_tokens=12, n=4, seed=1))

@@ -311,7 +311,8 @@ class NativeEngine:
                         free -= len(unit[1])
                         waiting -= len(unit[1])
                 if batch:
-                    new_rows, first_logits = self._admit(batch, prompt_ids, cache, first_row=len(rows), seed=seed)
+                    new_rows, first_logits = self._admit(batch, prompt_ids, cache, first_row=len(rows), seed=seed,
+                                                          offset=sampling.prompt_offset)
                     rows.extend(new_rows)
                     self._step(rows, len(rows) - len(new_rows), first_logits, sampling=sampling, eos=eos, stops=stops,
                                last_stop_bytes=last_stop_bytes, done=done, bar=bar)
@@ -338,7 +339,7 @@ class NativeEngine:
             for p in range(len(prompts))
         ]
 
-    def _admit(self, batch, prompt_ids, cache, first_row: int, seed: int) -> tuple[list[_Row], torch.Tensor]:
+    def _admit(self, batch, prompt_ids, cache, first_row: int, seed: int, offset: int) -> tuple[list[_Row], torch.Tensor]:
         """Prefill each prompt of ``batch`` once and copy its keys/values into its samples' slots."""
         lengths = [len(prompt_ids[p]) for p, _ in batch]
         S = max(lengths)
@@ -354,7 +355,7 @@ class NativeEngine:
             v_cache[first_row:end, :, :S] = v.repeat_interleave(repeat, dim=0)
         p_idx = torch.tensor([p for p, samples in batch for _ in samples])
         s_idx = torch.tensor([s for _, samples in batch for s in samples])
-        keys = stream_keys(seed, p_idx, s_idx).tolist()
+        keys = stream_keys(seed, p_idx + offset, s_idx).tolist()  # keyed on the prompt's index in the whole batch
         new_rows = [
             _Row(prompt_index=int(p), sample_index=int(s), prompt_len=len(prompt_ids[int(p)]), key=int(k))
             for p, s, k in zip(p_idx.tolist(), s_idx.tolist(), keys)

@@ -36,6 +36,8 @@ class SamplingParams:
     n: int = 1  # completions per prompt
     seed: int | None = None  # None: a fresh seed drawn from torch's global RNG per call
     ignore_eos: bool = False  # keep going past EOS (benchmarks with fixed lengths)
+    prompt_offset: int = 0  # index of this call's first prompt in the whole batch: sampling streams are keyed on
+    # (seed, offset + prompt index, sample index), so a batch split across ranks samples what one process would
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -56,6 +58,8 @@ class SamplingParams:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.prompt_offset < 0:
+            raise ValueError(f"prompt_offset must be >= 0, got {self.prompt_offset}")
 
     @classmethod
     def r1_zero(cls, **overrides: Any) -> SamplingParams:

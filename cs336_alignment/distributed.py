@@ -1,0 +1,330 @@
+"""Data parallelism over several processes on PyTorch's own engine: FSDP2, collectives, DCP checkpoints.
+
+Launched by ``torchrun --nproc-per-node N ...``, each process (rank) holds one shard of the fp32
+master weights, their gradients and the optimizer state (``fully_shard``, "FSDP2": each parameter
+becomes a ``DTensor`` sharded on dim 0 over a 1-D device mesh). Forward and backward all-gather a
+layer's weights just in time; backward reduce-scatters the gradients, *averaging* them over ranks.
+So a rank that computes its loss over its share of a global batch scales it by ``world_size`` (or
+divides by an all-reduced token count times ``world_size``) for the update to equal the
+single-process one.
+
+Without torchrun (or with one process) nothing here does anything: no process group, no mesh,
+the model and the lists pass through unchanged, and the single-process path stays exactly as it
+was.
+
+Every rank must call the collective functions here (``all_reduce``, ``gather``, ``barrier``,
+``full_weights``, ``save_sharded``, ``load_sharded``, and the model's forward/backward) in the same
+order; a mismatch fails after ``init_distributed``'s timeout with an error instead of hanging.
+
+DCP checkpoints (``save_sharded`` / ``load_sharded``) hold the full model and optimizer state, each
+rank writing its shard; they load at any world size (resharding), including one process without a
+process group.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+from .models import resolve_device
+
+__all__ = [
+    "DistContext",
+    "DistributedError",
+    "all_reduce",
+    "barrier",
+    "close_distributed",
+    "full_weights",
+    "gather",
+    "init_distributed",
+    "load_sharded",
+    "save_sharded",
+    "shard_policy",
+    "share",
+]
+
+# Oldest torch whose FSDP2 works on each device type: the public ``torch.distributed.fsdp.fully_shard``
+# and DCP's ``get_state_dict`` arrived in 2.6; gloo (CPU) learnt the averaging reduce-scatter in 2.8.
+MIN_TORCH = {"cuda": (2, 6), "cpu": (2, 8)}
+_DCP_QUIET = "torch.distributed is disabled, unavailable or uninitialized"  # DCP's warning without a process group
+
+
+class DistributedError(UserError, RuntimeError):
+    """Several processes cannot run as asked: torch too old, a batch that does not split evenly, ..."""
+
+    exit_code = 2  # found before training starts
+
+
+@dataclass
+class DistContext:
+    """Where this process stands among the ranks of a run.
+
+    ``rank`` in [0, world_size); ``local_rank`` its index on this machine (its GPU); ``device`` this
+    rank's device (``cuda:<local_rank>`` on GPUs); ``mesh`` the 1-D device mesh over all ranks that
+    ``fully_shard`` shards over, None at world size 1 (no process group).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    mesh: Any = None  # torch.distributed.device_mesh.DeviceMesh, or None at world size 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes logs, metrics and run files."""
+        return self.rank == 0
+
+
+def _check_torch(device_type: str) -> None:
+    need = MIN_TORCH.get(device_type, MIN_TORCH["cuda"])
+    have = tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2])
+    if have < need or not dist.is_available():
+        raise DistributedError(f"torch {torch.__version__} is too old for FSDP2 on {device_type} (needs >= {need[0]}.{need[1]} "
+                               f"with torch.distributed); upgrade torch or run one process")
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 1800) -> DistContext:
+    """Join the run's process group when launched by torchrun with several processes.
+
+    Reads torchrun's ``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK``. At world size > 1: checks the torch
+    version (:class:`DistributedError`), binds ``cuda:<LOCAL_RANK>`` (nccl) or uses the CPU (gloo),
+    initialises the default process group with ``timeout_s`` (a collective that some rank never
+    joins fails after that long, with a message) and builds the 1-D mesh for that device type
+    (explicitly: the default mesh would follow the accelerator even for a CPU run). At world size 1
+    (no torchrun, or one process) it touches nothing: ``device`` resolves as it always did
+    ("auto" -> cuda when available, else cpu).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext(device=resolve_device(device))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device_type = resolve_device(device).type
+    _check_torch(device_type)
+    if device_type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise DistributedError(f"rank {rank} wants cuda:{local_rank}, but this machine has {torch.cuda.device_count()} "
+                                   "GPUs; start at most one process per GPU")
+        where = torch.device("cuda", local_rank)
+        torch.cuda.set_device(where)
+    else:
+        where = torch.device(device_type)
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+                                device_id=where if device_type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp",))
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=where, mesh=mesh)
+
+
+def close_distributed(ctx: DistContext) -> None:
+    """Leave the process group (if this process joined one); a no-op at world size 1."""
+    if ctx.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_policy(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+    """Shard ``model`` over ``ctx.mesh`` in place and return it; at world size 1 return it untouched.
+
+    ``fully_shard`` on each decoder layer (``model.model.layers``: one all-gather / reduce-scatter
+    per layer), then on the root (embeddings, tied LM head, final norm). Parameters stay fp32 (the
+    master weights; bf16 autocast applies on top as before) and become ``DTensor`` shards, so build
+    the optimizer *after* this call: its state is then sharded too. ``model`` should already be on
+    ``ctx.device``.
+    """
+    if ctx.world_size == 1:
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise TypeError(f"shard_policy expects a decoder model with model.model.layers; got {type(model).__name__}")
+    for layer in layers:
+        fully_shard(layer, mesh=ctx.mesh)
+    fully_shard(model, mesh=ctx.mesh)
+    return model
+
+
+def full_weights(model: torch.nn.Module, bucket_bytes: int = 1 << 30) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """The full parameters and persistent buffers of ``model``, gathered, in buckets.
+
+    Yields lists of ``(name, tensor)``; the names and shapes are those of the plain (unsharded)
+    model's ``state_dict()`` (torch.compile's ``_orig_mod.`` and DDP's ``module.`` prefixes dropped),
+    tied weights under each of their names (gathered once). Each bucket holds at most
+    ``bucket_bytes`` of distinct tensors, or one tensor larger than that. A sharded parameter
+    is all-gathered (``DTensor.full_tensor()``) onto its device in its dtype; on a plain model the
+    tensors are the model's own, detached (copy them, don't modify them). On a sharded model every
+    rank must run the iterator to its end, in step: each gather is a collective.
+    """
+    from torch.distributed.tensor import DTensor
+
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    seen: dict[int, torch.Tensor] = {}  # id of a parameter object -> its full tensor (tied weights)
+    for name, value in model.state_dict(keep_vars=True).items():
+        name = name.removeprefix("_orig_mod.").removeprefix("module.")
+        full = seen.get(id(value))
+        if full is None:
+            with torch.no_grad():  # not around the yield: grad mode would stay off in the caller between buckets
+                full = (value.full_tensor() if isinstance(value, DTensor) else value).detach()
+            seen[id(value)] = full
+            nbytes = full.numel() * full.element_size()
+            if bucket and size + nbytes > bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+            size += nbytes
+        bucket.append((name, full))
+    if bucket:
+        yield bucket
+
+
+def all_reduce(values: dict[str, float], ctx: DistContext, op: Literal["mean", "sum"] = "mean") -> dict[str, float]:
+    """The mean (or sum) over ranks of each value, in one collective; every rank passes the same keys.
+
+    At world size 1 the values come back as floats, unchanged.
+    """
+    if op not in ("mean", "sum"):
+        raise ValueError(f"op must be 'mean' or 'sum', not {op!r}")
+    if ctx.world_size == 1:
+        return {k: float(v) for k, v in values.items()}
+    keys = sorted(values)  # the same order on every rank, whatever the insertion order
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    if op == "mean":
+        t /= ctx.world_size
+    reduced = dict(zip(keys, t.tolist()))
+    return {k: reduced[k] for k in values}
+
+
+def share(items: Sequence, ctx: DistContext) -> list:
+    """This rank's contiguous share of ``items`` (the same sequence on every rank): items
+    ``[rank * n / world_size, (rank + 1) * n / world_size)``. Every rank gets as many, so all
+    run the same number of micro-batches; ``len(items)`` must divide by the world size
+    (:class:`DistributedError` otherwise)."""
+    n = len(items)
+    if n % ctx.world_size:
+        raise DistributedError(f"cannot split {n} items evenly over {ctx.world_size} processes; "
+                               f"make the batch a multiple of {ctx.world_size}")
+    per = n // ctx.world_size
+    return list(items[ctx.rank * per:(ctx.rank + 1) * per])
+
+
+def gather(items: list, ctx: DistContext) -> list:
+    """Every rank's ``items`` (picklable), concatenated in rank order, on every rank:
+    ``gather(share(xs, ctx), ctx) == list(xs)``. At world size 1, ``list(items)``."""
+    if ctx.world_size == 1:
+        return list(items)
+    shares: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(shares, list(items))
+    return [item for part in shares for item in part]
+
+
+def barrier(ctx: DistContext) -> None:
+    """Wait until every rank gets here; a no-op at world size 1."""
+    if ctx.world_size == 1:
+        return
+    if ctx.device.type == "cuda":
+        dist.barrier(device_ids=[ctx.device.index])
+    else:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------- DCP checkpoints
+
+def _states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optim_state}
+
+
+def save_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Write ``model``'s and ``optimizer``'s full state to the folder ``path`` (created; must be
+    empty or absent), every rank writing its own shard: plain files ``__<rank>_0.distcp`` and rank
+    0's ``.metadata``, fsynced. All ranks call it with the same ``path`` (a filesystem they share).
+
+    Keys are parameter names (``get_state_dict``), so :func:`load_sharded` reshards to any world
+    size. Call it after the first optimizer step: DCP fills an optimizer without state by taking
+    one zero-learning-rate step, which would record a step count of 1.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        raise FileExistsError(f"{path} is not empty; save a sharded checkpoint into a fresh folder "
+                              "(stale shards of another world size would sit beside the new ones)")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_DCP_QUIET)
+        dcp.save(_states(model, optimizer), storage_writer=dcp.FileSystemWriter(path, sync_files=True),
+                 no_dist=not dist.is_initialized())
+
+
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")} | {
+    (module, name) for module in ("pathlib", "pathlib._local") for name in ("PosixPath", "WindowsPath", "PurePosixPath")}
+
+
+class _SafeMetadata(pickle.Unpickler):
+    """Unpickles a DCP ``.metadata`` file, allowing only DCP's own metadata classes, torch dtypes,
+    memory formats and ``torch.Size``, and paths; a module outside that list is not even imported."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in _METADATA_MODULES or module == "torch" or (module, name) in _METADATA_GLOBALS:
+            found = super().find_class(module, name)
+            if (module, name) in _METADATA_GLOBALS \
+                    or (module in _METADATA_MODULES and isinstance(found, type) and found.__module__ == module) \
+                    or (module == "torch" and isinstance(found, (torch.dtype, torch.memory_format))):
+                return found
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's metadata")
+
+
+def _safe_planner() -> Any:
+    """DCP's default load planner, except that the non-tensor values (optimizer hyperparameters)
+    must load with ``weights_only=True``: DCP itself unpickles them with ``weights_only=False``."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            torch.load(value, weights_only=True)  # raises pickle.UnpicklingError on anything else
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    return SafePlanner()
+
+
+def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a :func:`save_sharded` folder into ``model`` and ``optimizer`` in place, at any world
+    size (each rank reads the slices of its own shards; at world size 1 a plain model and optimizer
+    get the full tensors). ``optimizer`` is built over ``model``'s parameters (after
+    :func:`shard_policy`); its hyperparameters (lr, betas, ...) come from the checkpoint.
+
+    Like ``torch.load(weights_only=True)``, it refuses (``pickle.UnpicklingError``) a checkpoint
+    whose metadata or values are anything but DCP's metadata, tensors and plain values: DCP
+    itself would unpickle them freely. A missing or mismatched tensor raises DCP's error.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    path = Path(path)
+    with open(path / ".metadata", "rb") as f:
+        _SafeMetadata(f).load()
+    states = _states(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_DCP_QUIET)
+        dcp.load(states, storage_reader=dcp.FileSystemReader(path), planner=_safe_planner(),
+                 no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=states["model"], optim_state_dict=states["optimizer"])
