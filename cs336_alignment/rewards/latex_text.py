@@ -1,29 +1,36 @@
 """Render LaTeX math answers as plain text, the way the reference grader sees them.
 
-The reference grader turns a LaTeX answer into plain text before handing it to sympy,
-using the ``pylatexenc`` package. We do not want that package as a dependency, so this
-module reimplements the part of its behaviour that matters for grading math answers:
+The reference grader turns a LaTeX answer into plain text with the ``pylatexenc`` package
+before handing it to sympy. This module is our own renderer in its place, written from
+pylatexenc's observable behaviour; ``tests/test_latex_differential.py`` compares the two
+on a large generated corpus and lists where they differ (docs/grading.md). The rules:
 
-* ``\\frac{a}{b}`` becomes ``a/b`` (no parentheses are added, so ``\\frac{a+b}{c}``
-  reads as ``a+b/c``), ``\\sqrt[n]{x}`` becomes ``√(x)`` (the index is dropped);
-* symbol macros become Unicode characters (``\\pi`` -> ``π``, ``\\le`` -> ``≤``);
-  function names stay words (``\\sin`` -> ``sin``);
-* unknown macros vanish while the groups that follow them are kept
-  (``\\binom{5}{2}`` -> ``52``, ``\\ne`` -> nothing);
-* a few macros drop their argument (``\\mbox{cm}`` -> nothing);
-* ``\\mathbb{R}``-style alphabets map letters to mathematical Unicode letters,
-  accents combine with the accented characters;
-* matrices render as ``[ a b; c d ]``, other environments as their cells separated by
-  spaces and rows separated by newlines; ``\\\\`` is a newline.
+* ``\\frac{a}{b}`` becomes ``a/b`` (no parentheses, so ``\\frac{a+b}{c}`` reads as
+  ``a+b/c``), ``\\sqrt[n]{x}`` becomes ``√(x)``; ``\\overline{x}`` and kin keep their argument;
+* symbol macros become Unicode characters (``\\pi`` -> ``π``, ``\\le`` -> ``≤``), function
+  names stay words (``\\sin``); unknown macros vanish while the groups after them stay
+  (``\\binom{5}{2}`` -> ``52``, ``\\ne`` -> nothing); a few macros drop their argument (``\\mbox``);
+* ``\\mathbb{R}``-style alphabets give mathematical letters; accents (and ``\\not``) combine
+  with each character of their argument;
+* an argument is a group or one token (``\\frac12``, ``\\frac\\pi2``, ``\\sqrt--``), empty at a
+  ``}``; when the input ends first, the macro renders without its arguments (``\\frac`` ->
+  ``%s/%s``) and what it read renders as text;
+* ``%`` starts a comment; ``--``, ``~``, ``''`` and kin are typographic characters;
+  ``&`` is three spaces and ``\\\\`` a newline;
+* math (``$...$``, ``\\(...\\)``) is stripped and drops blank text between constructs but keeps
+  the space after a macro without arguments before ordinary text; display math (``$$``,
+  ``\\[...\\]``, ``equation``, ``align``, ...) also goes on indented lines of its own;
+* matrices render as ``[ a b; c d ]`` (cells right-aligned to the widest), other
+  environments as their content.
 
-Only the presence of whitespace matters downstream (runs of spaces are later removed),
-so spacing macros need not reproduce exact widths. ``latex_to_text`` raises
-``LatexRenderError`` where the reference's renderer raises, so callers can keep the
-original string exactly as the reference does.
+Spacing follows the reference because a space between two digits reads as a mixed number.
+``latex_to_text`` raises ``LatexRenderError`` where the reference's renderer raises, so
+callers can keep the original string exactly as the reference does.
 """
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 __all__ = [
@@ -38,84 +45,104 @@ class LatexRenderError(ValueError):
 
 # --- macro tables -----------------------------------------------------------------------
 
+
+def _pairs(text: str) -> dict[str, str]:
+    """``"le ≤ ge ≥"`` -> ``{"le": "≤", "ge": "≥"}``."""
+    words = text.split()
+    return dict(zip(words[::2], words[1::2]))
+
+
+_GREEK_LETTERS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+                  "upsilon phi chi psi omega").split()
 _GREEK = {
-    "alpha": "α", "beta": "β", "gamma": "γ", "delta": "δ", "epsilon": "ϵ", "varepsilon": "ε",
-    "zeta": "ζ", "eta": "η", "theta": "θ", "vartheta": "ϑ", "iota": "ι", "kappa": "κ",
-    "lambda": "λ", "mu": "μ", "nu": "ν", "xi": "ξ", "pi": "π", "varpi": "ϖ", "rho": "ρ",
-    "varrho": "ϱ", "sigma": "σ", "varsigma": "ς", "tau": "τ", "upsilon": "υ", "phi": "ϕ",
-    "varphi": "φ", "chi": "χ", "psi": "ψ", "omega": "ω",
-    "Gamma": "Γ", "Delta": "Δ", "Theta": "Θ", "Lambda": "Λ", "Xi": "Ξ", "Pi": "Π",
-    "Sigma": "Σ", "Upsilon": "Υ", "Phi": "Φ", "Psi": "Ψ", "Omega": "Ω",
+    **{name: unicodedata.lookup("GREEK SMALL LETTER " + name.upper().replace("LAMBDA", "LAMDA")) for name in _GREEK_LETTERS},
+    **{name.capitalize(): unicodedata.lookup("GREEK CAPITAL LETTER " + name.upper().replace("LAMBDA", "LAMDA"))
+       for name in _GREEK_LETTERS},
+    **_pairs("epsilon ϵ varepsilon ε phi ϕ varphi φ vartheta ϑ varpi ϖ varrho ϱ varsigma ς varkappa ϰ digamma ϝ Digamma Ϝ"),
 }
 
 # Symbol macros and what they render as. Macros absent from every table are unknown and
 # render as nothing (e.g. \ne, \gcd, \triangle, \implies, \iff are unknown to the reference).
 _SYMBOLS = {
     **_GREEK,
-    # relations
-    "le": "≤", "leq": "≤", "ge": "≥", "geq": "≥", "neq": "≠", "leqslant": "⩽", "geqslant": "⩾",
-    "ll": "≪", "gg": "≫", "approx": "≈", "sim": "∼", "simeq": "≃", "cong": "≅", "equiv": "≡",
-    "propto": "∝", "perp": "⊥", "parallel": "∥", "nparallel": "∦", "mid": "|", "nmid": "∤",
-    "in": "∈", "notin": "∉", "ni": "∋", "subset": "⊂", "subseteq": "⊆", "supset": "⊃",
-    "supseteq": "⊇", "vdash": "⊢", "top": "⊤",
-    # operators
-    "pm": "±", "mp": "∓", "times": "×", "div": "÷", "cdot": "·", "ast": "∗", "star": "⋆",
-    "circ": "∘", "bullet": "∙", "oplus": "⊕", "otimes": "⊗", "circledast": "⊛", "cup": "∪",
-    "cap": "∩", "bigcup": "⋃", "bigcap": "⋂", "setminus": "∖", "wedge": "∧", "vee": "∨",
-    "lnot": "¬", "sum": "∑", "prod": "∏", "coprod": "∐", "int": "∫", "partial": "∂",
-    "nabla": "∇", "dagger": "†", "dag": "†", "odot": "⊙", "ominus": "⊖",
-    # arrows
-    "to": "→", "rightarrow": "→", "leftarrow": "←", "Rightarrow": "⇒", "Leftarrow": "⇐",
-    "leftrightarrow": "↔", "Leftrightarrow": "⇔", "mapsto": "↦", "longrightarrow": "⟶",
-    "uparrow": "↑", "downarrow": "↓", "Longrightarrow": "⟹", "Longleftarrow": "⟸",
-    "Longleftrightarrow": "⟺", "longleftarrow": "⟵", "longleftrightarrow": "⟷",
-    # misc symbols
-    "infty": "∞", "emptyset": "∅", "varnothing": "∅", "forall": "∀", "exists": "∃",
-    "angle": "∠", "measuredangle": "∡", "bigtriangleup": "△", "square": "□",
-    "blacksquare": "▪", "diamond": "♢", "therefore": "∴", "because": "∵", "prime": "'",
-    "ell": "ℓ", "hbar": "ħ", "aleph": "ℵ", "wp": "℘", "textdegree": "°", "textcelsius": "℃",
-    "textregistered": "®",
-    # dots
-    "ldots": "…", "dots": "…", "dotsm": "…", "dotsc": "…", "dotsb": "…", "dotsi": "…",
-    "dotso": "…", "cdots": "⋯", "vdots": "⋮", "ddots": "⋱",
-    # delimiters
-    "lfloor": "⌊", "rfloor": "⌋", "lceil": "⌈", "rceil": "⌉", "langle": "⟨", "rangle": "⟩",
-    "lbrace": "{", "rbrace": "}", "lvert": "|", "rvert": "|", "vert": "|", "Vert": "‖",
-    "lVert": "‖", "rVert": "‖", "backslash": "\\", "textbackslash": "\\",
-    # letters
-    "ss": "ß", "O": "Ø", "o": "ø", "i": "ı", "ae": "æ", "AE": "Æ", "oe": "œ", "OE": "Œ",
-    "aa": "å", "AA": "Å", "l": "ł", "L": "Ł",
+    **_pairs(  # relations
+        "le ≤ leq ≤ ge ≥ geq ≥ neq ≠ leqslant ⩽ geqslant ⩾ leqq ≦ geqq ≧ ll ≪ gg ≫ lessgtr ≶ gtrless ≷ lesssim ≲ "
+        "gtrsim ≳ lessapprox ⪅ gtrapprox ⪆ lneqq ≨ gneqq ≩ nless ≮ ngtr ≯ nleq ≰ ngeq ≱ prec ≺ succ ≻ preceq ≼ succeq ≽ "
+        "preccurlyeq ≼ succcurlyeq ≽ precsim ≾ succsim ≿ nprec ⊀ nsucc ⊁ approx ≈ approxeq ≊ sim ∼ backsim ∽ simeq ≃ "
+        "cong ≅ equiv ≡ asymp ≍ doteq ≐ triangleq ≜ propto ∝ perp ⊥ parallel ∥ nparallel ∦ mid | nmid ∤ in ∈ notin ∉ "
+        "ni ∋ subset ⊂ supset ⊃ subseteq ⊆ supseteq ⊇ subseteqq ⫅ supseteqq ⫆ subsetneq ⊊ supsetneq ⊋ subsetneqq ⫋ "
+        "supsetneqq ⫌ nsubseteq ⊈ nsupseteq ⊉ sqsubset ⊏ sqsupset ⊐ sqsubseteq ⊑ sqsupseteq ⊒ vdash ⊢ dashv ⊣ top ⊤ "
+        "vartriangleleft ⊲ vartriangleright ⊳ trianglelefteq ⊴ trianglerighteq ⊵"),
+    **_pairs(  # operators
+        "pm ± mp ∓ times × div ÷ cdot · ast ∗ star ⋆ circ ∘ bullet ∙ bigcirc ◯ oplus ⊕ ominus ⊖ otimes ⊗ oslash ⊘ odot ⊙ "
+        "circledast ⊛ cup ∪ cap ∩ uplus ⊎ sqcup ⊔ sqcap ⊓ setminus ∖ smallsetminus ∖ wedge ∧ vee ∨ lnot ¬ dagger † dag † "
+        "sum ∑ prod ∏ coprod ∐ int ∫ iint ∬ iiint ∭ oint ∮ bigcup ⋃ bigcap ⋂ bigvee ⋁ bigwedge ⋀ bigoplus ⊕ bigotimes ⊗ "
+        "partial ∂ nabla ∇ surd √"),
+    **_pairs(  # arrows
+        "to → rightarrow → leftarrow ← leftrightarrow ↔ Rightarrow ⇒ Leftarrow ⇐ Leftrightarrow ⇔ longrightarrow ⟶ "
+        "longleftarrow ⟵ longleftrightarrow ⟷ Longrightarrow ⟹ Longleftarrow ⟸ Longleftrightarrow ⟺ mapsto ↦ "
+        "longmapsto ⟼ uparrow ↑ downarrow ↓ updownarrow ↕ Uparrow ⇑ Downarrow ⇓ Updownarrow ⇕ nearrow ↗ searrow ↘ "
+        "swarrow ↙ nwarrow ↖ hookleftarrow ↩ hookrightarrow ↪ twoheadleftarrow ↞ twoheadrightarrow ↠ leftharpoonup ↼ "
+        "leftharpoondown ↽ rightharpoonup ⇀ rightharpoondown ⇁ rightleftharpoons ⇌ nleftarrow ↚ nrightarrow ↛ "
+        "nLeftarrow ⇍ nRightarrow ⇏ nleftrightarrow ↮ nLeftrightarrow ⇎"),
+    **_pairs(  # other symbols, dots and delimiters
+        "infty ∞ emptyset ∅ varnothing ∅ forall ∀ exists ∃ nexists ∄ complement ∁ angle ∠ measuredangle ∡ "
+        "bigtriangleup △ bigtriangledown ▽ triangleleft ◃ triangleright ▹ square □ blacksquare ▪ diamond ♢ therefore ∴ "
+        "because ∵ prime ' ell ℓ hbar ħ hslash ℏ aleph ℵ wp ℘ textdegree ° textcelsius ℃ textregistered ® ldots … dots … "
+        "dotsm … dotsc … dotsb … dotsi … dotso … cdots ⋯ vdots ⋮ ddots ⋱ iddots ⋰ udots ⋰ lfloor ⌊ rfloor ⌋ lceil ⌈ "
+        "rceil ⌉ langle ⟨ rangle ⟩ lbrace { rbrace } lvert | rvert | vert | Vert ‖ lVert ‖ rVert ‖ backslash \\ "
+        "textbackslash \\ ss ß O Ø o ø i ı j ȷ ae æ AE Æ oe œ OE Œ aa å AA Å l ł L Ł"),
     # function names keep their spelling
     **{name: name for name in (
-        "sin", "cos", "tan", "sinh", "cosh", "tanh", "arcsin", "arccos", "arctan",
+        "sin", "cos", "tan", "sinh", "cosh", "tanh", "arcsin", "arccos", "arctan", "arcsinh", "arccosh", "arctanh",
         "log", "ln", "exp", "lim", "max", "min", "inf", "sup")},
     "liminf": "lim inf", "limsup": "lim sup",
-    # spacing
-    "quad": "  ", "qquad": "    ",
+    # spacing, and one-character macros (a backslash followed by a non-letter)
+    "quad": "  ", "qquad": "    ", "enskip": "\u2002",
+    "textfrac": "%s/%s",  # the reference's parser reads no arguments for it
+    ",": " ", ";": " ", ":": " ", " ": " ", "!": "", "{": "{", "}": "}", "$": "$", "%": "%", "&": "&", "#": "#",
+    "_": "_", "|": "", ")": "", "]": "", "-": "\xad",
 }
 
-# One-character macros (a backslash followed by a non-letter).
-_CHAR_MACROS = {
-    ",": " ", ";": " ", ":": " ", " ": " ", "!": "", "{": "{", "}": "}", "$": "$", "%": "%",
-    "&": "&", "#": "#", "_": "_", "|": "", "\\": "\n", "(": "", ")": "", "[": "", "]": "",
+# Macros with mandatory arguments: (count, text with the arguments, text without them;
+# None: fail, as the reference does). Those in _OPTIONAL also take a [...] argument first,
+# those in _STARRED a '*'. Arguments the text leaves out are not rendered (so cannot fail),
+# except for the macros in _RENDERS_ALL.
+_FORMATS = {
+    "frac": (2, "{0}/{1}", "%s/%s"), "nicefrac": (2, "{0}/{1}", "%s/%s"),
+    "sqrt": (1, "√({0})", None), "url": (1, "<{0}>", "<%s>"),
+    "bra": (1, "⟨{0}|", "⟨%s|"), "ket": (1, "|{0}⟩", "|%s⟩"), "braket": (2, "⟨{0}|{1}⟩", "⟨%s|%s⟩"),
+    "ketbra": (2, "|{0}⟩⟨{1}|", "|%s⟩⟨%s|"),
+    "textcolor": (2, "{1}", None), "colorbox": (2, "{1}", None), "fcolorbox": (3, "{2}", None),
+    "vspace": (1, "\n", "\n"), "eqref": (1, "(<ref>)", "(<ref>)"), "Cref": (1, "<Ref>", "<Ref>"),
+    **dict.fromkeys(("ref", "cref", "autoref"), (1, "<ref>", "<ref>")),
+    **dict.fromkeys(("cite", "citep", "citet"), (1, "<cit.>", "<cit.>")),
+    # the argument is kept (text fonts render nothing without it) or dropped
+    **dict.fromkeys("text textbf textit textrm textsl textsc emph mathrm".split(), (1, "{0}", "")),
+    **dict.fromkeys(
+        "overline underline widehat widetilde wideparen overrightarrow overleftarrow overleftrightarrow underrightarrow "
+        "underleftarrow underleftrightarrow overbrace underbrace overbracket underbracket overgroup undergroup "
+        "overlinesegment underlinesegment overleftharpoon overrightharpoon".split(), (1, "{0}", "%s")),
+    **dict.fromkeys(
+        "mbox textsf texttt textup textmd hphantom vphantom label hspace color ensuremath xrightarrow "
+        "xleftarrow".split(), (1, "", "")),
 }
-
-# Macros whose single argument is discarded (rendered as the given text).
-_DISCARD_ARG = {
-    "mbox": "", "textsf": "", "texttt": "", "textup": "", "hphantom": "", "vphantom": "",
-    "label": "", "hspace": "", "vspace": "\n", "color": "", "textcolor": "",
-}
+_OPTIONAL = {"sqrt", "textcolor", "colorbox", "fcolorbox", "xrightarrow", "xleftarrow", "cite", "citep", "citet", "array"}
+_STARRED = {"hspace", "vspace", "cite", "citep", "citet"}
+_RENDERS_ALL = {"sqrt", "textcolor", "colorbox", "fcolorbox"}  # even those their text leaves out
+_TEXT_ARGS = {"text", "textbf", "textit", "textrm", "textsl", "textsc"}  # their argument is read as text, even in $...$
 
 # Combining marks for accent macros (math and text accents); the accent applies to each
 # character of its argument and is composed where Unicode has a precomposed character.
 _ACCENTS = {
     "hat": "\u0302", "bar": "\u0305", "vec": "\u20d7", "dot": "\u0307", "ddot": "\u0308",
     "tilde": "\u0303", "check": "\u030c", "breve": "\u0306", "acute": "\u0301",
-    "grave": "\u0300",
+    "grave": "\u0300", "not": "\u0338",
     "'": "\u0301", "`": "\u0300", "^": "\u0302", '"': "\u0308", "~": "\u0303", "=": "\u0304",
     ".": "\u0307", "c": "\u0327", "v": "\u030c", "u": "\u0306", "H": "\u030b", "r": "\u030a",
     "b": "\u0331", "d": "\u0323", "k": "\u0328",
 }
+_DOTLESS = {"ı": "i", "ȷ": "j"}  # an accent on a dotless i or j gives the plain letter its accent
 
 # Mathematical alphabets: macro -> Unicode style name (letters only; digits unchanged).
 _ALPHABETS = {
@@ -131,310 +158,384 @@ _LETTERLIKE = {
     **{("FRAKTUR", c): unicodedata.lookup(f"BLACK-LETTER CAPITAL {c}") for c in "CHIRZ"},
 }
 
-# \not followed by a symbol gives its negated form.
-_NEGATED = {"=": "≠", "≡": "≢", "∈": "∉", "<": "≮", ">": "≯", "≤": "≰", "≥": "≱", "⊂": "⊄",
-            "⊆": "⊈", "∼": "≁", "≈": "≉", "≅": "≇"}
-
 # Environments rendered as a bracketed matrix "[ a b; c d ]".
-_BRACKET_ENVS = {"pmatrix", "bmatrix", "array", "smallmatrix"}
-# Environments whose first argument is a column specification to skip.
-_COLSPEC_ENVS = {"array", "tabular"}
-# Display environments surrounded by newlines.
-_DISPLAY_ENVS = {"equation", "equation*", "align", "align*", "center", "gather", "gather*",
-                 "multline", "multline*", "eqnarray", "eqnarray*", "displaymath"}
+_MATRIX_ENVS = {"pmatrix", "bmatrix", "array", "smallmatrix", "psmallmatrix", "bsmallmatrix"}
+# Environments whose arguments (column specifications and widths) are dropped (array: after a [...] one).
+_ENV_ARGS = {"array": 1, "tabular": 1, "alignat": 1, "alignat*": 1, "tabular*": 2, "tabularx": 2}
+# Display-math environments, and blocks surrounded by newlines.
+_MATH_ENVS = {name + star for name in ("equation", "align", "gather", "multline", "eqnarray", "dmath") for star in ("", "*")}
+_BLOCK_ENVS = {"center", "flushleft", "flushright"}
+
+# Math delimiters that are macros, and their closing ones.
+_MATH_OPEN = {"(": "\\)", "[": "\\]"}
+# Specials: character sequences that render as one character.
+_SPECIALS = {"---": "—", "--": "–", "``": "“", "''": "”", "!`": "¡", "?`": "¿", "~": "\xa0", "&": "   "}
+_SPECIAL = re.compile(r"---|--|``|''|!`|\?`|~|&")
+_PLAIN_START = frozenset("\\{}$%&~-`'!?")  # the characters that may start something other than text
+_ENV_NAME = re.compile(r"\s*\{([\w*. -]+)\}")  # after \begin or \end
+# A run of ordinary text: up to a macro, group, math, comment or special. A \begin or \end
+# without an environment name is ordinary text too.
+_CHARS = re.compile(
+    r"(?:[^\\{}$%&~\-`'!?]|-(?!-)|`(?!`)|'(?!')|[!?](?!`)|\\(?:begin|end)(?![^\W\d_]|" + _ENV_NAME.pattern + "))+"
+)
+_CHARS_IN_BRACKETS = re.compile(_CHARS.pattern.replace("[^", "[^[\\]", 1))  # inside [...], brackets count
+_PLAIN_GROUP = re.compile(r"([^\\{}$%&~\-`'!?]*)\}")  # a group of ordinary text only, up to its '}'
+_COMMENT = re.compile(r"%[^\n\r]*")
+_WHITE = re.compile(r"\s*")
+_SPACE = re.compile(r"(?:(?!\n\n)\s)*")  # white space up to a paragraph break (a blank line)
+_BLANK = re.compile(r"(?:(?!\n\n)\s|%[^\n\r]*)*")  # the same, and comments
+_ASCII_LETTERS = re.compile(r"[a-zA-Z]*")
 
 
 def _styled(style: str, ch: str) -> str:
+    """``ch`` in a mathematical alphabet (letters only)."""
     if not ("a" <= ch <= "z" or "A" <= ch <= "Z"):
         return ch
     special = _LETTERLIKE.get((style, ch))
     if special is not None:
         return special
     case = "CAPITAL" if ch.isupper() else "SMALL"
-    try:
-        return unicodedata.lookup(f"MATHEMATICAL {style} {case} {ch.upper()}")
-    except KeyError:  # pragma: no cover - every style above covers all Latin letters
-        return ch
+    return unicodedata.lookup(f"MATHEMATICAL {style} {case} {ch.upper()}")
 
 
 def _accented(text: str, mark: str) -> str:
-    if not text:
-        return ""
-    return "".join(unicodedata.normalize("NFC", ch + mark) for ch in text)
+    """Each character of ``text`` with the combining ``mark``, composed where Unicode can."""
+    return "".join(unicodedata.normalize("NFC", _DOTLESS.get(ch, ch) + mark) for ch in text)
+
+
+def _display(text: str) -> str:
+    """Display math: on lines of its own, each line indented."""
+    return "\n    " + text.strip().replace("\n", "\n    ") + "\n"
 
 
 # --- renderer ---------------------------------------------------------------------------
 
 
 class _Renderer:
-    """A small recursive-descent LaTeX reader that renders while it parses."""
+    """A small recursive-descent LaTeX reader that renders each construct as it reads it."""
+
+    __slots__ = ("s", "n", "i", "math", "failures", "unclosed")
 
     def __init__(self, source: str) -> None:
         self.s = source
         self.n = len(source)
         self.i = 0
+        self.math = ""  # in math: what closes it ("$", "$$", "\\)", "\\]", or an environment's name)
+        self.failures = 0  # constructs the reference fails on (the whole render then fails)
+        # Renders of groups and [...] arguments that ran to the end of input, by kind and start:
+        # a macro that then misses an argument has them read again as ordinary input.
+        self.unclosed: dict[tuple[str, int, str], tuple[str, int]] | None = None
 
     # low-level scanning ----------------------------------------------------------------
-    def _skip_space(self) -> None:
-        while self.i < self.n and self.s[self.i] in " \t\n\r":
+    def _name(self) -> str:
+        """Read a macro name after its backslash: letters, or one other character ('' at the end)."""
+        s, i, n = self.s, self.i, self.n
+        if i < n and not s[i].isalpha():
             self.i += 1
+            return s[i]
+        j = _ASCII_LETTERS.match(s, i).end()
+        while j < n and s[j].isalpha():  # letters beyond ASCII
+            j += 1
+        self.i = j
+        return s[i:j]
 
-    def _read_macro_name(self) -> str:
-        """Read the name after a backslash at ``self.i - 1``; '' at end of input."""
+    def _at_end(self, env: str | None = None) -> bool:
+        """Whether ``\\end`` starts here (followed by ``{env}`` if one is given)."""
+        s, i = self.s, self.i
+        if not s.startswith("\\end", i) or (i + 4 < self.n and s[i + 4].isalpha()):
+            return False
+        match = _ENV_NAME.match(s, i + 4) if env else None
+        return not env or (match is not None and match.group(1) == env)
+
+    def _bracket(self, rendered: bool = False) -> bool:
+        """Read a ``[...]`` argument if one follows (brackets nest; it is parsed like any input,
+        then dropped: a failure in it counts only if it is ``rendered``); False if it is unclosed."""
         s, start = self.s, self.i
-        if start >= self.n:
-            return ""
-        if s[start].isascii() and s[start].isalpha():
-            j = start
-            while j < self.n and s[j].isascii() and s[j].isalpha():
-                j += 1
-            if j < self.n and s[j] == "*" and s[start:j] in ("hspace", "vspace"):
-                j += 1
-            self.i = j
-            self._skip_space()
-            return s[start:j].rstrip("*") if s[start:j].endswith("*") else s[start:j]
-        self.i = start + 1
-        return s[start]
-
-    def _read_bracket(self) -> None:
-        """Skip an optional ``[...]`` argument if one follows."""
-        save = self.i
-        self._skip_space()
-        if self.i < self.n and self.s[self.i] == "[":
-            depth = 0
-            while self.i < self.n:
-                ch = self.s[self.i]
+        if start < self.n and (s[start].isspace() or s[start] == "%"):
+            start = _BLANK.match(s, start).end()
+        if start >= self.n or s[start] != "[":
+            return True
+        key = ("[", start, self.math)
+        if self.unclosed and key in self.unclosed:
+            self.i = self.n
+            return False
+        self.i, depth, failures = start, 0, self.failures
+        while self.i < self.n and not (depth == 0 and self.i > start):
+            ch = s[self.i]
+            if ch in "[]}":  # a stray '}' is dropped
+                depth += (ch == "[") - (ch == "]")
                 self.i += 1
-                if ch == "{":
-                    depth += 1
-                elif ch == "}":
-                    depth -= 1
-                elif ch == "]" and depth <= 0:
-                    return
-            return
-        self.i = save
+            else:
+                self._node(_CHARS_IN_BRACKETS)
+        if not rendered or depth:
+            self.failures = failures
+        if depth:
+            self.unclosed = self.unclosed or {}
+            self.unclosed[key] = ("", self.n)
+        return depth == 0
 
-    def _read_arg(self) -> str | None:
-        """Read and render one mandatory argument; None when the input has ended."""
-        self._skip_space()
-        if self.i >= self.n:
+    def _line_break(self) -> str:
+        """After ``\\\\``: skip a star and a ``[...]`` spacing argument (an unclosed one to the end)."""
+        star = _SPACE.match(self.s, self.i).end()
+        if star < self.n and self.s[star] == "*":
+            self.i = star + 1
+        if self.i < self.n and self.s[self.i] == "[" and not self._bracket():
+            self.i = self.n
+        return "\n"
+
+    # arguments -------------------------------------------------------------------------
+    def _arg(self, text_mode: bool = False) -> str | None:
+        """Read and render one mandatory argument: '' at a '}' or an ``\\end``, None when the
+        input has ended."""
+        s, i = self.s, self.i
+        if i < self.n and (s[i].isspace() or s[i] == "%"):
+            i = self.i = _BLANK.match(s, i).end()
+        if i >= self.n:
             return None
-        ch = self.s[self.i]
+        ch = s[i]
         if ch == "{":
-            self.i += 1
-            return self._render_until_close()
+            plain = _PLAIN_GROUP.match(s, i + 1)  # the common case, as _group would render it
+            if plain is None or (self.math and plain.group(1).isspace()):
+                self.i += 1
+                return self._group()
+            self.i = plain.end()
+            return plain.group(1)
         if ch == "\\":
-            # A macro used as an argument is taken bare, without arguments of its own.
+            if s.startswith("\\end", i) and self._at_end():
+                return ""
             self.i += 1
-            name = self._read_macro_name()
-            return self._render_macro(name, bare=True)
+            return self._macro(self._name(), bare=True)
         if ch == "}":
-            return None
+            return ""
+        if s.startswith("\n\n", i):  # a paragraph break: blank text
+            self.i += 2
+            return "" if self.math else "\n\n"
+        if s.startswith("$$", i) and (self.math != "$" or text_mode):  # $$ as text (in $...$, '$' ends the math)
+            self.i += 2
+            return "$$"
+        special = _SPECIAL.match(s, i)
+        if special is not None:
+            self.i = special.end()
+            return _SPECIALS[special.group()]
         self.i += 1
         return ch
 
-    def _render_until_close(self) -> str:
-        """Render up to the matching ``}`` (or the end of input) and consume it."""
-        out = self._render_sequence()
-        if self.i < self.n and self.s[self.i] == "}":
-            self.i += 1
-        return out
+    def _args(self, name: str, count: int, used: str) -> list[str] | None:
+        """Read ``count`` arguments (after a star or ``[...]`` where ``name`` takes them); None
+        when the input ends first. A failure in an argument not ``used`` does not count."""
+        if name in _STARRED:
+            star = _BLANK.match(self.s, self.i).end()
+            if star < self.n and self.s[star] == "*":
+                self.i = star + 1
+        if name in _OPTIONAL and not self._bracket(name in _RENDERS_ALL):
+            return None
+        args, text_mode = [], name in _TEXT_ARGS
+        for k in range(count):
+            failures = self.failures
+            arg = self._arg(text_mode)
+            if arg is None:
+                return None
+            if self.failures != failures and "{%d}" % k not in used and name not in _RENDERS_ALL:
+                self.failures = failures
+            args.append(arg)
+        return args
 
     # sequences -------------------------------------------------------------------------
-    def render_all(self) -> str:
-        parts = []
-        while self.i < self.n:
-            parts.append(self._render_sequence())
-            if self.i < self.n and self.s[self.i] == "}":
-                self.i += 1  # a stray closing brace renders as nothing
-        return "".join(parts)
-
-    def _render_sequence(self) -> str:
-        s, out = self.s, []
-        while self.i < self.n:
-            ch = s[self.i]
-            if ch == "}":
-                break
-            if ch == "{":
+    def _sequence(self, closer: str | None) -> str:
+        """Render up to the end of input or the ``closer`` (not consumed; ``{env}`` stands for
+        ``\\end{env}``). With no closer (in a group), a '}' also ends the sequence; otherwise a
+        stray '}' renders as nothing."""
+        s, n, out = self.s, self.n, []
+        env = closer[1:-1] if closer and closer[0] == "{" else None
+        first = "\\" if env else (closer or "}")[0]
+        while self.i < n:  # the common cases first, as _node would render them
+            i = self.i
+            ch = s[i]
+            if ch not in _PLAIN_START:
+                run = _CHARS.match(s, i)
+                self.i = run.end()
+                text = run.group()
+                out.append("" if self.math and text.isspace() else text)
+            elif ch == "}":
+                if closer is None:
+                    break
                 self.i += 1
-                out.append(self._render_until_close())
+            elif ch == first and closer and (self._at_end(env) if env else s.startswith(closer, i)):
+                break
             elif ch == "\\":
                 self.i += 1
-                name = self._read_macro_name()
-                if name == "begin":
-                    out.append(self._render_environment())
-                elif name == "end":
-                    self._read_env_name()  # a stray \end{...} renders as nothing
-                else:
-                    out.append(self._render_macro(name))
-            elif ch == "~":
+                out.append(self._macro(self._name()))
+            elif ch == "{":
                 self.i += 1
-                out.append("\xa0")
-            elif ch == "-" and s.startswith("--", self.i):
-                if s.startswith("---", self.i):
-                    self.i += 3
-                    out.append("—")
-                else:
-                    self.i += 2
-                    out.append("–")
-            elif ch == "`" and s.startswith("``", self.i):
-                self.i += 2
-                out.append("“")
-            elif ch == "'" and s.startswith("''", self.i):
-                self.i += 2
-                out.append("”")
-            elif ch in "!?" and s.startswith("`", self.i + 1):
-                self.i += 2
-                out.append("¡" if ch == "!" else "¿")
-            elif ch == "&":
-                self.i += 1
-                out.append("   ")
-            elif ch == "$":
-                self.i += 1  # math shifts vanish; their content renders as text
+                out.append(self._group())
             else:
-                self.i += 1
-                out.append(ch)
+                out.append(self._node())
         return "".join(out)
+
+    def _node(self, chars: re.Pattern[str] = _CHARS) -> str:
+        """Render the construct at the current position (not a '}'); ``chars``: what ordinary text is."""
+        s, i = self.s, self.i
+        ch = s[i]
+        if ch == "\\":
+            self.i += 1
+            return self._macro(self._name())
+        if ch == "{":
+            self.i += 1
+            return self._group()
+        if ch == "$":
+            closer = "$$" if s.startswith("$$", i) else "$"
+            self.i += len(closer)
+            return self._math(closer)
+        if ch == "%":
+            self.i = _COMMENT.match(s, i).end()
+            return ""
+        special = _SPECIAL.match(s, i)
+        if special is not None:
+            self.i = special.end()
+            return _SPECIALS[special.group()]
+        run = chars.match(s, i)
+        self.i = run.end()
+        text = run.group()
+        return "" if self.math and text.isspace() else text
+
+    def _group(self) -> str:
+        """Render a group after its '{', up to its '}' (or the end of input)."""
+        plain = _PLAIN_GROUP.match(self.s, self.i)
+        if plain is not None:
+            self.i, text = plain.end(), plain.group(1)
+            return "" if self.math and text.isspace() else text
+        key = ("{", self.i, self.math)
+        if self.unclosed and key in self.unclosed:
+            text, self.i = self.unclosed[key]
+            return text
+        text = self._sequence(None)
+        if self.i < self.n:
+            self.i += 1
+        else:
+            self.unclosed = self.unclosed or {}
+            self.unclosed[key] = (text, self.i)
+        return text
+
+    def _math(self, closer: str) -> str:
+        """Render math after its opening delimiter, up to ``closer``."""
+        saved, self.math = self.math, closer
+        text = self._sequence(closer).strip()
+        self.math = saved
+        self.i = min(self.i + len(closer), self.n)
+        return _display(text) if closer in ("$$", "\\]") else text
 
     # macros ----------------------------------------------------------------------------
-    def _render_macro(self, name: str, bare: bool = False) -> str:
-        if name == "":
-            return ""
-        if name == "frac":
-            if bare:
-                return "%s/%s"
-            num = self._read_arg()
-            den = self._read_arg() if num is not None else None
-            if num is None or den is None:
-                return "%s/%s" + (num or "")
-            return f"{num}/{den}"
-        if name == "sqrt":
-            if bare:
-                raise LatexRenderError("\\sqrt without an argument")
-            self._read_bracket()
-            arg = self._read_arg()
-            if arg is None:
-                raise LatexRenderError("\\sqrt without an argument")
-            return f"√({arg})"
-        if name == "\\":
-            if not bare:
-                self._read_bracket()
-            return "\n"
-        if len(name) == 1 and name in _CHAR_MACROS and name not in _ACCENTS:
-            return _CHAR_MACROS[name]
-        if name in _SYMBOLS:
-            return _SYMBOLS[name]
+    def _macro(self, name: str, bare: bool = False) -> str:
+        """Render the macro ``name`` (read up to its name) with its arguments; ``bare``: as
+        another macro's argument, without arguments of its own."""
+        s, after_name, space = self.s, self.i, ""
+        if after_name < self.n and s[after_name].isspace() and name.isalpha():
+            self.i = _SPACE.match(s, after_name).end()  # the space after a macro name is read with it;
+            if self.math and not bare and _CHARS.match(s, self.i):  # in math, it stays before ordinary text
+                space = s[after_name : self.i]
+        symbol = _SYMBOLS.get(name)
+        if symbol is not None:
+            return symbol + space
+        form = _FORMATS.get(name)
+        if form is not None:
+            count, text, without = form
+            args_start = self.i
+            args = None if bare else self._args(name, count, text)
+            if args is not None:
+                return text.format(*args)
+            self.i = args_start  # what was read renders on its own
+            if without is None:
+                self.failures += 1
+            return without or ""
         if name in _ACCENTS:
-            arg = None if bare else self._read_arg()
-            if arg is None:
-                return " " + _ACCENTS[name]
-            return _accented(arg, _ACCENTS[name])
+            arg = None if bare else self._arg()
+            return " " + _ACCENTS[name] if arg is None else _accented(arg.strip(), _ACCENTS[name])
         if name in _ALPHABETS:
-            arg = None if bare else self._read_arg()
+            arg = None if bare else self._arg()
             return "".join(_styled(_ALPHABETS[name], c) for c in (arg or ""))
-        if name in _DISCARD_ARG:
+        if name == "\\":
+            return "\n" if bare else self._line_break()
+        if name in _MATH_OPEN:
+            return "" if bare else self._math(_MATH_OPEN[name])
+        if name == "begin" or name == "end":
             if not bare:
-                self._read_arg()
-            return _DISCARD_ARG[name]
-        if name == "not":
-            nxt = "" if bare else (self._read_arg() or "")
-            if nxt[:1] in _NEGATED:
-                return _NEGATED[nxt[:1]] + nxt[1:]
-            return nxt[:1] + "\u0338" + nxt[1:] if nxt else ""
-        if name in ("ref", "cite"):
-            if not bare:
-                self._read_arg()
-            return "<ref>" if name == "ref" else "<cit.>"
-        return ""  # unknown macros vanish; a following group renders on its own
+                self.i = after_name  # a \begin or \end that is text keeps the space after it
+            return self._begin_end(name, bare)
+        return space  # unknown macros vanish
 
     # environments ----------------------------------------------------------------------
-    def _read_env_name(self) -> str:
-        self._skip_space()
-        if self.i < self.n and self.s[self.i] == "{":
-            end = self.s.find("}", self.i)
-            if end < 0:
-                end = self.n
-            name = self.s[self.i + 1 : end].strip()
-            self.i = min(end + 1, self.n)
-            return name
-        return ""
+    def _begin_end(self, name: str, bare: bool) -> str:
+        """``\\begin{env}...\\end{env}``; a stray ``\\end{env}`` renders as nothing, and a
+        ``\\begin`` or ``\\end`` without a name as itself."""
+        if bare and name == "begin":
+            return ""
+        match = _ENV_NAME.match(self.s, self.i)
+        if match is None:  # ordinary text, with the white space that follows it
+            if bare:
+                return ""
+            start, self.i = self.i, _WHITE.match(self.s, self.i).end()
+            return "\\" + name + self.s[start : self.i]
+        self.i = match.end()
+        return "" if name == "end" else self._environment(match.group(1))
 
-    def _render_environment(self) -> str:
-        name = self._read_env_name()
-        if name in _COLSPEC_ENVS:
-            if self._read_arg() is None:
-                raise LatexRenderError(f"environment {name} without content")
-        rows: list[list[str]] = [[]]
-        cell: list[str] = []
-        while True:
-            piece = self._render_cell_piece()
-            cell.append(piece)
-            if self.i >= self.n:
-                break
-            if self.s.startswith("\\end", self.i):
-                self.i += len("\\end")
-                self._read_env_name()
-                break
-            # _render_cell_piece stopped at '&' or '\\'
-            if self.s[self.i] == "&":
-                self.i += 1
-                rows[-1].append("".join(cell))
-                cell = []
-            else:
-                self.i += 2
-                self._read_bracket()
-                rows[-1].append("".join(cell))
-                cell = []
-                rows.append([])
-        rows[-1].append("".join(cell))
-        if name in _BRACKET_ENVS:
-            if len(rows) == 1 and not "".join(rows[0]).strip():
-                raise LatexRenderError(f"empty environment {name}")
-            body = "; ".join(" ".join(c.strip() for c in row) for row in rows)
-            return f"[ {body} ]"
-        body = "\n".join("   ".join(row) for row in rows)
-        if name in _DISPLAY_ENVS:
-            return f"\n{body}\n"
-        return body
+    def _end_environment(self, name: str) -> None:
+        """Read the ``\\end{name}`` that closes the environment, if it is there."""
+        if self._at_end(name):
+            self.i = _ENV_NAME.match(self.s, self.i + 4).end()
 
-    def _render_cell_piece(self) -> str:
-        """Render inside an environment until '&', '\\\\', '\\end' or end of input."""
-        s, out = self.s, []
+    def _environment(self, name: str) -> str:
+        """Render an environment after its ``\\begin{name}``, up to its ``\\end{name}``."""
+        if name in _ENV_ARGS:
+            save = self.i
+            if self._args(name, _ENV_ARGS[name], "") is None:
+                self.i = save  # arguments missing: the content starts right after the name
+        if name in _MATRIX_ENVS:
+            return self._matrix(name)
+        saved, self.math = self.math, self.math or (name if name in _MATH_ENVS else "")
+        body = self._sequence("{" + name + "}")
+        self.math = saved
+        self._end_environment(name)
+        if name in _MATH_ENVS:
+            return _display(body)
+        return f"\n{body}\n" if name in _BLOCK_ENVS else body
+
+    def _matrix(self, name: str) -> str:
+        """Rows split at ``\\\\``, cells at '&'; a cell with nothing in it is left out."""
+        s, rows, cell = self.s, [[]], None
         while self.i < self.n:
-            ch = s[self.i]
-            if ch == "&":
-                break
-            if ch == "\\" and (s.startswith("\\\\", self.i) or s.startswith("\\end", self.i)):
-                break
-            if ch == "}":
-                self.i += 1  # a stray closing brace renders as nothing
+            i = self.i
+            ch = s[i]
+            if ch == "&" or s.startswith("\\\\", i):
+                if cell is not None:
+                    rows[-1].append("".join(cell).strip())
+                cell = None
+                self.i += 1
+                if ch == "\\":
+                    self.i += 1
+                    self._line_break()
+                    rows.append([])
                 continue
-            start = self.i
-            # Render one element with the ordinary sequence renderer.
-            if ch == "{":
+            if ch == "}":
                 self.i += 1
-                out.append(self._render_until_close())
-            elif ch == "\\":
-                self.i += 1
-                name = self._read_macro_name()
-                if name == "begin":
-                    out.append(self._render_environment())
-                else:
-                    out.append(self._render_macro(name))
-            else:
-                self.i = start
-                out.append(self._render_plain_run())
-        return "".join(out)
-
-    def _render_plain_run(self) -> str:
-        """Render characters up to the next structural character inside an environment."""
-        s, start = self.s, self.i
-        j = start
-        while j < self.n and s[j] not in "&\\{}":
-            j += 1
-        sub = _Renderer(s[start:j])
-        self.i = j
-        return sub._render_sequence()
+                continue
+            if ch == "\\":
+                if self._at_end(name):
+                    break
+                if s.startswith(("\\)", "\\]"), i) or (self._at_end() and _ENV_NAME.match(s, i + 4)):
+                    self._node()  # a stray closing math or environment: nothing, not even a cell
+                    continue
+            if cell is None:
+                cell = []
+            cell.append(self._node())
+        if cell is not None:
+            rows[-1].append("".join(cell).strip())
+        self._end_environment(name)
+        cells = [c for row in rows for c in row]
+        if not cells:
+            self.failures += 1
+            return ""
+        width = max(map(len, cells))
+        return "[ " + "; ".join(" ".join(c.rjust(width) for c in row) for row in rows) + " ]"
 
 
 def latex_to_text(latex: str) -> str:
@@ -443,4 +544,16 @@ def latex_to_text(latex: str) -> str:
     Raises ``LatexRenderError`` (or ``RecursionError`` for absurd nesting) where the
     reference renderer fails; callers then keep the unrendered string.
     """
-    return _Renderer(latex).render_all()
+    if "\\" not in latex and _CHARS.fullmatch(latex):
+        return latex  # plain text renders as itself
+    if latex.endswith("\\") and (len(latex) - len(latex.rstrip("\\"))) % 2:
+        # A lone backslash at the very end reads as the end of input, with the white space
+        # before it (back to a blank line).
+        body = latex[:-1].rstrip()
+        blank = latex.rfind("\n\n", len(body))
+        latex = latex[: blank + 2] if blank >= 0 else body
+    renderer = _Renderer(latex)
+    text = renderer._sequence("")
+    if renderer.failures:
+        raise LatexRenderError("input the reference renderer fails on")
+    return text
