@@ -319,7 +319,7 @@ def _save(path: Path, obj: Any) -> dict[str, Any]:
 def _seal(path: Path) -> dict[str, Any]:
     """fsync a file just written (by another library) and return its manifest entry."""
     digest, size = hashlib.sha256(), 0
-    with open(path, "rb+") as f:
+    with open(path, "rb") as f:  # read-only: fsync needs no write access (a umask may have removed it)
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
             size += len(block)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
 from collections.abc import Iterator
 
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -25,9 +27,16 @@ _quiet = False
 
 
 def set_quiet(quiet: bool) -> None:
-    """``--quiet``: no progress bars, and only warnings and errors on the console."""
+    """``--quiet``: no progress bars (ours, and transformers' and the Hugging Face hub's, such as
+    "Loading weights"), and only warnings and errors on the console."""
     global _quiet
     _quiet = quiet
+    if quiet:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is imported
+        if "transformers" in sys.modules:  # already imported: switch its bars off directly
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
 
 
 def is_quiet() -> bool:

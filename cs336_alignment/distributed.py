@@ -174,19 +174,27 @@ def full_weights(model: torch.nn.Module, bucket_bytes: int = 1 << 30) -> Iterato
 
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
-    seen: dict[int, torch.Tensor] = {}  # id of a parameter object -> its full tensor (tied weights)
-    for name, value in model.state_dict(keep_vars=True).items():
+    state = model.state_dict(keep_vars=True)
+    names_of: dict[int, int] = {}  # id of a parameter object -> how many names it has (tied weights: 2)
+    for value in state.values():
+        names_of[id(value)] = names_of.get(id(value), 0) + 1
+    tied: dict[int, torch.Tensor] = {}  # only tensors with a name still to come are kept: peak ~ one bucket
+    for name, value in state.items():
         name = name.removeprefix("_orig_mod.").removeprefix("module.")
-        full = seen.get(id(value))
-        if full is None:
+        full = tied.get(id(value))
+        if full is None:  # first name of this tensor: gather it, and count it towards the bucket
             with torch.no_grad():  # not around the yield: grad mode would stay off in the caller between buckets
                 full = (value.full_tensor() if isinstance(value, DTensor) else value).detach()
-            seen[id(value)] = full
             nbytes = full.numel() * full.element_size()
             if bucket and size + nbytes > bucket_bytes:
                 yield bucket
                 bucket, size = [], 0
             size += nbytes
+        names_of[id(value)] -= 1
+        if names_of[id(value)] > 0:
+            tied[id(value)] = full
+        else:
+            tied.pop(id(value), None)  # its last name: from here on only the bucket holds it
         bucket.append((name, full))
     if bucket:
         yield bucket

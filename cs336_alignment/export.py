@@ -64,18 +64,19 @@ def save_model_folder(model: Any, tokenizer: Any, folder: Path, *, dtype: torch.
     folder.mkdir(parents=True, exist_ok=True)
     if not hasattr(model, "save_pretrained"):
         _save_tensors(_cast(model.state_dict(), dtype), folder)
-    elif dtype is None or dtype == model.dtype:
-        with _quiet():
-            model.save_pretrained(folder)
     else:
-        trained_as = model.config.dtype
-        with _quiet():
-            model.save_pretrained(folder, state_dict=_cast(model.state_dict(), dtype))
-        try:  # save_pretrained records the parameters' dtype; the file holds ``dtype``
-            model.config.dtype = str(dtype).removeprefix("torch.")
-            model.config.save_pretrained(folder)
+        recorded = model.config.dtype  # save_pretrained overwrites it with the parameters' dtype: restored below
+        try:
+            if dtype is None or dtype == model.dtype:
+                with _quiet():
+                    model.save_pretrained(folder)
+            else:
+                with _quiet():
+                    model.save_pretrained(folder, state_dict=_cast(model.state_dict(), dtype))
+                model.config.dtype = str(dtype).removeprefix("torch.")  # what the file holds
+                model.config.save_pretrained(folder)
         finally:
-            model.config.dtype = trained_as
+            model.config.dtype = recorded
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     if (folder / "config.json").exists():
@@ -137,14 +138,15 @@ def export_model(source: str | Path, out: str | Path, *, dtype: str = "bfloat16"
     if not (folder / "config.json").is_file():
         raise ExportError(f"{source} is no checkpoint, finished run or model folder (no config.json in it or in its model/)")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
         raise ExportError(f"--out {out} already exists and is not an empty directory; choose a new one (nothing was written)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # the master weights as saved
     tokenizer = AutoTokenizer.from_pretrained(folder)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed export to the same destination
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         save_model_folder(model, tokenizer, staging, dtype=EXPORT_DTYPES[dtype])
         if out.exists():

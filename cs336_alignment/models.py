@@ -45,13 +45,16 @@ class MissingPackage(UserError, RuntimeError):
 
 
 def model_folder(path: str) -> str:
-    """The ``save_pretrained`` folder ``path`` names: ``path`` itself when it holds config.json,
-    else its ``model/`` folder when that holds one (a checkpoint directory or a finished run),
-    else ``path`` unchanged ("tiny", a hub id, or a path the caller refuses)."""
+    """The ``save_pretrained`` folder ``path`` names: ``path`` itself when it holds config.json;
+    else the ``model/`` folder of a complete checkpoint (its fp32 master weights) or of a finished
+    run (final.json: its final model, in the run's ``export_dtype``); else ``path`` unchanged
+    ("tiny", a hub id, or a path the caller refuses). A run still going, or one that stopped
+    before finishing, is not taken for its stale or partial model/."""
     if path == "tiny" or (Path(path) / "config.json").is_file():
         return path
     inner = Path(path) / "model"
-    return str(inner) if (inner / "config.json").is_file() else path
+    done = (Path(path) / "COMPLETE").is_file() or (Path(path) / "final.json").is_file()
+    return str(inner) if done and (inner / "config.json").is_file() else path
 
 
 def resolve_device(device: str) -> torch.device:
@@ -61,8 +64,16 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def check_model_options(*, attn_implementation: str = "sdpa", liger_kernel: bool = False) -> None:
-    """Refuse (MissingPackage, one line) an option whose package is not installed, before a run starts."""
+def check_model_options(
+    *, attn_implementation: str = "sdpa", liger_kernel: bool = False, device: torch.device | None = None
+) -> None:
+    """Refuse (MissingPackage, one line) an option whose package is not installed, or that cannot
+    run on ``device`` (flash-attn and Liger's Triton kernels need CUDA), before a run starts."""
+    gpu_only = [name for name, on in (("attn_implementation=flash_attention_2", attn_implementation == "flash_attention_2"),
+                                      ("use_liger_kernel=true", liger_kernel)) if on]
+    if gpu_only and device is not None and device.type != "cuda":
+        field = gpu_only[0].split("=")[0]
+        raise MissingPackage(f"field '{field}': {gpu_only[0]} runs on CUDA only, and this run is on {device}; turn it off")
     if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise MissingPackage("field 'attn_implementation': flash_attention_2 needs the flash-attn package "
                              "(pip install flash-attn --no-build-isolation), or set attn_implementation=sdpa")

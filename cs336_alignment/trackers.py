@@ -242,12 +242,21 @@ class TrackioTracker:
         name_file = run_dir.path / self.NAME_FILE
         run_dir.files.record(name_file.name)
         _record_if_inside(run_dir, getattr(getattr(trackio, "utils", None), "TRACKIO_DIR", None))
-        saved = name_file.read_text(encoding="utf-8").strip() if resume and name_file.exists() else ""
+        saved = name_file.read_text(encoding="utf-8").split() if resume and name_file.exists() else []
         self.project = project
+        self.continued = bool(saved)  # a resumed run logging into its own trackio run (which rewind may cut)
         with self._console():
-            self.run = trackio.init(project=project, name=saved or run_name or None, config=config,
+            self.run = trackio.init(project=project, name=saved[0] if saved else run_name or None, config=config,
                                     resume="allow" if saved else "never", embed=False)
-        name_file.write_text(self.run.name + "\n", encoding="utf-8")
+        if len(saved) > 1 and str(self.run.id) != saved[1]:  # trackio resumes by name: another run took it since
+            self.logger.warning("trackio: run name %r now names another run in project %r; continuing in a new run "
+                                "instead of touching that one", saved[0], project)
+            with self._console():
+                self.run.finish()
+                self.run = trackio.init(project=project, name=f"{saved[0]}-{uuid.uuid4().hex[:6]}", config=config,
+                                        embed=False)
+            self.continued = False
+        name_file.write_text(f"{self.run.name}\n{self.run.id}\n", encoding="utf-8")  # name, then id: checked on resume
 
     @contextlib.contextmanager
     def _console(self):
@@ -269,6 +278,13 @@ class TrackioTracker:
         """Delete this run's rows logged after the checkpoint from trackio's local database (a row's
         kind is the one whose ``<kind>_step`` it holds). Best effort: a database trackio has changed
         the layout of is left as it is, with a warning."""
+        if not self.continued:
+            return
+        mode = getattr(getattr(self._trackio, "utils", None), "get_storage_mode", lambda: "sqlite")()
+        if mode != "sqlite":
+            self.logger.warning("trackio stores this project as %s fragments (TRACKIO_DIR on a network filesystem): "
+                                "the steps logged after the checkpoint stay in its dashboard", mode)
+            return
         db = self._trackio.SQLiteStorage.get_project_db_path(self.project)
         if not Path(db).exists():
             return

@@ -23,7 +23,7 @@ from cs336_alignment.checkpoint import Checkpointer, CheckpointError, RunControl
 from cs336_alignment.cli import app
 from cs336_alignment.export import export_dtype, save_model_folder
 from cs336_alignment.logprobs import get_response_log_probs
-from cs336_alignment.models import MissingPackage, load_policy, model_folder
+from cs336_alignment.models import MissingPackage, check_model_options, load_policy, model_folder
 from cs336_alignment.recipes.loop import RunLoop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,6 +88,17 @@ def test_a_checkpoint_a_run_and_a_model_folder_all_name_the_model(tiny_run):
     assert model_folder("tiny") == "tiny" and model_folder(str(out / "nope")) == str(out / "nope")
 
 
+def test_a_run_that_never_finished_is_not_taken_for_its_model_folder(tiny_run, tmp_path):
+    import shutil
+
+    out, _ = tiny_run
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(out / "model", unfinished / "model")  # a model/ left by an earlier attempt, no final.json
+    assert model_folder(str(unfinished)) == str(unfinished)  # so `model=` refuses it instead of using stale weights
+    (unfinished / "final.json").write_text("{}")
+    assert model_folder(str(unfinished)) == str(unfinished / "model")
+
+
 def test_eval_takes_a_checkpoint_directory_as_its_model(tiny_run, tmp_path):
     out, _ = tiny_run
     step = Checkpointer(out).latest()
@@ -102,8 +113,7 @@ def test_resume_loads_the_checkpoint_folder_exactly(tiny_run, tiny_model):
     out, after = tiny_run
     first = Checkpointer(out).complete()[0][1]
     load_weights(first / "model", tiny_model)
-    torch.testing.assert_close(_logits(tiny_model), after[0], rtol=0, atol=0)
-    assert tiny_model.lm_head.weight is tiny_model.model.embed_tokens.weight  # still tied after the load
+    torch.testing.assert_close(_logits(tiny_model), after[0], rtol=0, atol=0)  # lm_head too: tied, stored once
 
 
 def test_a_checkpoint_of_another_model_is_refused_in_one_line(tiny_run):
@@ -150,6 +160,10 @@ def test_export_refuses_a_destination_with_files_and_a_source_that_is_no_model(t
     assert not (tmp_path / "new").exists()
     result = CliRunner().invoke(app, ["export", str(out), "--out", str(tmp_path / "new"), "--dtype", "int8"])
     assert result.exit_code == 2 and "--dtype 'int8'" in result.output
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    result = CliRunner().invoke(app, ["export", str(out), "--out", str(tmp_path / "link")])
+    assert result.exit_code == 2 and "already exists" in result.output and not any((tmp_path / "empty").iterdir())
 
 
 def test_the_final_model_is_written_in_export_dtype(tiny_run, tiny_model, tiny_tokenizer, tmp_path):
@@ -181,9 +195,14 @@ def test_attention_implementations_agree_and_missing_packages_are_refused_in_one
 def test_use_liger_kernel_refuses_without_the_package_before_the_run_and_applies_it_when_present(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "liger_kernel", None)  # import fails, as when absent
     result = CliRunner().invoke(app, ["grpo", "model=tiny", f"out={tmp_path / 'run'}", "data.train=task:arithmetic",
-                                      "data.val=train", "use_liger_kernel=true"])
-    assert result.exit_code == 2 and "field 'use_liger_kernel': needs the liger-kernel package" in result.output
+                                      "data.val=train", "use_liger_kernel=true", "device=cpu"])
+    assert result.exit_code == 2 and "use_liger_kernel=true runs on CUDA only, and this run is on cpu" in result.output
     assert not (tmp_path / "run").exists()  # refused before anything was written
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "liger_kernel" else object())
+    with pytest.raises(MissingPackage, match="field 'use_liger_kernel': needs the liger-kernel package") as e:
+        check_model_options(liger_kernel=True, device=torch.device("cuda"))  # on a GPU machine without it
+    assert e.value.exit_code == 2
+    monkeypatch.undo()
     calls = []
     fake = types.ModuleType("liger_kernel.transformers")
     fake.apply_liger_kernel_to_qwen2 = lambda **kwargs: calls.append(kwargs)

@@ -69,5 +69,11 @@ def test_the_quiet_flag_reaches_the_commands(tmp_path):
                                           "--max-tokens", "4", "--out", str(tmp_path / "e"), "device=cpu", "--quiet"])
         assert result.exit_code == 0, result.output
         assert console.is_quiet() and "generate:" not in result.output and "accuracy:" in result.output
+        from transformers.utils import logging as hf_logging
+
+        assert not hf_logging.is_progress_bar_enabled()  # transformers' "Loading weights" bars too
     finally:
         console.set_quiet(False)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.enable_progress_bar()

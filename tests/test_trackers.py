@@ -97,7 +97,7 @@ def trackio_at(monkeypatch):
 
 
 def _trackio_logs(trackio, project: str, run: Path) -> list[dict]:
-    name = (run / "trackio_run.txt").read_text().strip()
+    name = (run / "trackio_run.txt").read_text().split()[0]
     return trackio.SQLiteStorage.get_logs(project, name)
 
 
@@ -120,7 +120,7 @@ def test_tensorboard_and_trackio_hold_what_metrics_jsonl_holds(tmp_path, trackio
     assert _tensorboard(run, "eval", "eval/accuracy") == accuracy  # eval/<key> at eval_step
 
     logs = _trackio_logs(trackio, "cs336_alignment", run)  # the default project
-    assert (run / "trackio_run.txt").read_text().strip() == "tiny"  # run_name names the run
+    assert (run / "trackio_run.txt").read_text().split()[0] == "tiny"  # run_name names the run
     assert _trackio_series(logs, "train", "bias") == bias and _trackio_series(logs, "eval", "accuracy") == accuracy
     assert all(row["train_step"] == row["step"] for row in logs if "train/bias" in row)
     assert not any("train/flag" in row or "eval/split" in row for row in logs)  # numbers only
@@ -137,7 +137,7 @@ def test_a_resume_continues_the_tracker_runs_without_showing_a_step_twice(tmp_pa
     # the first session logs train 1-6 and eval 3 and 6, then dies before checkpointing step 6
     _run(run, total=7, session=1, crash_at_eval=6, **fields)
     assert _tensorboard(run, "eval", "eval/session") == [(3, 1), (6, 1)]
-    name = (run / "trackio_run.txt").read_text().strip()
+    name = (run / "trackio_run.txt").read_text().split()[0]
     # the second one resumes from the checkpoint of step 4 and logs train 5-7 and eval 6 again
     records = _run(run, total=7, session=2, resume=True, **fields)
     expected_train = [(1, 1), (2, 1), (3, 1), (4, 1), (5, 2), (6, 2), (7, 2)]
@@ -147,7 +147,7 @@ def test_a_resume_continues_the_tracker_runs_without_showing_a_step_twice(tmp_pa
     assert _tensorboard(run, "eval", "eval/session") == [(3, 1), (6, 2)]
     assert [s for s, _ in _tensorboard(run, "train", "train/bias")] == [1, 2, 3, 4, 5, 6, 7]
 
-    assert (run / "trackio_run.txt").read_text().strip() == name  # the same trackio run, continued
+    assert (run / "trackio_run.txt").read_text().split()[0] == name  # the same trackio run, continued
     assert [r["name"] for r in trackio.SQLiteStorage.get_run_records("cs336_alignment")] == [name]
     logs = _trackio_logs(trackio, "cs336_alignment", run)
     assert _trackio_series(logs, "train", "session") == expected_train
@@ -270,3 +270,16 @@ def test_run_loop_refuses_a_missing_tracker_package_before_the_run_directory_exi
         RunLoop(LoopConfig(out=str(tmp_path / "run"), trackers=["tensorboard"]), "TEST")
     assert e.value.exit_code == 2 and "\n" not in str(e.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_never_touches_another_run_that_took_the_same_trackio_name(tmp_path, trackio_at):
+    trackio = trackio_at(tmp_path / "trackio")
+    fields = {"trackers": ["trackio"], "wandb_project": "", "run_name": "same"}
+    _run(tmp_path / "a", total=7, session=1, crash_at_eval=6, **fields)  # run A: train 1-6, dies before checkpoint 6
+    _run(tmp_path / "b", total=4, session=1, **fields)  # run B, same name: trackio resumes by name, so B now owns it
+    b_name, b_id = (tmp_path / "b" / "trackio_run.txt").read_text().split()
+    before = _trackio_series(_trackio_logs(trackio, "cs336_alignment", tmp_path / "b"), "train", "session")
+    _run(tmp_path / "a", total=7, session=2, resume=True, **fields)  # A resumes: must not cut or extend B's run
+    a_name, a_id = (tmp_path / "a" / "trackio_run.txt").read_text().split()
+    assert a_id != b_id and a_name.startswith("same-")  # A went on in a run of its own
+    assert _trackio_series(_trackio_logs(trackio, "cs336_alignment", tmp_path / "b"), "train", "session") == before

@@ -34,6 +34,7 @@ from unittest import mock
 
 import torch
 
+from ..console import bars_enabled
 from ..errors import UserError
 from ..models import model_folder
 from .types import Completion, GenerationResult, SamplingParams
@@ -353,7 +354,7 @@ class VLLMGenerator:
             self.tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else [int(t) for t in p] for p in prompts
         ]
         params = vllm.SamplingParams(**to_vllm_sampling_kwargs(sampling))
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=progress)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=bars_enabled(progress))
         if len(outputs) != len(prompts):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
         return [

@@ -102,7 +102,7 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
         raise ConfigError(f"field '{missing}': empty; eval needs a model (a model directory or 'tiny') and data "
                           "(a JSONL path or 'task:<name>')")
     check_model_path(cfg.model)
-    check_model_options(attn_implementation=cfg.attn_implementation)
+    check_model_options(attn_implementation=cfg.attn_implementation, device=resolve_device(cfg.device))
     if cfg.backend == "vllm":
         import_vllm()  # a missing or too old vLLM is refused before anything is written
     examples, reward_fn = load_eval_data(cfg)  # bad data, prompt or reward: refused before anything is written

@@ -199,7 +199,8 @@ def _check_before_the_run(cfg: Any) -> None:
     from ..trackers import check_trackers
 
     check_model_path(cfg.model)
-    check_model_options(attn_implementation=cfg.attn_implementation, liger_kernel=cfg.use_liger_kernel)
+    check_model_options(attn_implementation=cfg.attn_implementation, liger_kernel=cfg.use_liger_kernel,
+                        device=resolve_device(cfg.device))
     if getattr(cfg, "backend", "native") == "vllm":
         import_vllm()
     check_trackers(getattr(cfg, "trackers", ()), wandb_project=cfg.wandb_project)
@@ -239,7 +240,8 @@ class RunLoop:
             self.run = RunDir(out)
             self.logger = self.run.logger
             logging.getLogger("cs336_alignment").addHandler(self.run.file_handler)  # the package's warnings (rewards, backend)
-            self._console.enter_context(lines_above_bars(self.logger, logging.getLogger("cs336_alignment")))
+            package = logging.getLogger("cs336_alignment")  # its warnings too, unless the root logger prints them already
+            self._console.enter_context(lines_above_bars(self.logger, *([] if logging.getLogger().handlers else [package])))
             self.run.files.record("checkpoints/")  # the run's own, with everything in it
             for note in skipped + notes:
                 self.logger.warning(note)
