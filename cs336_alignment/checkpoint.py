@@ -37,14 +37,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from .console import bars_enabled
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .distributed import DistContext
 from .export import save_model_folder
+from .hf_compat import make_compatible
 from .run_dir import ForeignFiles, RunFiles, move_aside
 
 __all__ = [
@@ -72,6 +76,7 @@ __all__ = [
 
 COMPLETE = "COMPLETE"
 MODEL_DIR = "model"  # a checkpoint's Hugging Face folder of the master weights
+SHARDED_DIR = "dcp"  # a multi-process run's checkpoint: model and optimizer state, sharded (torch.distributed.checkpoint)
 MANIFEST = "manifest.json"  # {file: {"bytes": size, "sha256": hex digest}}, written with the files
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -222,11 +227,15 @@ class Checkpointer:
         state: dict[str, Any],
         *,
         tokenizer: Any = None,
+        ctx: DistContext | None = None,
     ) -> Path:
         """Write checkpoint ``step`` atomically: the model's folder (with ``tokenizer``, when
         given), the optimizer and the trainer state, with a manifest of every file's size and
         SHA-256. Any failure raises CheckpointError, removes the partial temporary directory and
-        leaves the previous checkpoint intact."""
+        leaves the previous checkpoint intact. In a multi-process run (``ctx``), every rank calls
+        it: see :meth:`_save_sharded`."""
+        if ctx is not None and ctx.world_size > 1:
+            return self._save_sharded(step, model, optimizer, state, tokenizer=tokenizer, ctx=ctx)
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"step_{step:06d}"
         tmp = self.root / f".tmp_step_{step:06d}_{os.getpid()}_{time.time_ns()}"
@@ -250,20 +259,82 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
         except Exception as e:  # a full disk surfaces as torch's RuntimeError as often as an OSError
             shutil.rmtree(tmp, ignore_errors=True)
-            previous = self.latest()
-            if isinstance(e, OSError):
-                why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-            else:
-                first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                why = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", first_line)  # torch's C++ location prefix
             raise CheckpointError(
-                f"writing the checkpoint of step {step} to {self.root} failed ({why}); "
-                f"the previous checkpoint {previous or '(none)'} is intact"
+                f"writing the checkpoint of step {step} to {self.root} failed ({_why(e)}); "
+                f"the previous checkpoint {self.latest() or '(none)'} is intact"
             ) from e
         except BaseException:  # Ctrl-C mid-write: no partial directory left behind
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self.prune()
+        return final
+
+    def _save_sharded(
+        self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any], *,
+        tokenizer: Any, ctx: DistContext,
+    ) -> Path:
+        """The multi-process checkpoint, in the same atomic scheme: every rank writes its shard of
+        the model and optimizer state into ``<tmp>/dcp/`` (torch.distributed.checkpoint, loadable
+        at any world size); rank 0 then writes the model's config and tokenizer (``model/``,
+        without weights: ``export`` turns the checkpoint into a servable folder), ``trainer.pt``
+        (every rank's RNG states), the manifest and the marker, and renames the directory into
+        place. Each rank learns whether every rank's part was written, so all raise the same
+        CheckpointError or none does."""
+        from .distributed import barrier, gather, save_sharded
+
+        name = gather([f".tmp_step_{step:06d}_{os.getpid()}_{time.time_ns()}"], ctx)[0]  # rank 0's, for all
+        tmp, final = self.root / name, self.root / f"step_{step:06d}"
+        rngs = gather([rng_state()], ctx)  # one per rank, in rank order
+
+        def agreed(error: BaseException | None) -> None:
+            problems = [why for why in gather([None if error is None else _why(error)], ctx) if why]
+            if problems:
+                if ctx.is_main:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise CheckpointError(f"writing the checkpoint of step {step} to {self.root} failed ({problems[0]}); "
+                                      f"the previous checkpoint {self.latest() or '(none)'} is intact") from error
+
+        error = None
+        if ctx.is_main:
+            try:
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                error = e
+        agreed(error)
+        try:
+            save_sharded(tmp / SHARDED_DIR, model, optimizer)
+        except Exception as e:  # noqa: BLE001 - reported on every rank by agreed()
+            error = e
+        agreed(error)
+        fault_point("checkpoint", step)
+        if ctx.is_main:
+            try:
+                for part in (getattr(model, "config", None), getattr(model, "generation_config", None), tokenizer):
+                    if part is not None:  # what export needs besides the weights
+                        part.save_pretrained(tmp / MODEL_DIR)
+                if (tmp / MODEL_DIR / "config.json").exists():
+                    make_compatible(tmp / MODEL_DIR)
+                trainer = {"state": state, "rng": rngs[0], "rngs": rngs, "step": step, "world_size": ctx.world_size}
+                _save(tmp / "trainer.pt", trainer)
+                files = sorted(p for p in tmp.rglob("*") if p.is_file())
+                manifest = {p.relative_to(tmp).as_posix(): _seal(p) for p in files}
+                _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+                _write_synced(tmp / COMPLETE, f"{step}\n")
+                _fsync_dir(tmp)
+                stale = None
+                if final.exists():
+                    stale = self.root / f".tmp_replaced_{final.name}_{os.getpid()}_{time.time_ns()}"
+                    os.replace(final, stale)
+                os.replace(tmp, final)
+                _fsync_dir(self.root)
+                if stale is not None:
+                    shutil.rmtree(stale, ignore_errors=True)
+            except Exception as e:  # noqa: BLE001 - reported on every rank by agreed()
+                error = e
+        agreed(error)
+        if ctx.is_main:
+            self.prune()
+        barrier(ctx)
         return final
 
     def prune(self) -> None:
@@ -273,21 +344,33 @@ class Checkpointer:
             if f"_{os.getpid()}_" not in stale.name:
                 shutil.rmtree(stale, ignore_errors=True)
 
-    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    def load(
+        self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, ctx: DistContext | None = None
+    ) -> dict[str, Any]:
         """Restore weights, optimizer and RNG states from ``path``; returns the recipe state.
 
         Every file loads with ``weights_only=True``: tensors and plain Python values only. A file
         that would need anything else unpickled (code could run) raises UnsafeCheckpoint.
         """
         device = next(model.parameters()).device
-        if (path / "model.pt").exists():  # written before checkpoints held a model folder
+        if (path / SHARDED_DIR).exists():  # a multi-process run's: resharded to this run's world size
+            from .distributed import load_sharded
+
+            try:
+                load_sharded(path / SHARDED_DIR, model, optimizer)
+            except pickle.UnpicklingError as e:
+                raise UnsafeCheckpoint(f"{path / SHARDED_DIR} holds objects that are not tensors or plain values "
+                                       "(loading them could run code); refusing to load it: inspect the run directory") from e
+        elif (path / "model.pt").exists():  # written before checkpoints held a model folder
             model.load_state_dict(_load(path / "model.pt", device))
         else:
             load_weights(path / MODEL_DIR, model)
         if optimizer is not None and (path / "optimizer.pt").exists():
             optimizer.load_state_dict(_load(path / "optimizer.pt", device))
         trainer = _load(path / "trainer.pt", None)
-        set_rng_state(trainer["rng"])
+        rngs, rank = trainer.get("rngs"), ctx.rank if ctx is not None else 0
+        same_world = rngs is not None and len(rngs) == (ctx.world_size if ctx is not None else 1)
+        set_rng_state(rngs[rank] if same_world else trainer["rng"])  # another world size: rank 0's streams
         return trainer["state"]
 
 
@@ -314,6 +397,14 @@ def _save(path: Path, obj: Any) -> dict[str, Any]:
         f.flush()
         os.fsync(f.fileno())
     return {"bytes": writer.bytes, "sha256": writer.sha256.hexdigest()}
+
+
+def _why(error: BaseException) -> str:
+    """One line saying why a write failed (a full disk by name; torch's C++ location prefix dropped)."""
+    if isinstance(error, OSError):
+        return "no space left on device" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", first_line)
 
 
 def _seal(path: Path) -> dict[str, Any]:

@@ -184,6 +184,10 @@ def main() -> None:
         torch.save(expected, out / "expected_2.pt")
     save_sharded(out / "ckpt2", model, opt)
     barrier(ctx)
+    # the same state through the run's checkpoint writer (atomic directory, manifest, marker)
+    from cs336_alignment.checkpoint import Checkpointer
+
+    Checkpointer(out / "run").save(STEPS, model, opt, {"step": STEPS}, tokenizer=tokenizer, ctx=ctx)
 
     seconds["save"] = time.perf_counter() - began
 

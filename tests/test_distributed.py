@@ -203,3 +203,16 @@ def test_two_processes_match_one_and_checkpoints_reshard(tmp_path, one_process):
     assert w.optimizer_max_diff(got, want["optimizer"]) == 0.0
     assert got["group"] == want["optimizer"]["group"] and got["group"]["lr"] == w.LR
     assert all(s["step"].item() == w.STEPS for s in got["state"].values())
+
+    # the run's checkpoint writer at two ranks: atomic, with a manifest of every shard; resumed at one rank
+    from cs336_alignment.checkpoint import Checkpointer, verify
+
+    latest = Checkpointer(tmp_path / "run").latest()
+    assert latest.name == f"step_{w.STEPS:06d}" and verify(latest) is None
+    manifest = set(json.loads((latest / "manifest.json").read_text()))
+    assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "trainer.pt", "model/config.json"} <= manifest
+    model = build_tiny_model(seed=1).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5)
+    assert Checkpointer(tmp_path / "run").load(latest, model, opt) == {"step": w.STEPS}
+    assert w.max_diff(model.state_dict(), want["model"]) == 0.0
+    assert w.optimizer_max_diff(w.optimizer_state(model, opt), want["optimizer"]) == 0.0
