@@ -314,11 +314,12 @@ def _safe_planner() -> Any:
     return SafePlanner()
 
 
-def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Load a :func:`save_sharded` folder into ``model`` and ``optimizer`` in place, at any world
     size (each rank reads the slices of its own shards; at world size 1 a plain model and optimizer
     get the full tensors). ``optimizer`` is built over ``model``'s parameters (after
-    :func:`shard_policy`); its hyperparameters (lr, betas, ...) come from the checkpoint.
+    :func:`shard_policy`); its hyperparameters (lr, betas, ...) come from the checkpoint. None:
+    the model's weights only (``export``).
 
     Like ``torch.load(weights_only=True)``, it refuses (``pickle.UnpicklingError``) a checkpoint
     whose metadata or values are anything but DCP's metadata, tensors and plain values: DCP
@@ -330,9 +331,17 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     path = Path(path)
     with open(path / ".metadata", "rb") as f:
         _SafeMetadata(f).load()
-    states = _states(model, optimizer)
+    if optimizer is None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        states = {"model": get_model_state_dict(model)}
+    else:
+        states = _states(model, optimizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_DCP_QUIET)
         dcp.load(states, storage_reader=dcp.FileSystemReader(path), planner=_safe_planner(),
                  no_dist=not dist.is_initialized())
-    set_state_dict(model, optimizer, model_state_dict=states["model"], optim_state_dict=states["optimizer"])
+    if optimizer is None:
+        set_model_state_dict(model, states["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=states["model"], optim_state_dict=states["optimizer"])

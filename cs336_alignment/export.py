@@ -128,13 +128,14 @@ def _save_tensors(tensors: dict[str, torch.Tensor], folder: Path) -> None:
 
 def export_model(source: str | Path, out: str | Path, *, dtype: str = "bfloat16") -> Path:
     """Write a servable Hugging Face folder ``out`` (model in ``dtype``, tokenizer, generation
-    config) from ``source``: a checkpoint directory (``<run>/checkpoints/step_N``), a finished run,
-    or a model folder. ``out`` must not exist or be empty (ExportError, exit 2, before anything is
-    written); the folder is written beside it and renamed into place, so a failed export leaves
-    nothing half-written. Returns ``out``."""
+    config) from ``source``: a checkpoint directory (``<run>/checkpoints/step_N``, also a
+    multi-process run's sharded one), a finished run, or a model folder. ``out`` must not exist
+    or be empty (ExportError, exit 2, before anything is written); the folder is written beside it
+    and renamed into place, so a failed export leaves nothing half-written. Returns ``out``."""
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
-    folder = Path(model_folder(str(source)))
+    sharded = Path(source) / "dcp"  # a multi-process run's checkpoint: weights in shards, config in model/
+    folder = Path(source) / "model" if sharded.is_dir() else Path(model_folder(str(source)))
     if not (folder / "config.json").is_file():
         raise ExportError(f"{source} is no checkpoint, finished run or model folder (no config.json in it or in its model/)")
     out = Path(out)
@@ -142,7 +143,15 @@ def export_model(source: str | Path, out: str | Path, *, dtype: str = "bfloat16"
         raise ExportError(f"--out {out} already exists and is not an empty directory; choose a new one (nothing was written)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # the master weights as saved
+    if sharded.is_dir():
+        from transformers import AutoConfig
+
+        from .distributed import load_sharded
+
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+        load_sharded(sharded, model, None)  # every shard, gathered into one plain model
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # the master weights as saved
     tokenizer = AutoTokenizer.from_pretrained(folder)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed export to the same destination

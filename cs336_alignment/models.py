@@ -54,7 +54,8 @@ def model_folder(path: str) -> str:
         return path
     inner = Path(path) / "model"
     done = (Path(path) / "COMPLETE").is_file() or (Path(path) / "final.json").is_file()
-    return str(inner) if done and (inner / "config.json").is_file() else path
+    sharded = (Path(path) / "dcp").is_dir()  # a multi-process checkpoint: its model/ holds no weights (export it)
+    return str(inner) if done and not sharded and (inner / "config.json").is_file() else path
 
 
 def resolve_device(device: str) -> torch.device:

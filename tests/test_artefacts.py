@@ -19,11 +19,21 @@ from test_recipe_parts import LoopConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from cs336_alignment.checkpoint import Checkpointer, CheckpointError, RunControl, load_weights
+from cs336_alignment.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    RunControl,
+    load_weights,
+)
 from cs336_alignment.cli import app
 from cs336_alignment.export import export_dtype, save_model_folder
 from cs336_alignment.logprobs import get_response_log_probs
-from cs336_alignment.models import MissingPackage, check_model_options, load_policy, model_folder
+from cs336_alignment.models import (
+    MissingPackage,
+    check_model_options,
+    load_policy,
+    model_folder,
+)
 from cs336_alignment.recipes.loop import RunLoop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,3 +265,27 @@ def test_the_vllm_extra_is_the_range_the_backend_is_written_for():
     (spec,) = extras["vllm"]
     low, high = spec.removeprefix("vllm").split(",")
     assert low == ">=" + ".".join(map(str, MIN_VLLM_VERSION)) and high.startswith("<")  # never an unbounded vllm
+
+
+def test_a_sharded_checkpoint_is_exported_and_never_taken_for_a_model_folder(tiny_model, tiny_tokenizer, tmp_path):
+    """A multi-process run's checkpoint (dcp/ shards, model/ with config and tokenizer only), written
+    here at world size 1 the way the writer lays it out: export gathers it into a model folder."""
+    from cs336_alignment.config import ConfigError
+    from cs336_alignment.distributed import save_sharded
+    from cs336_alignment.recipes.common import check_model_path
+
+    step = tmp_path / "step_000003"
+    optimizer = torch.optim.AdamW(tiny_model.parameters(), lr=0.1)
+    tiny_model(IDS).logits.mean().backward()
+    optimizer.step()  # DCP wants an optimizer with state
+    save_sharded(step / "dcp", tiny_model, optimizer)
+    tiny_model.config.save_pretrained(step / "model")
+    tiny_tokenizer.save_pretrained(step / "model")
+    (step / "COMPLETE").write_text("3\n")
+    assert model_folder(str(step)) == str(step)  # its model/ has no weights: never loaded as a model
+    with pytest.raises(ConfigError, match="sharded.*python -m cs336_alignment export"):
+        check_model_path(str(step))
+    result = CliRunner().invoke(app, ["export", str(step), "--out", str(tmp_path / "gathered"), "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "gathered")), _logits(tiny_model),
+                               rtol=0, atol=0)

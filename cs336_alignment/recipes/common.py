@@ -161,6 +161,9 @@ def check_model_path(model: str) -> None:
     if not path.exists() and not hub_id:
         raise ConfigError(f"field 'model': no such directory {model}; expected a model directory (from save_pretrained) "
                           "or 'tiny'")
+    if (path / "dcp").is_dir():
+        raise ConfigError(f"field 'model': {model} is a multi-process (sharded) checkpoint; write a model folder from it "
+                          f"with: python -m cs336_alignment export {model} --out DIR")
     if path.is_dir() and not (path / "config.json").is_file():
         raise ConfigError(f"field 'model': {model} holds no config.json, so it is neither a saved model nor a checkpoint "
                           "or finished run (whose model/ folder holds one)")
