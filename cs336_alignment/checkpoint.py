@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from .distributed import DistContext
 from .export import save_model_folder
 from .hf_compat import make_compatible
+from .models import SHARDED_DIR, is_sharded_checkpoint
 from .run_dir import ForeignFiles, RunFiles, move_aside
 
 __all__ = [
@@ -76,7 +77,6 @@ __all__ = [
 
 COMPLETE = "COMPLETE"
 MODEL_DIR = "model"  # a checkpoint's Hugging Face folder of the master weights
-SHARDED_DIR = "dcp"  # a multi-process run's checkpoint: model and optimizer state, sharded (torch.distributed.checkpoint)
 MANIFEST = "manifest.json"  # {file: {"bytes": size, "sha256": hex digest}}, written with the files
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -246,17 +246,7 @@ class Checkpointer:
             if optimizer is not None:
                 manifest["optimizer.pt"] = _save(tmp / "optimizer.pt", optimizer.state_dict())
             manifest["trainer.pt"] = _save(tmp / "trainer.pt", {"state": state, "rng": rng_state(), "step": step})
-            _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-            _write_synced(tmp / COMPLETE, f"{step}\n")
-            _fsync_dir(tmp)
-            stale = None
-            if final.exists():  # a re-run of the same step: set the old one aside until the new one is in place
-                stale = self.root / f".tmp_replaced_{final.name}_{os.getpid()}_{time.time_ns()}"
-                os.replace(final, stale)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-            if stale is not None:
-                shutil.rmtree(stale, ignore_errors=True)
+            self._publish(tmp, final, manifest, step)
         except Exception as e:  # a full disk surfaces as torch's RuntimeError as often as an OSError
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(
@@ -317,18 +307,7 @@ class Checkpointer:
                 trainer = {"state": state, "rng": rngs[0], "rngs": rngs, "step": step, "world_size": ctx.world_size}
                 _save(tmp / "trainer.pt", trainer)
                 files = sorted(p for p in tmp.rglob("*") if p.is_file())
-                manifest = {p.relative_to(tmp).as_posix(): _seal(p) for p in files}
-                _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-                _write_synced(tmp / COMPLETE, f"{step}\n")
-                _fsync_dir(tmp)
-                stale = None
-                if final.exists():
-                    stale = self.root / f".tmp_replaced_{final.name}_{os.getpid()}_{time.time_ns()}"
-                    os.replace(final, stale)
-                os.replace(tmp, final)
-                _fsync_dir(self.root)
-                if stale is not None:
-                    shutil.rmtree(stale, ignore_errors=True)
+                self._publish(tmp, final, {p.relative_to(tmp).as_posix(): _seal(p) for p in files}, step)
             except Exception as e:  # noqa: BLE001 - reported on every rank by agreed()
                 error = e
         agreed(error)
@@ -336,6 +315,22 @@ class Checkpointer:
             self.prune()
         barrier(ctx)
         return final
+
+    def _publish(self, tmp: Path, final: Path, manifest: dict[str, Any], step: int) -> None:
+        """Seal the written directory ``tmp`` (manifest, then the COMPLETE marker, fsynced) and
+        rename it to ``final``. A re-run of the same step sets the old one aside until the new one
+        is in place."""
+        _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        _write_synced(tmp / COMPLETE, f"{step}\n")
+        _fsync_dir(tmp)
+        stale = None
+        if final.exists():
+            stale = self.root / f".tmp_replaced_{final.name}_{os.getpid()}_{time.time_ns()}"
+            os.replace(final, stale)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
 
     def prune(self) -> None:
         for _, path in self.complete()[: -self.keep_last]:
@@ -353,7 +348,7 @@ class Checkpointer:
         that would need anything else unpickled (code could run) raises UnsafeCheckpoint.
         """
         device = next(model.parameters()).device
-        if (path / SHARDED_DIR).exists():  # a multi-process run's: resharded to this run's world size
+        if is_sharded_checkpoint(path):  # a multi-process run's: resharded to this run's world size
             from .distributed import load_sharded
 
             try:

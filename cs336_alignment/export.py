@@ -27,7 +27,7 @@ import torch
 
 from .errors import UserError
 from .hf_compat import make_compatible
-from .models import model_folder
+from .models import SHARDED_DIR, is_sharded_checkpoint, model_folder
 from .run_dir import umask_mode
 
 __all__ = [
@@ -134,8 +134,8 @@ def export_model(source: str | Path, out: str | Path, *, dtype: str = "bfloat16"
     and renamed into place, so a failed export leaves nothing half-written. Returns ``out``."""
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
-    sharded = Path(source) / "dcp"  # a multi-process run's checkpoint: weights in shards, config in model/
-    folder = Path(source) / "model" if sharded.is_dir() else Path(model_folder(str(source)))
+    sharded = is_sharded_checkpoint(source)  # weights in shards, config and tokenizer in model/
+    folder = Path(source) / "model" if sharded else Path(model_folder(str(source)))
     if not (folder / "config.json").is_file():
         raise ExportError(f"{source} is no checkpoint, finished run or model folder (no config.json in it or in its model/)")
     out = Path(out)
@@ -143,13 +143,13 @@ def export_model(source: str | Path, out: str | Path, *, dtype: str = "bfloat16"
         raise ExportError(f"--out {out} already exists and is not an empty directory; choose a new one (nothing was written)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if sharded.is_dir():
+    if sharded:
         from transformers import AutoConfig
 
         from .distributed import load_sharded
 
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
-        load_sharded(sharded, model, None)  # every shard, gathered into one plain model
+        load_sharded(Path(source) / SHARDED_DIR, model, None)  # every shard, gathered into one plain model
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # the master weights as saved
     tokenizer = AutoTokenizer.from_pretrained(folder)

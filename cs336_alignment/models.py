@@ -22,11 +22,12 @@ from .errors import UserError
 from .tiny import build_tiny_model, build_tiny_tokenizer
 
 __all__ = [
-    "ATTN_IMPLEMENTATIONS",
+    "SHARDED_DIR",
     "MissingPackage",
     "autocast",
     "check_model_options",
     "enable_gradient_checkpointing",
+    "is_sharded_checkpoint",
     "free_cuda_cache",
     "load_model_and_tokenizer",
     "load_policy",
@@ -35,7 +36,7 @@ __all__ = [
     "use_liger_kernel",
 ]
 
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")  # the attention kernels a config may name
+SHARDED_DIR = "dcp"  # a multi-process run's checkpoint: model and optimizer state, sharded (torch.distributed.checkpoint)
 
 
 class MissingPackage(UserError, RuntimeError):
@@ -54,8 +55,13 @@ def model_folder(path: str) -> str:
         return path
     inner = Path(path) / "model"
     done = (Path(path) / "COMPLETE").is_file() or (Path(path) / "final.json").is_file()
-    sharded = (Path(path) / "dcp").is_dir()  # a multi-process checkpoint: its model/ holds no weights (export it)
-    return str(inner) if done and not sharded and (inner / "config.json").is_file() else path
+    return str(inner) if done and not is_sharded_checkpoint(path) and (inner / "config.json").is_file() else path
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a multi-process run's checkpoint: its weights are shards in ``dcp/``, and
+    its ``model/`` holds only config and tokenizer (``export`` makes a model folder of it)."""
+    return (Path(path) / SHARDED_DIR).is_dir()
 
 
 def resolve_device(device: str) -> torch.device:

@@ -22,7 +22,7 @@ from ..checkpoint import NonFiniteError, check_finite
 from ..config import ConfigError
 from ..data import DataError, Example, check_lengths, generate_splits, load_examples, load_template, make_task
 from ..generation import Generator, load_generator
-from ..models import load_policy, model_folder
+from ..models import is_sharded_checkpoint, load_policy, model_folder
 from ..rewards import RewardFn, resolve_reward_fn
 from ..tiny import build_tiny_tokenizer, tiny_qwen2_config
 
@@ -161,7 +161,7 @@ def check_model_path(model: str) -> None:
     if not path.exists() and not hub_id:
         raise ConfigError(f"field 'model': no such directory {model}; expected a model directory (from save_pretrained) "
                           "or 'tiny'")
-    if (path / "dcp").is_dir():
+    if is_sharded_checkpoint(path):
         raise ConfigError(f"field 'model': {model} is a multi-process (sharded) checkpoint; write a model folder from it "
                           f"with: python -m cs336_alignment export {model} --out DIR")
     if path.is_dir() and not (path / "config.json").is_file():
