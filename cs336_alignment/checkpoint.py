@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .console import bars_enabled
+from .distributed import copy_full_into, is_sharded, load_full_optimizer_state
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -159,9 +160,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def fault_point(point: str, step: int) -> None:
     """Fault injection for the kill-and-resume tests: CS336_ALIGNMENT_FAULT="<point>:<step>"
-    makes the process kill itself with SIGKILL at that point. Unset in normal runs."""
+    makes the process kill itself with SIGKILL at that point; "<point>:<step>@<rank>" only the
+    process of that rank (torchrun's ``RANK``) of a multi-process run. Unset in normal runs."""
     spec = os.environ.get("CS336_ALIGNMENT_FAULT")
-    if spec and spec == f"{point}:{step}":
+    if not spec:
+        return
+    where, _, rank = spec.partition("@")
+    if where == f"{point}:{step}" and (not rank or rank == os.environ.get("RANK", "0")):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -291,12 +296,12 @@ class Checkpointer:
             except OSError as e:
                 error = e
         agreed(error)
+        fault_point("checkpoint", step)  # the kill tests: a rank dies before its shard is written
         try:
             save_sharded(tmp / SHARDED_DIR, model, optimizer)
         except Exception as e:  # noqa: BLE001 - reported on every rank by agreed()
             error = e
         agreed(error)
-        fault_point("checkpoint", step)
         if ctx.is_main:
             try:
                 for part in (getattr(model, "config", None), getattr(model, "generation_config", None), tokenizer):
@@ -357,11 +362,18 @@ class Checkpointer:
                 raise UnsafeCheckpoint(f"{path / SHARDED_DIR} holds objects that are not tensors or plain values "
                                        "(loading them could run code); refusing to load it: inspect the run directory") from e
         elif (path / "model.pt").exists():  # written before checkpoints held a model folder
-            model.load_state_dict(_load(path / "model.pt", device))
+            with torch.no_grad():
+                own = model.state_dict()
+                for name, tensor in _load(path / "model.pt", device).items():
+                    copy_full_into(own[name], tensor)
         else:
-            load_weights(path / MODEL_DIR, model)
-        if optimizer is not None and (path / "optimizer.pt").exists():
-            optimizer.load_state_dict(_load(path / "optimizer.pt", device))
+            load_weights(path / MODEL_DIR, model)  # into this rank's shards when the model is sharded
+        if optimizer is not None and (path / "optimizer.pt").exists():  # a one-process checkpoint
+            saved = _load(path / "optimizer.pt", device)
+            if is_sharded(model):  # resumed on several processes: each keeps its slices
+                load_full_optimizer_state(model, optimizer, saved)
+            else:
+                optimizer.load_state_dict(saved)
         trainer = _load(path / "trainer.pt", None)
         rngs, rank = trainer.get("rngs"), ctx.rank if ctx is not None else 0
         same_world = rngs is not None and len(rngs) == (ctx.world_size if ctx is not None else 1)
@@ -436,7 +448,7 @@ def load_weights(folder: Path, model: torch.nn.Module) -> None:
                         if tensor.shape != own[name].shape:
                             raise CheckpointError(f"{file}: {name} has shape {tuple(tensor.shape)}, "
                                                   f"the model's is {tuple(own[name].shape)}")
-                        own[name].copy_(tensor)
+                        copy_full_into(own[name], tensor)  # a sharded model keeps its slices
                         loaded.add(name)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read {folder} ({e}); move that checkpoint aside to resume from an older one") from e

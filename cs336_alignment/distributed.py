@@ -3,10 +3,11 @@
 Launched by ``torchrun --nproc-per-node N ...``, each process (rank) holds one shard of the fp32
 master weights, their gradients and the optimizer state (``fully_shard``, "FSDP2": each parameter
 becomes a ``DTensor`` sharded on dim 0 over a 1-D device mesh). Forward and backward all-gather a
-layer's weights just in time; backward reduce-scatters the gradients, *averaging* them over ranks.
-So a rank that computes its loss over its share of a global batch scales it by ``world_size`` (or
-divides by an all-reduced token count times ``world_size``) for the update to equal the
-single-process one.
+layer's weights just in time; backward reduce-scatters the gradients. We make that reduction a
+*sum* (FSDP's default is the mean): a rank then computes the loss of each of its micro-batches
+exactly as one process would (same normaliser: the global batch's sequence or token count), and
+the summed gradient is the single-process one. So the recipes' loss arithmetic is the same at
+every world size; only which micro-batches a rank runs changes (:func:`share`, :func:`padded_share`).
 
 Without torchrun (or with one process) nothing here does anything: no process group, no mesh,
 the model and the lists pass through unchanged, and the single-process path stays exactly as it
@@ -27,12 +28,13 @@ import io
 import os
 import pickle
 import re
+import types
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -41,23 +43,33 @@ from .errors import UserError
 from .models import resolve_device
 
 __all__ = [
+    "ONE",
     "DistContext",
     "DistributedError",
+    "RankError",
     "all_reduce",
     "barrier",
     "close_distributed",
+    "copy_full_into",
     "full_weights",
     "gather",
+    "gathered_model",
     "init_distributed",
+    "is_sharded",
+    "load_full_optimizer_state",
     "load_sharded",
+    "on_main",
+    "padded_share",
     "save_sharded",
     "shard_policy",
     "share",
+    "world_size",
 ]
 
 # Oldest torch whose FSDP2 works on each device type: the public ``torch.distributed.fsdp.fully_shard``
 # and DCP's ``get_state_dict`` arrived in 2.6; gloo (CPU) learnt the averaging reduce-scatter in 2.8.
 MIN_TORCH = {"cuda": (2, 6), "cpu": (2, 8)}
+T = TypeVar("T")
 _DCP_QUIET = "torch.distributed is disabled, unavailable or uninitialized"  # DCP's warning without a process group
 
 
@@ -65,6 +77,15 @@ class DistributedError(UserError, RuntimeError):
     """Several processes cannot run as asked: torch too old, a batch that does not split evenly, ..."""
 
     exit_code = 2  # found before training starts
+
+
+class RankError(UserError, RuntimeError):
+    """A user error that rank 0 found (a busy run directory, a refused resume, ...), raised on every
+    other rank with the same message and exit code, so that all ranks stop together."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -86,6 +107,15 @@ class DistContext:
     def is_main(self) -> bool:
         """Rank 0: the one that writes logs, metrics and run files."""
         return self.rank == 0
+
+
+ONE = DistContext()  # one process on the CPU: the default of phase functions that take a ``ctx``
+
+
+def world_size() -> int:
+    """How many processes this run has: torchrun's ``WORLD_SIZE``, 1 without torchrun. Known before
+    any process group exists, so that a batch that cannot be split is refused first."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def _check_torch(device_type: str) -> None:
@@ -138,24 +168,32 @@ def close_distributed(ctx: DistContext) -> None:
 
 
 def shard_policy(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
-    """Shard ``model`` over ``ctx.mesh`` in place and return it; at world size 1 return it untouched.
+    """Shard ``model`` over ``ctx.mesh`` in place and return it; without a mesh (world size 1, no
+    process group) return it untouched.
 
     ``fully_shard`` on each decoder layer (``model.model.layers``: one all-gather / reduce-scatter
     per layer), then on the root (embeddings, tied LM head, final norm). Parameters stay fp32 (the
     master weights; bf16 autocast applies on top as before) and become ``DTensor`` shards, so build
-    the optimizer *after* this call: its state is then sharded too. ``model`` should already be on
-    ``ctx.device``.
+    the optimizer *after* this call: its state is then sharded too. Gradients are *summed* over
+    ranks (divide factor 1; see the module docstring). ``model`` should already be on ``ctx.device``.
     """
-    if ctx.world_size == 1:
+    if ctx.mesh is None:
         return model
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    from .logprobs import CHUNKED_FORWARD, chunked_response_log_probs
 
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise TypeError(f"shard_policy expects a decoder model with model.model.layers; got {type(model).__name__}")
-    for layer in layers:
-        fully_shard(layer, mesh=ctx.mesh)
-    fully_shard(model, mesh=ctx.mesh)
+    for module in [*layers, model]:
+        fully_shard(module, mesh=ctx.mesh)
+        module.set_gradient_divide_factor(1.0)  # sum, not mean: each rank's loss is normalised globally
+        module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum; NCCL: zero-copy)
+    # The chunked log-probs run the body and then the head's weight outside ``model.forward``: as a
+    # registered forward method the root's own parameters are gathered around them too.
+    setattr(model, CHUNKED_FORWARD, types.MethodType(chunked_response_log_probs, model))
+    register_fsdp_forward_method(model, CHUNKED_FORWARD)
     return model
 
 
@@ -200,18 +238,70 @@ def full_weights(model: torch.nn.Module, bucket_bytes: int = 1 << 30) -> Iterato
         yield bucket
 
 
-def all_reduce(values: dict[str, float], ctx: DistContext, op: Literal["mean", "sum"] = "mean") -> dict[str, float]:
-    """The mean (or sum) over ranks of each value, in one collective; every rank passes the same keys.
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s parameters are FSDP2 shards (``DTensor``), i.e. it went through :func:`shard_policy`."""
+    from torch.distributed.tensor import DTensor
 
-    At world size 1 the values come back as floats, unchanged.
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy the whole tensor ``full`` into ``target``, a plain tensor or this rank's shard of a
+    ``DTensor`` (sliced locally: every rank holds ``full``, so nothing is communicated)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(target, DTensor):
+        full = distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements,
+                                 src_data_rank=None)
+    target.copy_(full)
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a one-process ``optimizer.state_dict()`` (parameters by index, full tensors) into the
+    optimizer of the sharded ``model``, each rank keeping its slices. The index order is that of
+    ``[p for p in model.parameters() if p.requires_grad]``, which ``make_optimizer`` used."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    by_name = {
+        "state": {names[int(i)]: value for i, value in state["state"].items()},
+        "param_groups": [{**group, "params": [names[int(i)] for i in group["params"]]} for group in state["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+def gathered_model(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module | None:
+    """One plain copy of a sharded ``model`` (fp32, on the CPU) on rank 0, None on the others;
+    ``model`` itself when it is not sharded. Every rank must call it (each parameter is gathered
+    in turn, :func:`full_weights`). What rank 0 saves as the run's final model."""
+    if not is_sharded(model):
+        return model
+    plain = None
+    if ctx.is_main:
+        from transformers import AutoModelForCausalLM
+
+        plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+        plain.generation_config = model.generation_config
+        own = plain.state_dict()
+    for bucket in full_weights(model):
+        if plain is not None:
+            with torch.no_grad():
+                for name, tensor in bucket:
+                    own[name].copy_(tensor)
+    return plain
+
+
+def all_reduce(values: dict[str, float], ctx: DistContext, op: Literal["mean", "sum", "max"] = "mean") -> dict[str, float]:
+    """The mean (or sum, or max) over ranks of each value, in one collective; every rank passes the
+    same keys. At world size 1 the values come back as floats, unchanged.
     """
-    if op not in ("mean", "sum"):
-        raise ValueError(f"op must be 'mean' or 'sum', not {op!r}")
+    if op not in ("mean", "sum", "max"):
+        raise ValueError(f"op must be 'mean', 'sum' or 'max', not {op!r}")
     if ctx.world_size == 1:
         return {k: float(v) for k, v in values.items()}
     keys = sorted(values)  # the same order on every rank, whatever the insertion order
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     if op == "mean":
         t /= ctx.world_size
     reduced = dict(zip(keys, t.tolist()))
@@ -229,6 +319,52 @@ def share(items: Sequence, ctx: DistContext) -> list:
                                f"make the batch a multiple of {ctx.world_size}")
     per = n // ctx.world_size
     return list(items[ctx.rank * per:(ctx.rank + 1) * per])
+
+
+def padded_share(items: Sequence, ctx: DistContext) -> tuple[list, int]:
+    """This rank's share of ``items`` when they may not split evenly: ``(mine, n_real)``.
+
+    Every rank gets ``ceil(n / world_size)`` items, so every rank runs as many forward passes
+    (each a collective on a sharded model); the first ``n_real`` are its real share (contiguous,
+    in order, as :func:`share`), the rest repeat its last real item (or the last item of
+    ``items`` when it has none) and are to be weighted 0 or dropped. With no items, ``([], 0)``.
+    """
+    n, ws = len(items), ctx.world_size
+    if n == 0:
+        return [], 0
+    per = -(-n // ws)
+    mine = list(items[min(n, ctx.rank * per):min(n, (ctx.rank + 1) * per)])
+    filler = mine[-1] if mine else items[-1]
+    return mine + [filler] * (per - len(mine)), len(mine)
+
+
+def on_main(fn: Callable[[], T], ctx: DistContext) -> T:
+    """``fn()`` run on rank 0 alone, its result (picklable) returned on every rank.
+
+    When ``fn`` raises a :class:`UserError` (bad input found on rank 0: a busy run directory, a
+    refused resume), every rank raises it: rank 0 the original, the others a :class:`RankError`
+    with the same message and exit code, so all stop together instead of waiting in the next
+    collective. Any other exception on rank 0 propagates there with its traceback; the other ranks
+    raise a RankError naming it. At world size 1, just ``fn()``.
+    """
+    if ctx.world_size == 1:
+        return fn()
+    outcome: list[Any] = [None]
+    error: BaseException | None = None
+    if ctx.is_main:
+        try:
+            outcome = [("ok", fn())]
+        except BaseException as e:  # noqa: BLE001 - every rank learns of it below
+            error = e
+            code = e.exit_code if isinstance(e, UserError) else 1
+            outcome = [("error", (f"{e}" if isinstance(e, UserError) else f"rank 0 failed: {type(e).__name__}: {e}", code))]
+    dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "ok":
+        return value
+    if error is not None:
+        raise error
+    raise RankError(*value)
 
 
 def gather(items: list, ctx: DistContext) -> list:

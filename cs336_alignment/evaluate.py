@@ -37,6 +37,7 @@ __all__ = [
     "GenerationRecord",
     "RewardFn",
     "evaluate",
+    "evaluation_metrics",
     "log_generations",
     "response_entropies",
     "score_results",
@@ -192,22 +193,31 @@ def evaluate(
         )
         for rec, e in zip(records, ents):
             rec.mean_entropy = e
-    metrics = summarize(records, sampling.max_tokens)
-    n_tokens = sum(r.num_tokens for r in records)
-    metrics.update(
-        {
-            "generation_seconds": gen_s,
-            "scoring_seconds": score_s,
-            "generated_tokens": n_tokens,
-            "generation_tokens_per_second": n_tokens / gen_s if gen_s > 0 else None,
-            "sampling": asdict(sampling),
-        }
-    )
+    metrics = evaluation_metrics(records, sampling, generation_seconds=gen_s, scoring_seconds=score_s)
     if extra_metrics:
         metrics.update(extra_metrics)
     if out_dir is not None:
         write_evaluation(out_dir, metrics, records)
     return metrics, records
+
+
+def evaluation_metrics(
+    records: Sequence[GenerationRecord], sampling: SamplingParams, *, generation_seconds: float, scoring_seconds: float
+) -> dict[str, Any]:
+    """metrics.json of an evaluation: :func:`summarize` of ``records``, the seconds spent
+    generating and scoring, the tokens generated and their rate, and the sampling parameters."""
+    metrics = summarize(records, sampling.max_tokens)
+    n_tokens = sum(r.num_tokens for r in records)
+    metrics.update(
+        {
+            "generation_seconds": generation_seconds,
+            "scoring_seconds": scoring_seconds,
+            "generated_tokens": n_tokens,
+            "generation_tokens_per_second": n_tokens / generation_seconds if generation_seconds > 0 else None,
+            "sampling": asdict(sampling),
+        }
+    )
+    return metrics
 
 
 def write_evaluation(out_dir: str | Path, metrics: dict[str, Any], records: Sequence[GenerationRecord]) -> None:

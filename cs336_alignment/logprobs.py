@@ -22,7 +22,9 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "CHUNKED_FORWARD",
     "chunked_log_probs_from_hidden",
+    "chunked_response_log_probs",
     "compute_entropy",
     "get_response_log_probs",
     "log_probs_from_logits",
@@ -335,6 +337,27 @@ def get_response_log_probs(
             keep = positions_mask.to(logits.device).bool()  # (B, T)
             out = {k: torch.where(keep, v, torch.zeros((), dtype=v.dtype, device=v.device)) for k, v in out.items()}
         return out
+    # A model sharded over processes (FSDP2) runs this as a registered forward method, so that
+    # its own parameters (embeddings, tied head, final norm) are gathered around it (distributed.shard_policy).
+    run = getattr(model, CHUNKED_FORWARD, None)
+    if run is not None:
+        return run(input_ids, labels, return_token_entropy, chunk_size, positions_mask)
+    return chunked_response_log_probs(model, input_ids, labels, return_token_entropy, chunk_size, positions_mask)
+
+
+CHUNKED_FORWARD = "chunked_response_log_probs"  # the name of the forward method a sharded model registers
+
+
+def chunked_response_log_probs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    return_token_entropy: bool,
+    chunk_size: int,
+    positions_mask: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """:func:`get_response_log_probs` with ``chunk_size``: the transformer body over ``input_ids``
+    (B, T), then the head's log-probs (and entropies) C rows at a time (:func:`chunked_log_probs_from_hidden`)."""
     body, head = _body_and_head(model)
     hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, D)
     return chunked_log_probs_from_hidden(

@@ -83,7 +83,9 @@ def sample_rollouts(
     colocated_device: torch.device | None = None,
 ) -> list[Rollout]:
     """Rollout phase: ``sampling.n`` responses to each question, as typed records, group by group
-    (B * G rollouts; rollouts [g * G, (g + 1) * G) answer question g).
+    (B * G rollouts; rollouts [g * G, (g + 1) * G) answer question g, their ``group`` is
+    ``sampling.prompt_offset + g``: the question's index in the whole batch when it is split
+    over ranks).
 
     With ``colocated_device`` (generator and policy share it), cached memory is handed from
     training to the KV cache before sampling and back after.
@@ -98,7 +100,7 @@ def sample_rollouts(
         free_cuda_cache(colocated_device)
     return [
         Rollout(
-            group=g, prompt=prompts[g], prompt_token_ids=res.prompt_token_ids, response=c.text,
+            group=sampling.prompt_offset + g, prompt=prompts[g], prompt_token_ids=res.prompt_token_ids, response=c.text,
             response_token_ids=c.token_ids, ground_truth=questions[g].ground_truth, finish_reason=c.finish_reason,
             generator_logprobs=c.logprobs,
         )

@@ -35,10 +35,14 @@ from cs336_alignment.distributed import (
     gather,
     init_distributed,
     load_sharded,
+    on_main,
+    padded_share,
     save_sharded,
     shard_policy,
     share,
 )
+from cs336_alignment.config import ConfigError
+from cs336_alignment.errors import UserError
 from cs336_alignment.tiny import build_tiny_model, build_tiny_tokenizer
 
 LR, STEPS, BATCH, MICRO, SEQ, MAX_NORM = 1e-3, 3, 8, 2, 16, 1.0
@@ -95,6 +99,13 @@ def main() -> None:
     # 1. collectives
     report["mean"] = all_reduce({"b": 10.0 * ctx.rank, "a": ctx.rank + 1.0}, ctx)
     report["sum"] = all_reduce({"a": ctx.rank + 1.0, "b": 10.0 * ctx.rank}, ctx, op="sum")
+    report["max"] = all_reduce({"a": 3.0 - ctx.rank, "b": float(ctx.rank)}, ctx, op="max")
+    report["padded_share"] = padded_share(list(range(5)), ctx)
+    report["on_main"] = on_main(lambda: f"from rank {ctx.rank}", ctx)
+    try:
+        on_main(lambda: (_ for _ in ()).throw(ConfigError("field 'x': bad")), ctx)
+    except UserError as e:
+        report["on_main_error"] = [type(e).__name__, str(e), e.exit_code]
     report["share"] = share(list(range(6)), ctx)
     report["gather"] = gather([f"r{ctx.rank}-{i}" for i in report["share"]], ctx)
     barrier(ctx)
@@ -129,6 +140,11 @@ def main() -> None:
             for name, t in b:
                 own[name].copy_(t)
     report["plain_after_max_diff"] = max_diff(plain.state_dict(), reference)
+    from cs336_alignment.generation.vllm_backend import policy_weights  # what each rank's vLLM engine is sent
+
+    sent = dict(policy_weights(model, dtype=torch.float32))
+    report["vllm_names"] = sorted(sent) == sorted(k for k in reference if k != "lm_head.weight")  # tied: embedding only
+    report["vllm_max_diff"] = max_diff(sent, {k: reference[k] for k in sent})
 
     seconds["models+full_weights"] = time.perf_counter() - began
 
@@ -155,7 +171,7 @@ def main() -> None:
         my_loss = 0.0
         for i in range(0, len(my_ids), MICRO):
             loss = nll_sum(model, my_ids[i:i + MICRO], my_mask[i:i + MICRO]) / global_tokens
-            (loss * ctx.world_size).backward()  # FSDP averages gradients over ranks
+            loss.backward()  # shard_policy makes FSDP sum the gradients over ranks
             my_loss += loss.item()
         grads = {n: full(p.grad) for n, p in model.named_parameters()}
         norm = full(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)).item()

@@ -31,6 +31,8 @@ from cs336_alignment.distributed import (
     gather,
     init_distributed,
     load_sharded,
+    on_main,
+    padded_share,
     save_sharded,
     shard_policy,
     share,
@@ -92,8 +94,18 @@ def test_share_refuses_a_batch_that_does_not_split_evenly():
         share(list(range(5)), DistContext(rank=1, world_size=2))
     assert share(list(range(6)), DistContext(rank=1, world_size=2)) == [3, 4, 5]
     assert DistributedError.exit_code == 2
-    with pytest.raises(ValueError, match="'max'"):
-        all_reduce({"a": 1.0}, DistContext(), op="max")
+    with pytest.raises(ValueError, match="'min'"):
+        all_reduce({"a": 1.0}, DistContext(), op="min")
+
+
+def test_padded_share_gives_every_rank_as_many_items():
+    # 5 items over 2 ranks: ceil(5 / 2) = 3 each; rank 0 gets 0..2, rank 1 gets 3, 4 and a repeat of 4
+    assert padded_share(list(range(5)), DistContext(rank=0, world_size=2)) == ([0, 1, 2], 3)
+    assert padded_share(list(range(5)), DistContext(rank=1, world_size=2)) == ([3, 4, 4], 2)
+    # 2 items over 3 ranks: one each, the third rank only a filler (the last item)
+    assert padded_share(["a", "b"], DistContext(rank=2, world_size=3)) == (["b"], 0)
+    assert padded_share([], DistContext(rank=0, world_size=2)) == ([], 0)
+    assert padded_share([7, 8], DistContext()) == ([7, 8], 2)
 
 
 def test_a_torch_too_old_for_fsdp2_is_refused_before_any_process_group(monkeypatch):
@@ -167,6 +179,11 @@ def test_two_processes_match_one_and_checkpoints_reshard(tmp_path, one_process):
         # collectives
         assert rep["mean"] == {"b": 5.0, "a": 1.5} and list(rep["mean"]) == ["b", "a"]
         assert rep["sum"] == {"a": 3.0, "b": 10.0}
+        assert rep["max"] == {"a": 3.0, "b": 1.0}  # a: max(3 - 0, 3 - 1); b: max(0, 1)
+        assert rep["padded_share"] == [[0, 1, 2], 3] if r == 0 else [[3, 4, 4], 2]
+        assert rep["on_main"] == "from rank 0"  # rank 0's result, on both ranks
+        # rank 0's user error: the original there, the same line and exit code on rank 1
+        assert rep["on_main_error"] == ["ConfigError" if r == 0 else "RankError", "field 'x': bad", 2]
         assert rep["share"] == [[0, 1, 2], [3, 4, 5]][r]
         assert rep["gather"] == ["r0-0", "r0-1", "r0-2", "r1-3", "r1-4", "r1-5"]
         # sharded: every parameter a DTensor, each rank holding about half
@@ -175,6 +192,7 @@ def test_two_processes_match_one_and_checkpoints_reshard(tmp_path, one_process):
         assert rep["weights_names_match"] and rep["weights_max_diff"] == 0.0 and rep["buckets"] > 1
         assert all(n == 1 or size <= 64 << 10 for n, size in rep["bucket_new"])
         assert rep["plain_before_max_diff"] > 0.1 and rep["plain_after_max_diff"] == 0.0
+        assert rep["vllm_names"] and rep["vllm_max_diff"] == 0.0  # a rank's vLLM engine gets the gathered weights
         # training matches one process
         for s in rep["steps"]:
             assert s["global_tokens"] == s["tokens"] > 0

@@ -242,6 +242,25 @@ def test_v1_cannot_be_placed_on_another_gpu_in_process(fake_v1, tiny_model_dir):
     assert fake_v1.llm_kwargs is None
 
 
+def test_under_torchrun_every_rank_builds_its_own_engine_in_vllms_launcher_mode(fake_v1, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; rank 1 asks for its own GPU
+    load_vllm_generator(str(tiny_model_dir), device="cuda:1", seed=3)
+    kwargs = fake_v1.llm_kwargs
+    assert kwargs["distributed_executor_backend"] == "external_launcher" and kwargs["data_parallel_size"] == 2
+    assert kwargs["worker_extension_cls"] == EXTENSION_CLS and kwargs["seed"] == 3  # weights still sync by collective_rpc
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):  # one process: the in-process placement rules again
+        load_vllm_generator(str(tiny_model_dir), device="cuda:1", seed=3)
+
+
+def test_a_vllm_without_the_launcher_mode_is_refused_under_torchrun(fake_v0, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(BackendUnavailable, match=r"^vllm 0\.7\.2 has no torchrun \(external_launcher\) data-parallel mode "
+                                                 r"for 2 processes: upgrade vllm, or use backend: native$"):
+        load_vllm_generator(str(tiny_model_dir), device="cuda:0", seed=0)
+    assert fake_v0.llm_kwargs is None
+
+
 def test_v1_weight_loading_through_collective_rpc(fake_v1, tiny_model_dir, tiny_model):
     llm = init_vllm(str(tiny_model_dir), "cuda", seed=0)
     policy = _perturbed(tiny_model, seed=5)

@@ -129,13 +129,24 @@ class NativeEngine:
     # ------------------------------------------------------------------ weights
 
     def load_weights(self, policy: Any) -> None:
-        """Copy ``policy``'s current weights into the engine (cast to the engine dtype on device)."""
-        source = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in policy.state_dict().items()}
+        """Copy ``policy``'s current weights into the engine (cast to the engine dtype on device).
+
+        A policy sharded over several processes (FSDP2) is gathered parameter by parameter, in
+        buckets (:func:`~cs336_alignment.distributed.full_weights`): every rank must call this
+        together, and each rank's engine gets the whole model."""
+        from ..distributed import full_weights
+
+        own = self.model.state_dict()
+        copied = set()
         with torch.no_grad():
-            for name, tensor in self.model.state_dict().items():
-                if name not in source:
-                    raise KeyError(f"policy has no weight {name!r}; is it the same architecture as the engine's model?")
-                tensor.copy_(source[name], non_blocking=True)
+            for bucket in full_weights(policy):
+                for name, tensor in bucket:
+                    if name in own:
+                        own[name].copy_(tensor, non_blocking=True)
+                        copied.add(name)
+        missing = [name for name in own if name not in copied]
+        if missing:
+            raise KeyError(f"policy has no weight {missing[0]!r}; is it the same architecture as the engine's model?")
 
     def _check_architecture(self) -> None:
         inner = getattr(self.model, "model", None)

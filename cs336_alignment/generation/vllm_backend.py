@@ -154,6 +154,13 @@ def build_llm(
     versions always use the first visible GPU for an in-process engine; asking for another
     one there raises a ``ValueError`` saying to use ``CUDA_VISIBLE_DEVICES`` instead.
     ``llm_kwargs`` go to ``vllm.LLM`` unchanged (e.g. ``max_model_len``, ``enforce_eager``).
+
+    Under torchrun with several processes (``WORLD_SIZE`` > 1) every rank builds its own engine
+    in vLLM's torchrun mode: ``distributed_executor_backend="external_launcher"`` with
+    ``data_parallel_size`` = the world size, so vLLM joins the launcher's ranks instead of
+    starting workers, and places each engine on its rank's GPU (``LOCAL_RANK``); each rank then
+    samples its own share of the prompts. Needs a vLLM with that mode (>= 0.8 for the launcher,
+    >= 0.10 for its data-parallel size).
     """
     vllm = import_vllm()
     fields = engine_args_fields(vllm)
@@ -165,6 +172,17 @@ def build_llm(
         gpu_memory_utilization=gpu_memory_utilization,
         seed=seed,
     )
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:  # one engine per rank, on the rank's own GPU
+        if not {"distributed_executor_backend", "data_parallel_size"} <= fields:
+            raise BackendUnavailable(f"vllm {vllm.__version__} has no torchrun (external_launcher) data-parallel mode for "
+                                     f"{world_size} processes: upgrade vllm, or use backend: native")
+        kwargs.update(distributed_executor_backend="external_launcher", data_parallel_size=world_size)
+        if "worker_extension_cls" in fields:
+            kwargs["worker_extension_cls"] = EXTENSION_CLS
+        kwargs.update(llm_kwargs)
+        _seed_everything(vllm, seed)
+        return vllm.LLM(**kwargs)
     if "device" in fields:
         kwargs["device"] = str(device)
     elif device.type == "cuda" and (device.index or 0) != 0:
@@ -266,16 +284,17 @@ def policy_weights(policy: Any, dtype: torch.dtype = torch.bfloat16) -> Iterator
     parameter (Qwen2 skips it; other architectures would fail on it), and the embedding
     carries the same values. Untied models must have ``lm_head.weight``.
     """
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in policy.state_dict().items()}
+    from ..distributed import full_weights
+
     config = getattr(policy, "config", None)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    if tied:
-        state.pop("lm_head.weight", None)
-    elif config is not None and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+    names = [k.removeprefix("_orig_mod.").removeprefix("module.") for k in policy.state_dict()]
+    if not tied and config is not None and "lm_head.weight" not in names and "model.embed_tokens.weight" in names:
         raise KeyError("the policy's embeddings are not tied but its state dict has no lm_head.weight")
-    for name, tensor in state.items():
-        tensor = tensor.detach()
-        yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+    for bucket in full_weights(policy):  # a sharded (FSDP2) policy is gathered in buckets; every rank iterates
+        for name, tensor in bucket:
+            if not (tied and name == "lm_head.weight"):
+                yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
 def _chunks(weights: Iterator[tuple[str, torch.Tensor]], max_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:

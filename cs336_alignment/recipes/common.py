@@ -21,6 +21,7 @@ import torch
 from ..checkpoint import NonFiniteError, check_finite
 from ..config import ConfigError
 from ..data import DataError, Example, check_lengths, generate_splits, load_examples, load_template, make_task
+from ..distributed import ONE, DistContext, DistributedError, shard_policy
 from ..generation import Generator, load_generator
 from ..models import is_sharded_checkpoint, load_policy, model_folder
 from ..rewards import RewardFn, resolve_reward_fn
@@ -33,6 +34,7 @@ __all__ = [
     "check_fits",
     "check_model_path",
     "check_sft_batching",
+    "check_sft_world_size",
     "clip_and_step",
     "load_data",
     "load_policy_and_generator",
@@ -221,6 +223,15 @@ def check_sft_batching(batch_size: int, micro_batch_size: int) -> None:
         )
 
 
+def check_sft_world_size(batch_size: int, micro_batch_size: int, world_size: int) -> None:
+    """Several processes: each optimizer step's micro-batches (batch_size / micro_batch_size) must
+    split evenly over them (DistributedError, exit 2), so that no rank idles in a full batch."""
+    per_step = batch_size // micro_batch_size
+    if world_size > 1 and per_step % world_size:
+        raise DistributedError(f"batch_size / micro_batch_size = {per_step} micro-batches per optimizer step do not split "
+                               f"over {world_size} processes; make it a multiple of {world_size} or start fewer processes")
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's and torch's global generators (CPU and every GPU)."""
     random.seed(seed)
@@ -266,15 +277,18 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def load_policy_and_generator(
-    cfg: Any, *, device: torch.device, generator_device: torch.device
+    cfg: Any, *, device: torch.device, generator_device: torch.device, ctx: DistContext = ONE
 ) -> tuple[torch.nn.Module, Any, torch.optim.Optimizer, Generator]:
     """What GRPO and expert iteration start from: the trainable policy (fp32) and its tokenizer,
     its AdamW, and the generator ``cfg.backend`` names, on ``generator_device``, holding the
-    policy's weights. Reads model, seed, gradient_checkpointing, attn_implementation,
-    use_liger_kernel, learning_rate, weight_decay, betas, backend, max_num_seqs,
-    kv_cache_memory_fraction, gpu_memory_utilization."""
+    policy's weights. Several processes (``ctx``): the policy is sharded (FSDP2) before the
+    optimizer is made, so its state is sharded too; each rank's generator holds the whole model.
+    Reads model, seed, gradient_checkpointing, attn_implementation, use_liger_kernel,
+    learning_rate, weight_decay, betas, backend, max_num_seqs, kv_cache_memory_fraction,
+    gpu_memory_utilization."""
     policy, tokenizer = load_policy(cfg.model, device, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing,
                                     attn_implementation=cfg.attn_implementation, liger_kernel=cfg.use_liger_kernel)
+    policy = shard_policy(policy, ctx)  # one process: unchanged
     optimizer = make_optimizer(policy, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=cfg.betas)
     generator = load_generator(
         cfg.backend, policy, tokenizer, model_path=cfg.model, device=generator_device, seed=cfg.seed,
@@ -299,7 +313,8 @@ def clip_and_step(
     the gradients are dropped without a step (the weights stay finite), ``on_nonfinite`` gets
     the error (it re-raises, or counts the skipped step) and the result is None.
     """
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # sharded: a DTensor
     try:
         check_finite("loss", loss, step)
         check_finite("gradient norm", grad_norm, step)

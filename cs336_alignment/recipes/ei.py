@@ -28,6 +28,7 @@ import torch
 
 from ..checkpoint import RunControl
 from ..data import Example, validation_subset
+from ..distributed import ONE, DistContext, DistributedError, gather, padded_share, share, world_size
 from ..evaluate import response_entropies
 from ..generation import SamplingParams
 from ..models import autocast
@@ -39,6 +40,7 @@ from .common import (
     check_common_fields,
     check_fits,
     check_sft_batching,
+    check_sft_world_size,
     load_data,
     load_policy_and_generator,
     make_optimizer,
@@ -122,10 +124,16 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
     data = load_data(cfg.data, cfg.seed)  # bad data is refused before the run directory exists
     check_fits(cfg.model, data.template, data.train + data.val, new_tokens=cfg.sampling_max_tokens,
                new_tokens_field="sampling_max_tokens")  # an over-long prompt is refused now, not mid-run
+    n_questions = min(cfg.batch_questions, len(data.train))
+    check_sft_world_size(cfg.batch_size, cfg.micro_batch_size, world_size())  # several processes: refused now
+    if n_questions % world_size():
+        raise DistributedError(f"batch_questions: {n_questions} questions per step do not split over {world_size()} "
+                               f"processes; make it a multiple of {world_size()} or start fewer processes")
     with RunLoop(cfg, "EI") as loop:  # the run directory is locked until the end
-        device = loop.device
+        device, ctx = loop.device, loop.ctx
         val_subset = validation_subset(data.val, cfg.n_eval_examples, cfg.eval_seed)
-        policy, tokenizer, optimizer, generator = load_policy_and_generator(cfg, device=device, generator_device=device)
+        policy, tokenizer, optimizer, generator = load_policy_and_generator(cfg, device=device, generator_device=device,
+                                                                            ctx=ctx)  # several processes: sharded
         pad_id = pad_token_id(tokenizer)  # pad, else EOS
         # a fresh optimizer per step is not checkpointed
         loop.attach(policy, None if cfg.fresh_optimizer else optimizer, tokenizer=tokenizer, generator=generator)
@@ -134,7 +142,6 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
             n=cfg.rollouts_per_question,
         )
         eval_sampling = SamplingParams.r1_zero(max_tokens=cfg.sampling_max_tokens, seed=cfg.eval_seed)
-        n_questions = min(cfg.batch_questions, len(data.train))
         loop.logger.info(
             "EI: %d steps, %d questions x %d rollouts, %d SFT epoch(s) per step, %s optimizer, duplicates %s",
             cfg.n_ei_steps, n_questions, cfg.rollouts_per_question, cfg.sft_epochs,
@@ -150,15 +157,17 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
         n_final = len(data.val) if cfg.final_eval_full else len(val_subset)  # the final validation's size
         for ei_step in loop.steps(cfg.n_ei_steps, eval_every=1, evaluate=validate, final_examples=n_final):
             questions = random.Random(step_seed(cfg.seed, ei_step)).sample(data.train, n_questions)
-            sampling = dataclasses.replace(rollout_sampling, seed=step_seed(cfg.seed, ei_step, 1))
+            mine = share(questions, ctx)  # every rank samples its share of the questions (all of them in one process)
+            sampling = dataclasses.replace(rollout_sampling, seed=step_seed(cfg.seed, ei_step, 1),
+                                           prompt_offset=ctx.rank * len(mine))  # streams keyed on the global question index
             rollouts, rollout_seconds = timed(
-                sample_rollouts, generator=generator, policy=policy, questions=questions, template=data.template,
+                sample_rollouts, generator=generator, policy=policy, questions=mine, template=data.template,
                 sampling=sampling, colocated_device=device,
             )
             with loop.grading() as grader:  # timeouts count as wrong answers: logged, never fatal
-                rollouts = with_rewards(rollouts, data.reward_fn)
-            kept = select_expert_responses(rollouts, cfg.dedupe_correct)
-            entropy = rollout_entropy(policy, rollouts, pad_id=pad_id) if cfg.log_entropy else None
+                rollouts = gather(with_rewards(rollouts, data.reward_fn), ctx)  # graded where sampled; every rank gets all
+            kept = select_expert_responses(rollouts, cfg.dedupe_correct)  # the same on every rank: each trains on a share
+            entropy = rollout_entropy(policy, rollouts, pad_id=pad_id, ctx=ctx) if cfg.log_entropy else None
             if cfg.fresh_optimizer:
                 optimizer = make_optimizer(policy, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=cfg.betas)
             losses, sft_seconds = timed(
@@ -202,12 +211,15 @@ def select_expert_responses(rollouts: Sequence[Rollout], dedupe: bool) -> list[T
     return kept
 
 
-def rollout_entropy(policy: torch.nn.Module, rollouts: Sequence[Rollout], *, pad_id: int) -> float:
-    """Mean over rollouts of each response's mean next-token entropy under ``policy`` (nats)."""
+def rollout_entropy(policy: torch.nn.Module, rollouts: Sequence[Rollout], *, pad_id: int, ctx: DistContext = ONE) -> float:
+    """Mean over rollouts of each response's mean next-token entropy under ``policy`` (nats).
+    Several processes: each rank scores its share (as many forward passes on every rank)."""
+    mine, n_real = padded_share(rollouts, ctx)
     with autocast(next(policy.parameters()).device):
         entropies = response_entropies(
-            policy, [r.prompt_token_ids for r in rollouts], [r.response_token_ids for r in rollouts], pad_id=pad_id
+            policy, [r.prompt_token_ids for r in mine], [r.response_token_ids for r in mine], pad_id=pad_id
         )
+    entropies = gather(entropies[:n_real], ctx)
     return sum(entropies) / len(entropies)
 
 
@@ -231,7 +243,7 @@ def expert_sft(
             batch = [kept[i] for i in order[first : first + cfg.batch_size]]
             metrics = sft_optimizer_step(
                 policy, optimizer, batch, cfg=cfg, lr=cfg.learning_rate, pad_id=pad_id,
-                step=loop.state.optimizer_step + 1, on_nonfinite=loop.nonfinite,
+                step=loop.state.optimizer_step + 1, on_nonfinite=loop.nonfinite, ctx=loop.ctx,  # a share of it on each rank
             )
             loop.state.optimizer_step += 1
             if metrics is not None:

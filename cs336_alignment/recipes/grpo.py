@@ -28,6 +28,7 @@ from ..advantages import frac_groups_all_equal, group_normalize
 from ..checkpoint import NonFiniteError, RunControl
 from ..config import ConfigError
 from ..data import Example, validation_subset
+from ..distributed import ONE, DistContext, DistributedError, all_reduce, gather, share, world_size
 from ..generation import SamplingParams
 from ..logprobs import get_response_log_probs
 from ..losses import LengthNormalization, LossType, grpo_microbatch_train_step
@@ -53,8 +54,10 @@ __all__ = [
     "LogprobGap",
     "StepStats",
     "accumulate_gradients",
+    "check_data_parallel",
     "old_log_probs",
     "policy_update",
+    "rank_batches",
     "reshuffled",
     "rollout_batch_metrics",
     "score",
@@ -197,6 +200,26 @@ class GRPOConfig:
         return self.optimizer_steps_per_rollout_batch > 1
 
 
+def check_data_parallel(cfg: GRPOConfig, world_size: int) -> None:
+    """Refuse (DistributedError, exit 2) a batch that several processes cannot split evenly: each
+    rank generates whole groups for an equal share of the questions, and runs an equal share of
+    each optimizer step's micro-batches (each a collective). One process: nothing to check."""
+    if world_size == 1:
+        return
+    problems = []
+    if cfg.n_prompts_per_rollout_batch % world_size:
+        problems.append(f"rollout_batch_size / group_size = {cfg.n_prompts_per_rollout_batch} questions per step do not "
+                        f"split over {world_size} processes")
+    if cfg.gradient_accumulation_steps % world_size:
+        problems.append(f"gradient_accumulation_steps = {cfg.gradient_accumulation_steps} micro-batches per optimizer step "
+                        f"do not split over {world_size} processes (lower micro_batch_size)")
+    if cfg.generator_device != "same":
+        problems.append(f"generator_device={cfg.generator_device!r}: with several processes each rank generates on its own "
+                        "device (generator_device: same)")
+    if problems:
+        raise DistributedError("; ".join(problems) + f"; make them multiples of {world_size} or start fewer processes")
+
+
 def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     """Run GRPO as configured; returns the final validation metrics."""
     # ------------------------------------------------------------------ setup
@@ -208,11 +231,13 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         )
     check_fits(cfg.model, data.template, data.train + data.val, new_tokens=cfg.sampling_max_tokens,
                new_tokens_field="sampling_max_tokens")  # an over-long prompt is refused now, not mid-run
+    check_data_parallel(cfg, world_size())  # several processes: the batch must split evenly, refused now
     with RunLoop(cfg, "GRPO") as loop:  # the run directory is locked until the end
-        device, colocated = loop.device, cfg.generator_device == "same"
+        device, colocated, ctx = loop.device, cfg.generator_device == "same", loop.ctx
         gen_device = device if colocated else resolve_device(cfg.generator_device)
         val_subset = validation_subset(data.val, cfg.n_eval_examples, cfg.eval_seed)
-        policy, tokenizer, optimizer, generator = load_policy_and_generator(cfg, device=device, generator_device=gen_device)
+        policy, tokenizer, optimizer, generator = load_policy_and_generator(cfg, device=device, generator_device=gen_device,
+                                                                            ctx=ctx)  # several processes: sharded
         pad_id = pad_token_id(tokenizer)  # pad, else EOS
         loop.attach(policy, optimizer, tokenizer=tokenizer, generator=generator)  # resume: the generator gets the weights
         rollout_sampling = SamplingParams.r1_zero(  # stop at </answer> and keep it
@@ -237,33 +262,40 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         n_final = len(data.val) if cfg.final_eval_full else len(val_subset)  # the final validation's size
         for grpo_step in loop.steps(cfg.n_grpo_steps, eval_every=cfg.eval_every, evaluate=validate, final_examples=n_final):
             # ------------------------------------------------------------------ rollout
+            # Every rank draws the same questions and generates whole groups for its share of them.
             questions = random.Random(step_seed(cfg.seed, grpo_step)).sample(data.train, cfg.n_prompts_per_rollout_batch)
-            sampling = dataclasses.replace(rollout_sampling, seed=step_seed(cfg.seed, grpo_step, 1))
+            mine = share(questions, ctx)  # all of them in one process
+            sampling = dataclasses.replace(rollout_sampling, seed=step_seed(cfg.seed, grpo_step, 1),
+                                           prompt_offset=ctx.rank * len(mine))  # streams keyed on the global question index
             rollouts, rollout_seconds = timed(
-                sample_rollouts, generator=generator, policy=policy, questions=questions, template=data.template,
+                sample_rollouts, generator=generator, policy=policy, questions=mine, template=data.template,
                 sampling=sampling, colocated_device=device if colocated else None,
             )
             # ------------------------------------------------------------------ score and advantages
             with loop.grading() as grader:  # timeouts count as wrong answers: logged, never fatal
-                rollouts = score(rollouts, data.reward_fn, cfg)
+                rollouts = gather(score(rollouts, data.reward_fn, cfg), ctx)  # graded where sampled; every rank gets all
             # ------------------------------------------------------------------ micro-batches, old log-probs
-            batches = micro_batches(
+            batches = micro_batches(  # the whole rollout batch's (the same on every rank); each rank runs its share
                 rollouts, train_batch_size=cfg.train_batch_size, micro_batch_size=cfg.micro_train_batch_size, pad_id=pad_id,
                 device=device, length_grouping=cfg.length_grouping,
             )
             gap = LogprobGap()  # generator-vs-policy log-prob gap over response tokens
-            old_lp_seconds = timed(old_log_probs, policy=policy, batches=batches, cfg=cfg, gap=gap)[1] if cfg.off_policy else 0.0
+            old_lp_seconds = timed(old_log_probs, policy=policy, batches=batches, cfg=cfg, gap=gap,
+                                   ctx=ctx)[1] if cfg.off_policy else 0.0
             # ------------------------------------------------------------------ update, sync
             steps, train_seconds = timed(
                 policy_update, policy=policy, optimizer=optimizer, batches=batches, cfg=cfg,
                 optimizer_step=loop.state.optimizer_step, gap=None if cfg.off_policy else gap, on_nonfinite=loop.nonfinite,
-                shuffle_seed=step_seed(cfg.seed, grpo_step, 2), pad_id=pad_id,
+                shuffle_seed=step_seed(cfg.seed, grpo_step, 2), pad_id=pad_id, ctx=ctx,
             )
-            generator.load_weights(policy)
+            generator.load_weights(policy)  # several processes: gathered, every rank's generator gets the whole model
             # ------------------------------------------------------------------ log, end of step
+            seconds = all_reduce({"rollout": rollout_seconds, "old_logprob": old_lp_seconds, "train": train_seconds}, ctx,
+                                 op="max")  # the slowest rank's
             shared = rollout_batch_metrics(
-                rollouts, cfg, gap=gap, grader=grader, rollout_seconds=rollout_seconds, old_logprob_seconds=old_lp_seconds,
-                train_seconds=train_seconds, wall_clock_train=loop.stop_clock(), skipped_steps=loop.state.skipped_steps,
+                rollouts, cfg, gap=gap.all_reduce(ctx), grader=grader, rollout_seconds=seconds["rollout"],
+                old_logprob_seconds=seconds["old_logprob"], train_seconds=seconds["train"], wall_clock_train=loop.stop_clock(),
+                skipped_steps=loop.state.skipped_steps,
             )
             for step_stats in steps:
                 loop.state.optimizer_step += 1
@@ -299,22 +331,40 @@ def score(rollouts: Sequence[Rollout], reward_fn: RewardFn, cfg: GRPOConfig) -> 
     return [dataclasses.replace(r, advantage=a) for r, a in zip(scored, advantages.tolist())]
 
 
-@torch.inference_mode()
-def old_log_probs(policy: torch.nn.Module, batches: Sequence[MicroBatch], cfg: GRPOConfig, *, gap: LogprobGap) -> None:
+@torch.no_grad()  # not inference_mode: FSDP reuses its gather buffers in the update that follows
+def old_log_probs(
+    policy: torch.nn.Module, batches: Sequence[MicroBatch], cfg: GRPOConfig, *, gap: LogprobGap, ctx: DistContext = ONE
+) -> None:
     """Old log-probs phase (off-policy only): log pi_old of each response token under the
     sampling policy, once per rollout batch, into each micro-batch's ``old_log_probs`` (b, T).
+    Several processes: each rank computes its share of ``batches`` (those it trains on first,
+    :func:`rank_batches`) and every rollout then gets its ``old_logprobs`` from the rank that
+    computed them (later epochs re-pack the rollouts differently).
 
     On-policy the old policy is the current one: its log-probs come from the update's forward.
     """
     device = next(policy.parameters()).device
+    mine = rank_batches(batches, cfg.gradient_accumulation_steps, ctx)
     with autocast(device):
-        for mb in batches:
+        for mb in mine:
             mb.old_log_probs = get_response_log_probs(
                 policy, mb.input_ids, mb.labels, chunk_size=cfg.logprob_chunk_size, positions_mask=mb.response_mask
             )["log_probs"].float()  # (b, T)
             gap.add(mb.old_log_probs, mb)
             for row, rollout in enumerate(mb.rollouts):  # kept with each rollout: later epochs re-pack them
                 rollout.old_logprobs = mb.old_log_probs[row][mb.response_mask[row]]  # (L,)
+    if ctx.world_size > 1:
+        rollouts = [r for mb in batches for r in mb.rollouts]  # the same order on every rank
+        position = {id(r): i for i, r in enumerate(rollouts)}
+        computed = gather([(position[id(r)], r.old_logprobs.cpu()) for mb in mine for r in mb.rollouts], ctx)
+        for i, lp in computed:
+            rollouts[i].old_logprobs = lp.to(device)  # (L,)
+
+
+def rank_batches(batches: Sequence[MicroBatch], per_step: int, ctx: DistContext) -> list[MicroBatch]:
+    """This rank's micro-batches of an epoch: its share of each optimizer step's ``per_step``
+    micro-batches (all of them in one process)."""
+    return [mb for first in range(0, len(batches), per_step) for mb in share(batches[first:first + per_step], ctx)]
 
 
 @dataclass
@@ -362,6 +412,7 @@ def policy_update(
     on_nonfinite: Callable[[NonFiniteError], None],
     shuffle_seed: int = 0,
     pad_id: int = 0,
+    ctx: DistContext = ONE,
 ) -> list[StepStats]:
     """Update phase: ``epochs_per_rollout_batch`` passes over the rollout batch, one optimizer
     step per train batch (gradient accumulation over its micro-batches). The first pass uses
@@ -372,15 +423,22 @@ def policy_update(
     ``optimizer_step`` counts the steps taken before; ``gap`` (on-policy) collects the
     generator-vs-policy log-prob gap from the forward passes. Returns the stats of the steps
     taken (a non-finite step is left out when ``on_nonfinite`` skips it).
+
+    Several processes (``ctx``): ``batches`` is the whole rollout batch's on every rank; each
+    rank runs its share of each step's micro-batches, each normalised as in one process (FSDP
+    sums the gradients: the update is the one-process update), and the step's sums are added
+    over the ranks.
     """
-    per_step = cfg.train_batch_size // cfg.micro_train_batch_size  # micro-batches per optimizer step
+    per_step = cfg.gradient_accumulation_steps  # micro-batches per optimizer step
     taken = []
     for epoch in range(cfg.epochs_per_rollout_batch):
         epoch_batches = batches if epoch == 0 else reshuffled(batches, cfg, seed=step_seed(shuffle_seed, epoch), pad_id=pad_id)
         for first in range(0, len(epoch_batches), per_step):
             step_batches = epoch_batches[first : first + per_step]
-            tokens = sum(mb.num_response_tokens for mb in step_batches)
-            loss, entropy_sum, clipped, ratio_sum = accumulate_gradients(policy, step_batches, cfg, tokens=tokens, gap=gap)
+            tokens = sum(mb.num_response_tokens for mb in step_batches)  # the whole train batch's
+            sums = accumulate_gradients(policy, share(step_batches, ctx), cfg, tokens=tokens, gap=gap)
+            loss, entropy_sum, clipped, ratio_sum = all_reduce(dict(zip(("loss", "entropy", "clipped", "ratio"), sums)),
+                                                               ctx, op="sum").values()
             grad_norm = clip_and_step(policy, optimizer, max_grad_norm=cfg.max_grad_norm, loss=loss,
                                       step=optimizer_step + len(taken) + 1, on_nonfinite=on_nonfinite)
             if grad_norm is not None:
@@ -477,6 +535,16 @@ class LogprobGap:
         self.total = self.total + diff.sum()
         self.peak = torch.maximum(torch.as_tensor(self.peak, device=diff.device), diff.max())
         self.count += mb.num_response_tokens
+
+    def all_reduce(self, ctx: DistContext) -> LogprobGap:
+        """The gap over every rank's tokens (itself in one process)."""
+        if ctx.world_size == 1:
+            return self
+        sums = all_reduce({"total": float(self.total), "count": self.count}, ctx, op="sum")
+        reduced = LogprobGap()
+        reduced.total, reduced.count = sums["total"], int(sums["count"])
+        reduced.peak = all_reduce({"peak": float(self.peak)}, ctx, op="max")["peak"]
+        return reduced
 
     @property
     def mean(self) -> float | None:

@@ -33,6 +33,7 @@ writes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import yaml
 
 from ..checkpoint import (
@@ -63,8 +65,18 @@ from ..checkpoint import (
 from ..config import ConfigError, dump_yaml
 from ..console import lines_above_bars
 from ..data import Example, format_prompts
+from ..distributed import (
+    DistContext,
+    all_reduce,
+    close_distributed,
+    gather,
+    gathered_model,
+    init_distributed,
+    on_main,
+    padded_share,
+)
 from ..errors import UserError
-from ..evaluate import evaluate
+from ..evaluate import evaluate, evaluation_metrics, write_evaluation
 from ..export import export_dtype, save_model_folder
 from ..generation import Generator, SamplingParams
 from ..generation.vllm_backend import import_vllm
@@ -90,6 +102,7 @@ __all__ = [
     "Interrupted",
     "RunLoop",
     "RunState",
+    "collective_timeout",
     "resume_config_changes",
 ]
 
@@ -219,44 +232,25 @@ class RunLoop:
         _check_before_the_run(cfg)
         self._session_start = time.monotonic()  # the wall clock of this session starts here
         self._wall_before = 0.0  # wall-clock seconds of the sessions before this one (up to their checkpoint)
+        self._owns_group = not dist.is_initialized()  # close_distributed at the end only if we joined here
+        self.ctx: DistContext = init_distributed(cfg.device, timeout_s=collective_timeout())  # world size 1: no group
         seed_everything(cfg.seed)
         self.recipe = recipe
         self.control: RunControl = cfg.control
-        self.device = resolve_device(cfg.device)
-        out = checked_out_dir(cfg.out)
-        if not cfg.control.resume and not (out / RunLock.FILE).exists():
-            refuse_foreign(out, cfg.control)  # a directory that was never a run's: refused before a lock file is made
-        self.lock = claim_directory(out)  # before anything in the directory is read or written
+        self.device = self.ctx.device
+        self.lock: RunLock | None = None
         self.run: RunDir | None = None
-        self.sink: MetricsSink | None = None
+        self.sink: MetricsSink | _NoSink | None = None
         self._console = contextlib.ExitStack()  # log lines above the progress bars while the run is open
-        try:
-            self.checkpoints = Checkpointer(out, cfg.control.keep_last)
-            skipped: list[str] = []  # corrupt checkpoints moved aside
-            self._latest = self.checkpoints.latest_intact(warn=skipped.append) if cfg.control.resume else None
-            notes = []
-            if self._latest is None and not skipped:  # a new run: refuse another's directory, clear an earlier attempt
-                notes = start_fresh(out, cfg.control, model=cfg.model if cfg.model != "tiny" else "")
-            self.run = RunDir(out)
-            self.logger = self.run.logger
-            logging.getLogger("cs336_alignment").addHandler(self.run.file_handler)  # the package's warnings (rewards, backend)
-            package = logging.getLogger("cs336_alignment")  # its warnings too, unless the root logger prints them already
-            self._console.enter_context(lines_above_bars(self.logger, *([] if logging.getLogger().handlers else [package])))
-            self.run.files.record("checkpoints/")  # the run's own, with everything in it
-            for note in skipped + notes:
-                self.logger.warning(note)
-            if self._latest is None and skipped:
-                raise NoIntactCheckpoint(f"--resume: no checkpoint in {self.checkpoints.root} is intact (see the warnings above)")
-            if self._latest is None:
-                self.run.save_config(cfg)  # config.yaml: what produced step 1, never rewritten on resume
-            else:
-                self._check_resume_config(cfg)
-            self.sink = MetricsSink(self.run, wandb_project=cfg.wandb_project or None, run_name=cfg.run_name or None,
-                                    config=cfg, resume=self.resuming, clock=self.wall_clock,
-                                    trackers=getattr(cfg, "trackers", ()))
+        self.checkpoints = Checkpointer(checked_out_dir(cfg.out), cfg.control.keep_last)
+        try:  # rank 0 alone opens the run directory; every rank learns which checkpoint to resume, or its error
+            self._latest: Path | None = on_main(lambda: self._open_run_dir(cfg), self.ctx)
         except BaseException:
             self.close()
             raise
+        if not self.ctx.is_main:
+            self.logger = _rank_logger(self.ctx.rank)
+            self.sink = _NoSink()
         self.state = RunState()
         self._policy: torch.nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
@@ -273,6 +267,46 @@ class RunLoop:
         self._interrupted = False  # a first Ctrl-C arrived: stop after this step, checkpointed
         self._final_examples = 0  # size of the final validation (steps())
         self._eval_seconds_per_example: float | None = None  # pace of the latest validation
+
+    def _open_run_dir(self, cfg: Any) -> Path | None:
+        """Rank 0's part of starting a run: lock the directory, find the checkpoint to resume (or
+        clear an earlier attempt), open the log and metrics, check a resumed config. Returns the
+        checkpoint to resume from (None: a new run). On an error the directory is left as found."""
+        out = checked_out_dir(cfg.out)
+        if not cfg.control.resume and not (out / RunLock.FILE).exists():
+            refuse_foreign(out, cfg.control)  # a directory that was never a run's: refused before a lock file is made
+        self.lock = claim_directory(out)  # before anything in the directory is read or written
+        try:
+            skipped: list[str] = []  # corrupt checkpoints moved aside
+            latest = self.checkpoints.latest_intact(warn=skipped.append) if cfg.control.resume else None
+            notes = []
+            if latest is None and not skipped:  # a new run: refuse another's directory, clear an earlier attempt
+                notes = start_fresh(out, cfg.control, model=cfg.model if cfg.model != "tiny" else "")
+            self.run = RunDir(out)
+            self.logger = self.run.logger
+            logging.getLogger("cs336_alignment").addHandler(self.run.file_handler)  # the package's warnings (rewards, backend)
+            package = logging.getLogger("cs336_alignment")  # its warnings too, unless the root logger prints them already
+            self._console.enter_context(lines_above_bars(self.logger, *([] if logging.getLogger().handlers else [package])))
+            self.run.files.record("checkpoints/")  # the run's own, with everything in it
+            for note in skipped + notes:
+                self.logger.warning(note)
+            if latest is None and skipped:
+                raise NoIntactCheckpoint(f"--resume: no checkpoint in {self.checkpoints.root} is intact (see the warnings above)")
+            self._latest = latest
+            if latest is None:
+                self.run.save_config(cfg)  # config.yaml: what produced step 1, never rewritten on resume
+            else:
+                self._check_resume_config(cfg)
+            self.sink = MetricsSink(self.run, wandb_project=cfg.wandb_project or None, run_name=cfg.run_name or None,
+                                    config=cfg, resume=latest is not None, clock=self.wall_clock,
+                                    trackers=getattr(cfg, "trackers", ()))
+            if self.ctx.world_size > 1:
+                self.logger.info("%d processes (torchrun), %s on %s: rank 0 writes the run's files",
+                                 self.ctx.world_size, "nccl" if self.device.type == "cuda" else "gloo", self.device.type)
+        except BaseException:
+            self._close_run_dir()
+            raise
+        return latest
 
     def _check_resume_config(self, cfg: Any) -> None:
         """Refuse a resume whose config changes what the completed steps computed with (one line,
@@ -307,7 +341,14 @@ class RunLoop:
         self.close()
 
     def close(self) -> None:
-        """Close the metrics sink and the log, and release the directory's lock (idempotent)."""
+        """Close the metrics sink and the log, release the directory's lock, and leave the process
+        group this run joined (idempotent)."""
+        self._close_run_dir()
+        if self._owns_group:
+            close_distributed(self.ctx)
+            self._owns_group = False
+
+    def _close_run_dir(self) -> None:
         if self.sink is not None:
             self.sink.close()
             self.sink = None
@@ -315,7 +356,8 @@ class RunLoop:
         if self.run is not None:
             logging.getLogger("cs336_alignment").removeHandler(self.run.file_handler)
             self.run.close()
-        self.lock.release()
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def resuming(self) -> bool:
@@ -337,9 +379,10 @@ class RunLoop:
         ``generator`` (when given)."""
         self._policy, self._optimizer, self._tokenizer = policy, optimizer, tokenizer
         if self._latest is not None:
-            self.state = RunState.from_saved(self.checkpoints.load(self._latest, policy, optimizer))
+            self.state = RunState.from_saved(self.checkpoints.load(self._latest, policy, optimizer, ctx=self.ctx))
             self._wall_before = self.state.wall_clock
-            truncate_metrics(self.run.metrics_path, self.state.metrics_bytes)
+            if self.ctx.is_main:
+                truncate_metrics(self.run.metrics_path, self.state.metrics_bytes)
             if generator is not None:
                 generator.load_weights(policy)
             self.logger.info("resumed from %s: continuing after %s step %d", self._latest, self.recipe, self.state.step)
@@ -359,11 +402,12 @@ class RunLoop:
         self._total, self._eval_every, self._evaluate = total, eval_every, evaluate
         self._final_examples = final_examples
         budget = self.control.budget_seconds
-        if budget is not None and self._budget_spent() >= budget:  # a resumed run whose budget ran out
+        if budget is not None and self._agree(self._budget_spent() >= budget):  # a resumed run whose budget ran out
             self.logger.info("time budget already spent (%s on the %s clock): skipping to the final validation",
                              format_seconds(self._budget_spent()), self.control.budget_clock)
             return
-        self._progress = Progress(total, start=self.state.step, enabled=self.control.progress, desc=self.recipe.lower())
+        self._progress = Progress(total, start=self.state.step, enabled=self.control.progress and self.ctx.is_main,
+                                  desc=self.recipe.lower())
         self._clock_at_start = self.state.train_clock
         on_main_thread = threading.current_thread() is threading.main_thread()  # only there can signals be handled
         previous = signal.signal(signal.SIGINT, self._on_sigint) if on_main_thread else None
@@ -424,7 +468,8 @@ class RunLoop:
             self.logger.info("%s step %d/%d: %s%s", self.recipe, s.step, self._total, f"{summary}, " if summary else "", eta)
         fault_point("step", s.step)
         budget = control.budget_seconds
-        self._out_of_time = budget is not None and self._budget_spent() >= budget
+        self._out_of_time = self._agree(budget is not None and self._budget_spent() >= budget)  # every rank stops together
+        self._interrupted = self._agree(self._interrupted)
         last = s.step == self._total
         if self._eval_every and s.step % self._eval_every == 0 and not last and not self._out_of_time:
             self._evaluate(s.step)
@@ -443,10 +488,18 @@ class RunLoop:
     def save_checkpoint(self) -> Path:
         """Checkpoint the attached model and optimizer, the RNG states and the counters, atomically."""
         s = self.state
-        s.metrics_bytes = self.run.metrics_path.stat().st_size if self.run.metrics_path.exists() else 0
+        if self.ctx.is_main:  # the state rank 0 saves is the one that counts
+            s.metrics_bytes = self.run.metrics_path.stat().st_size if self.run.metrics_path.exists() else 0
         s.wall_clock = self.wall_clock()
         return self.checkpoints.save(s.step, model=self._policy, optimizer=self._optimizer, state=asdict(s),
-                                     tokenizer=self._tokenizer)
+                                     tokenizer=self._tokenizer, ctx=self.ctx)
+
+    def _agree(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (a collective at several processes): decisions that
+        change which collectives follow (stop, checkpoint) are taken by all ranks together."""
+        if self.ctx.world_size == 1:
+            return bool(flag)
+        return all_reduce({"flag": float(flag)}, self.ctx, op="max")["flag"] > 0
 
     def nonfinite(self, error: NonFiniteError) -> None:
         """A NaN or infinite loss or gradient: with ``control.skip_nonfinite`` the optimizer step
@@ -462,10 +515,13 @@ class RunLoop:
     @contextlib.contextmanager
     def grading(self) -> Iterator[GraderFailures]:
         """Count the grader timeouts and errors of the block (each scored as a wrong answer,
-        never fatal); warn in the log when there were any."""
+        never fatal), summed over the ranks; warn in the log when there were any."""
         with grader_failures() as failures:
             yield failures
-        if failures.timeouts or failures.errors:
+        if self.ctx.world_size > 1:  # each rank grades its own share: the counts of the whole batch
+            counts = all_reduce({"timeouts": failures.timeouts, "errors": failures.errors}, self.ctx, op="sum")
+            failures.timeouts, failures.errors = int(counts["timeouts"]), int(counts["errors"])
+        if (failures.timeouts or failures.errors) and self.ctx.is_main:
             self.logger.warning("%s step %d: %d grader timeouts, %d grader errors (scored as wrong)", self.recipe,
                                 self.state.step + 1, failures.timeouts, failures.errors)
 
@@ -489,17 +545,29 @@ class RunLoop:
         (:data:`EVAL_KEYS`, split, seconds) and ``n_logged`` example rollouts; returns the record.
         """
         t0 = time.perf_counter()
-        out_dir = f"eval/{tag}_step{step:05d}/"
-        self.run.files.record(out_dir)
+        mine, n_real = padded_share(examples, self.ctx)  # several processes: each validates its share, in step
+        offset = self.ctx.rank * len(mine)  # sampling streams are keyed on the global prompt index
         with autocast(self.device):
             metrics, records = evaluate(
-                generator, data.reward_fn, format_prompts(data.template, list(examples)), sampling=sampling,
-                ground_truths=[ex.ground_truth for ex in examples], out_dir=self.run.path / out_dir,
-                policy=policy, progress=self.control.progress,  # a bar below the step bar, gone when done
+                generator, data.reward_fn, format_prompts(data.template, mine), ground_truths=[ex.ground_truth for ex in mine],
+                sampling=dataclasses.replace(sampling, prompt_offset=offset), policy=policy,
+                progress=self.control.progress and self.ctx.is_main,  # a bar below the step bar, gone when done
             )
         policy.train()
+        if self.ctx.world_size > 1:  # every rank's real records, in order, on every rank
+            records = gather([dataclasses.replace(r, prompt_index=offset + r.prompt_index) for r in records
+                              if r.prompt_index < n_real], self.ctx)
+            seconds = all_reduce({"generation": metrics["generation_seconds"], "scoring": metrics["scoring_seconds"]},
+                                 self.ctx, op="max")  # the slowest rank's
+            metrics = evaluation_metrics(records, sampling, generation_seconds=seconds["generation"],
+                                         scoring_seconds=seconds["scoring"])
         record = {k: metrics[k] for k in EVAL_KEYS} | {"split": tag, "seconds": time.perf_counter() - t0}
         self._eval_seconds_per_example = record["seconds"] / max(1, len(examples))
+        if not self.ctx.is_main:
+            return record
+        out_dir = f"eval/{tag}_step{step:05d}/"
+        self.run.files.record(out_dir)
+        write_evaluation(self.run.path / out_dir, metrics, records)
         self.sink.log("eval", step, record)
         for r in records[:n_logged]:
             self.logger.info("eval step %d example: reward=%s | %r -> %r", step, r.reward, r.prompt[-80:], r.generation[:300])
@@ -509,12 +577,16 @@ class RunLoop:
 
     def finish(self, policy: torch.nn.Module, tokenizer: Any, final: dict[str, Any]) -> dict[str, Any]:
         """Save the final model (in the config's ``export_dtype``) and tokenizer, write final.json
-        (which marks the run complete), close the sinks; returns ``final``."""
-        out = self.run.path
-        self._save_model(policy, tokenizer)
-        self.logger.info("saved model (%s) and tokenizer to %s", str(self._export_dtype).removeprefix("torch."), out / "model")
-        self.run.files.record("final.json")
-        atomic_write_text(out / "final.json", json.dumps(final, indent=2, default=str) + "\n")
+        (which marks the run complete), close the sinks; returns ``final``. Several processes:
+        the sharded policy is gathered into one plain model, which rank 0 saves."""
+        model = gathered_model(policy, self.ctx)  # ``policy`` itself at world size 1; None on ranks > 0
+        if self.ctx.is_main:
+            out = self.run.path
+            self._save_model(model, tokenizer)
+            self.logger.info("saved model (%s) and tokenizer to %s", str(self._export_dtype).removeprefix("torch."),
+                             out / "model")
+            self.run.files.record("final.json")
+            atomic_write_text(out / "final.json", json.dumps(final, indent=2, default=str) + "\n")
         self.close()
         return final
 
@@ -535,3 +607,33 @@ class RunLoop:
                 os.replace(p, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def collective_timeout() -> float:
+    """Seconds a collective may wait for every rank before the run fails with an error instead of
+    hanging: CS336_ALIGNMENT_COLLECTIVE_TIMEOUT, else 2 hours (longer than the longest step or
+    validation share: the full MATH validation split over the ranks)."""
+    return float(os.environ.get("CS336_ALIGNMENT_COLLECTIVE_TIMEOUT", 2 * 3600))
+
+
+class _NoSink:
+    """The metrics sink of ranks > 0: rank 0 alone writes metrics.jsonl and the trackers."""
+
+    def log(self, kind: str, step: int, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _rank_logger(rank: int) -> logging.Logger:
+    """The log of a rank > 0: nothing goes to the run's log (rank 0 writes it); warnings and errors
+    go to stderr, marked with the rank."""
+    logger = logging.getLogger(f"cs336_alignment.run.rank{rank}")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+    return logger

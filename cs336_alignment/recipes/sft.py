@@ -27,6 +27,7 @@ import torch
 from ..checkpoint import NonFiniteError, RunControl
 from ..config import ConfigError
 from ..data import Example, format_prompt, load_examples, validation_subset
+from ..distributed import ONE, DistContext, all_reduce, padded_share, world_size
 from ..generation import SamplingParams
 from ..logprobs import get_response_log_probs
 from ..losses import sft_microbatch_train_step
@@ -39,6 +40,7 @@ from .common import (
     check_common_fields,
     check_fits,
     check_sft_batching,
+    check_sft_world_size,
     clip_and_step,
     load_data,
     load_policy_and_generator,
@@ -157,10 +159,11 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         data, unmatched = with_answers(data, cfg.answers or str(Path(cfg.data.train).with_name("train.jsonl")))
     check_fits(cfg.model, data.template, data.train, with_response=True)  # an over-long example: refused now
     check_fits(cfg.model, data.template, data.val, new_tokens=cfg.eval_max_tokens, new_tokens_field="eval_max_tokens")
+    check_sft_world_size(cfg.batch_size, cfg.micro_batch_size, world_size())  # several processes: refused now
     with RunLoop(cfg, "SFT") as loop:  # the run directory is locked until the end
         gen_device = loop.device if cfg.generator_device == "same" else resolve_device(cfg.generator_device)
         policy, tokenizer, optimizer, generator = load_policy_and_generator(cfg, device=loop.device,
-                                                                            generator_device=gen_device)
+                                                                            generator_device=gen_device, ctx=loop.ctx)
         pad_id = pad_token_id(tokenizer)  # pad, else EOS
         if unmatched:
             loop.logger.warning("filter_correct: %d traces have no ground_truth and their question is not in %s; dropped "
@@ -205,7 +208,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
             lr = lr_at(step, total=total_steps, base=cfg.learning_rate, warmup=cfg.warmup_for(total_steps), schedule=cfg.schedule)
             metrics, seconds = timed(
                 sft_optimizer_step, policy=policy, optimizer=optimizer, batch=batch, cfg=cfg, lr=lr, pad_id=pad_id,
-                step=step + 1, on_nonfinite=loop.nonfinite,
+                step=step + 1, on_nonfinite=loop.nonfinite, ctx=loop.ctx,  # several processes: a share of the micro-batches each
             )
             loop.state.optimizer_step += 1
             if metrics is not None:
@@ -291,6 +294,7 @@ def sft_optimizer_step(
     pad_id: int,
     step: int,
     on_nonfinite: Callable[[NonFiniteError], None],
+    ctx: DistContext = ONE,
 ) -> dict[str, float] | None:
     """One optimizer step of SFT on ``batch`` (prompt ids, response ids), micro-batched.
 
@@ -301,17 +305,22 @@ def sft_optimizer_step(
 
         loss = -(sum of response-token log-probs in the batch) / (response tokens in the batch)
 
+    Several processes (``ctx``): each rank runs its share of the micro-batches, normalised as in
+    one process (FSDP sums the gradients); a rank with fewer real ones (the short last batch of
+    an epoch) runs repeats weighted 0, so that all run as many forward/backward passes.
+
     Returns the step's metrics, or None when a non-finite step was skipped (``on_nonfinite``).
     """
     device = next(policy.parameters()).device
     set_lr(optimizer, lr)
     if cfg.length_grouping:
         batch = sorted(batch, key=lambda pr: len(pr[0]) + len(pr[1]))
-    n_tokens = sum(len(r) for _, r in batch)
+    n_tokens = sum(len(r) for _, r in batch)  # the whole batch's
     constant = n_tokens / len(batch) if cfg.normalize == "batch_tokens" else cfg.normalize_constant
+    chunks = [batch[k : k + cfg.micro_batch_size] for k in range(0, len(batch), cfg.micro_batch_size)]
+    mine, n_real = padded_share(chunks, ctx)  # all of them in one process
     loss_sum, entropy_sum = 0.0, 0.0
-    for k in range(0, len(batch), cfg.micro_batch_size):
-        chunk = batch[k : k + cfg.micro_batch_size]
+    for i, chunk in enumerate(mine):
         packed = pack_prompt_and_output_ids([p for p, _ in chunk], [r for _, r in chunk], pad_id)
         mask = packed["response_mask"].to(device)  # (b, T)
         with autocast(device):
@@ -320,11 +329,13 @@ def sft_optimizer_step(
                 chunk_size=cfg.logprob_chunk_size, positions_mask=mask,
             )
         # each micro-batch weighs by its share of the batch's sequences
+        mask = mask if i < n_real else torch.zeros_like(mask)  # a repeat only keeps the ranks in step: no loss, no gradient
         loss, _ = sft_microbatch_train_step(
             out["log_probs"], mask, gradient_accumulation_steps=len(batch) / len(chunk), normalize_constant=constant
         )
         loss_sum += loss.item()
         entropy_sum += (out["token_entropy"].detach() * mask).sum().item()
+    loss_sum, entropy_sum = all_reduce({"loss": loss_sum, "entropy": entropy_sum}, ctx, op="sum").values()
     grad_norm = clip_and_step(policy, optimizer, max_grad_norm=cfg.max_grad_norm, loss=loss_sum, step=step,
                               on_nonfinite=on_nonfinite)
     if grad_norm is None:

@@ -118,7 +118,7 @@ def make_fake_vllm(layout: str, version: str | None = None) -> tuple[dict[str, M
 
     common = dict(model=str, dtype="auto", seed=0, gpu_memory_utilization=0.9, enable_prefix_caching=False,
                   max_model_len=None, enforce_eager=False)
-    extra = dict(device="auto") if v0 else dict(worker_extension_cls="")
+    extra = dict(device="auto") if v0 else dict(worker_extension_cls="", distributed_executor_backend=None, data_parallel_size=1)
     EngineArgs = dataclasses.make_dataclass(
         "EngineArgs", [(k, Any, dataclasses.field(default=v)) for k, v in {**common, **extra}.items()]
     )
