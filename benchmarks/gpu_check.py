@@ -17,6 +17,10 @@ it, nothing downloaded; the tokenizer is the offline tiny one, the vocabulary th
   grpo_step  one GRPO step at the handout's defaults, seconds and peak memory per phase
              (generate, rollouts, old log-probs, train, sync), colocated
   grpo_step_2gpu  the same with the generator on a second GPU ("skipped: needs 2 GPUs" otherwise)
+  fsdp_ws1   world size 1 through the FSDP2 path (a one-process nccl group; gloo on CPU): a sharded
+             copy of the policy against the plain one, two training steps on the same batches (full
+             logits, then chunked log-probs; max |diff| of loss, gradients, parameters), and one
+             ``full_weights`` pass timed
 
 The JSON result (device, driver/CUDA, versions, date, every setting and figure) is rewritten
 after every section, so a run cut short keeps every figure measured so far; the table at the
@@ -29,26 +33,35 @@ order, gets the sizes of ``ctx.sizes`` (full and dry-run) and returns rows of
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
+import os
+import socket
 import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
 import generation as generation_bench  # noqa: E402
 import grpo_step as grpo_step_bench  # noqa: E402
 import train_step as train_step_bench  # noqa: E402
 
+from cs336_alignment.distributed import DistContext, full_weights, shard_policy  # noqa: E402
 from cs336_alignment.generation import NativeEngine, SamplingParams  # noqa: E402
 from cs336_alignment.logprobs import get_response_log_probs  # noqa: E402
+from cs336_alignment.losses import grpo_microbatch_train_step  # noqa: E402
 from cs336_alignment.models import resolve_device  # noqa: E402
+from cs336_alignment.recipes.common import make_optimizer  # noqa: E402
 from cs336_alignment.tokenization import pack_prompt_and_output_ids  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -64,6 +77,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "train_micro_batch": 2, "train_seq_len": 1024, "train_prompt_len": 128, "train_chunk_size": 1024,
         "train_steps": 3, "train_warmup": 1, "peak_size": 8192,
         "grpo_prompts": 32, "grpo_group": 8, "grpo_prompt_len": 128, "grpo_new_tokens": 512, "grpo_micro_batch": 2,
+        "fsdp_steps": 2,
     },
     "dry_run": {
         "shape": "tiny", "numerics_batch": 2, "numerics_seq_len": 24, "numerics_prompt_len": 8,
@@ -73,6 +87,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "train_micro_batch": 2, "train_seq_len": 24, "train_prompt_len": 8, "train_chunk_size": 16,
         "train_steps": 1, "train_warmup": 1, "peak_size": 128,
         "grpo_prompts": 1, "grpo_group": 2, "grpo_prompt_len": 8, "grpo_new_tokens": 4, "grpo_micro_batch": 2,
+        "fsdp_steps": 2,
     },
 }
 
@@ -260,6 +275,110 @@ def grpo_step(ctx: Context) -> Figures:
 @section("grpo_step_2gpu", "one GRPO step with the generator on a second GPU", gpus=2)
 def grpo_step_2gpu(ctx: Context) -> Figures:
     return _grpo_step(ctx, torch.device("cuda", (ctx.device.index or 0) + 1))
+
+
+PG_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
+
+
+@contextlib.contextmanager
+def one_process_group(device: torch.device) -> Iterator[Any]:
+    """A process group of this process alone (nccl on CUDA, gloo on CPU) and its 1-D "dp" mesh, for
+    the ``with`` block only: torchrun's variables are set inside it and restored after, and the group
+    is destroyed even when the block fails. Refuses to run beside an existing process group."""
+    if dist.is_initialized():
+        raise RuntimeError("a process group already exists in this process; run the GPU check without torchrun")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    saved = {name: os.environ.get(name) for name in PG_ENV}
+    with socket.socket() as s:  # a free port (another process could take it before us: unlikely)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
+    try:
+        if device.type == "cuda":
+            dist.init_process_group("nccl", rank=0, world_size=1, timeout=timedelta(seconds=300), device_id=device)
+        else:
+            dist.init_process_group("gloo", rank=0, world_size=1, timeout=timedelta(seconds=300))
+        yield init_device_mesh(device.type, (1,), mesh_dim_names=("dp",))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Largest |a - b| over the tensors of two dicts with the same keys (DTensors gathered)."""
+    assert list(a) == list(b), (list(a)[:3], list(b)[:3])
+    full = [(x.full_tensor() if hasattr(x, "full_tensor") else x, y.full_tensor() if hasattr(y, "full_tensor") else y)
+            for x, y in ((a[k], b[k]) for k in a)]
+    return max((x.double() - y.double()).abs().max().item() for x, y in full)
+
+
+@section("fsdp_ws1", "world size 1 through FSDP2: sharded vs plain policy (loss, gradients, parameters); full_weights time")
+def fsdp_ws1(ctx: Context) -> Figures:
+    device = ctx.device if ctx.device.type != "cuda" or ctx.device.index is not None else \
+        torch.device("cuda", torch.cuda.current_device())
+    precision = "fp32-master-autocast" if device.type == "cuda" else "fp32"
+    param_dtype, autocast = train_step_bench.precision_setup(precision, device)
+    plain, _ = ctx.model(param_dtype)
+    plain.train().zero_grad(set_to_none=True)
+    try:
+        return _fsdp_ws1(ctx, plain, device, autocast)
+    finally:
+        ctx.cache.clear()  # the cached policy is trained here: a later section builds a fresh one
+        free_memory(device)
+
+
+def _fsdp_ws1(ctx: Context, plain: Any, device: torch.device, autocast: Callable) -> Figures:
+    s = ctx.sizes
+    rows: Figures = []
+    with one_process_group(device) as mesh:
+        dist_ctx = DistContext(rank=0, world_size=1, local_rank=0, device=device, mesh=mesh)
+        sharded = shard_policy(copy.deepcopy(plain), dist_ctx)
+        n_dtensor = sum(type(p).__name__ == "DTensor" for p in sharded.parameters())
+        rows.append(("parameters sharded (DTensor) / all", f"{n_dtensor} / {len(list(sharded.parameters()))}", ""))
+        optimizers = [make_optimizer(m, 1e-4, 0.0, (0.9, 0.95)) for m in (plain, sharded)]
+        worst = {"loss": 0.0, "gradient": 0.0, "gradient norm": 0.0, "parameter": 0.0}
+        for step in range(s["fsdp_steps"]):
+            batch = train_step_bench.make_batch(s["train_micro_batch"], s["train_seq_len"], s["train_prompt_len"],
+                                                plain.config.vocab_size, device)
+            batch["advantages"] = batch["advantages"] + step  # a different loss each step
+            losses, norms = [], []
+            options = {"chunk_size": s["train_chunk_size"]} if step % 2 else {}  # full logits, then the recipes' chunks
+            for model in (plain, sharded):
+                with autocast():
+                    out = get_response_log_probs(model, batch["input_ids"], batch["labels"], **options)
+                loss, _ = grpo_microbatch_train_step(out["log_probs"], batch["response_mask"], 1, "reinforce_with_baseline",
+                                                     advantages=batch["advantages"])
+                losses.append(loss.item())
+            grads = [{n: p.grad for n, p in m.named_parameters()} for m in (plain, sharded)]
+            worst["gradient"] = max(worst["gradient"], _max_diff(*grads))
+            worst["loss"] = max(worst["loss"], abs(losses[0] - losses[1]))
+            for model, optimizer in zip((plain, sharded), optimizers):
+                norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item())
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            worst["gradient norm"] = max(worst["gradient norm"], abs(norms[0] - norms[1]))
+            worst["parameter"] = max(worst["parameter"], _max_diff(*(dict(m.named_parameters()) for m in (plain, sharded))))
+        for name, value in worst.items():
+            rows.append((f"sharded vs plain, {s['fsdp_steps']} steps: {name} max |diff|", value, ""))
+        # one full_weights pass (what the generator loads after every step), after a warm-up pass
+        list(full_weights(sharded))
+        train_step_bench.sync(device)
+        t0 = time.perf_counter()
+        weights = {name: t for bucket in full_weights(sharded) for name, t in bucket}
+        train_step_bench.sync(device)
+        seconds = time.perf_counter() - t0
+        size = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in weights.values()}.values())
+        rows += [("full_weights pass (one rank: all-gather of 1)", seconds, "s"),
+                 ("full_weights bytes per pass", size / 1e6, "MB"),
+                 ("full_weights vs plain state_dict: max |diff|", _max_diff(weights, plain.state_dict()), "")]
+        del weights, sharded, optimizers
+    return rows
 
 
 # ---------------------------------------------------------------------------------------

@@ -181,7 +181,7 @@ def shard_policy(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
         return model
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    from .logprobs import CHUNKED_FORWARD, chunked_response_log_probs
+    from .logprobs import CHUNKED_FORWARD
 
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
@@ -192,9 +192,18 @@ def shard_policy(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
         module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum; NCCL: zero-copy)
     # The chunked log-probs run the body and then the head's weight outside ``model.forward``: as a
     # registered forward method the root's own parameters are gathered around them too.
-    setattr(model, CHUNKED_FORWARD, types.MethodType(chunked_response_log_probs, model))
+    setattr(model, CHUNKED_FORWARD, types.MethodType(_chunked_forward, model))
     register_fsdp_forward_method(model, CHUNKED_FORWARD)
     return model
+
+
+def _chunked_forward(model: torch.nn.Module, *args: Any) -> dict[str, torch.Tensor]:
+    """The chunked log-probs of a sharded model, each output its own tensor (FSDP2 warns about a
+    returned view, whose in-place update would bypass its backward hook)."""
+    from .logprobs import chunked_response_log_probs
+
+    out = chunked_response_log_probs(model, *args)
+    return {k: v.clone() if v._base is not None else v for k, v in out.items()}  # (B, T) each
 
 
 def full_weights(model: torch.nn.Module, bucket_bytes: int = 1 << 30) -> Iterator[list[tuple[str, torch.Tensor]]]:

@@ -14,7 +14,9 @@ same global batch, and writes what it measured to ``OUT/report_<rank>.json`` (th
 4. ``save_sharded`` of the trained model into ``OUT/ckpt2`` (rank 0 also saves the full state it
    expects to load back, to ``OUT/expected_2.pt``);
 5. ``load_sharded`` of the test's world-size-1 checkpoint ``WS1_CHECKPOINT`` into a fresh sharded
-   model and optimizer, against ``WS1_CHECKPOINT.expected.pt`` (written by the test).
+   model and optimizer, against ``WS1_CHECKPOINT.expected.pt`` (written by the test);
+6. the same state as a one-process run's checkpoint (``OUT/plain_run``: model folder and
+   optimizer.pt) through ``Checkpointer.load`` into a fresh sharded model and optimizer.
 """
 
 from __future__ import annotations
@@ -218,6 +220,16 @@ def main() -> None:
     report["ws1_optimizer_max_diff"] = optimizer_max_diff(got, want["optimizer"])
     report["ws1_lr"] = got["group"]["lr"]
     report["ws1_local_numel"] = sum(p.to_local().numel() for p in fresh.parameters())
+
+    # 6. the same one-process state as a run's checkpoint writer wrote it (model folder, optimizer.pt), via the run's loader
+    plain = shard_policy(build_tiny_model(tokenizer, seed=4).train(), ctx)
+    plain_opt = torch.optim.AdamW(plain.parameters(), lr=0.5)
+    report["plain_state"] = Checkpointer(out / "plain_run").load(out / "plain_run" / "checkpoints" / "step_000002", plain,
+                                                                 plain_opt, ctx=ctx)
+    report["plain_model_max_diff"] = max_diff({n: t.clone() for b in full_weights(plain) for n, t in b}, want["model"])
+    got = optimizer_state(plain, plain_opt)
+    report["plain_optimizer_max_diff"] = optimizer_max_diff(got, want["optimizer"])
+    report["plain_lr"] = got["group"]["lr"]
 
     seconds["load"] = time.perf_counter() - began
     report["seconds_since_init"] = seconds

@@ -5,10 +5,10 @@ Usage: ``torchrun --nproc-per-node 2 tests/recipes_worker.py OUT MODE``.
 MODE "train" runs, in one process group, what the test compares with one process:
 
 1. GRPO (:func:`grpo_config`: off-policy, two epochs per rollout batch, grpo_clip, token_mean,
-   validation splitting 5 questions unevenly) and SFT (:func:`sft_config`: a last batch of 3
-   micro-batches, 2 on one rank and 1 plus a zero-weight repeat on the other), each in
-   ``OUT/<recipe>``, with the full gradient that every optimizer step applies captured (rank 0
-   saves them to ``OUT/grads_<recipe>.pt``);
+   validation splitting 5 questions unevenly), SFT (:func:`sft_config`: a last batch of 3
+   micro-batches, 2 on one rank and 1 plus a zero-weight repeat on the other) and expert
+   iteration (:func:`ei_config`), each in ``OUT/<recipe>``, with the full gradient that every
+   optimizer step applies captured (rank 0 saves them to ``OUT/grads_<recipe>.pt``);
 2. the CLI's ``run configs/grpo.yaml --smoke`` (runs under ``OUT/smoke_runs``);
 3. rollouts of :func:`rollout_token_ids` (rank 0 saves them to ``OUT/rollouts.json``).
 
@@ -28,19 +28,21 @@ import torch
 
 from cs336_alignment.config import load_config
 from cs336_alignment.distributed import ONE, DistContext, close_distributed, gather, init_distributed, share
+from cs336_alignment.recipes.ei import EIConfig, train_ei
 from cs336_alignment.recipes.grpo import GRPOConfig, train_grpo
 from cs336_alignment.recipes.sft import SFTConfig, train_sft
 
 REPO = Path(__file__).resolve().parents[1]
 REWARD = str(REPO / "tests" / "reward_helpers.py") + ":contains_one"  # reward 1 for a response with a "1" in it
+REWARD_E = str(REPO / "tests" / "reward_helpers.py") + ":contains_e"  # reward 1 for a response with an "e" in it
 ARITH = {"train": "task:arithmetic", "task_knobs": {"digits": 1}, "n_task_train": 64, "n_task_val": 8}
 LR = 1e-3
-GRPO_STEPS = 4
+GRPO_STEPS = 3
 
 
 def grpo_config(out: Path, **kw: Any) -> GRPOConfig:
-    """4 GRPO steps of 4 questions x 4 responses, each rollout batch trained for 2 epochs in train
-    batches of 8 (micro-batches of 2): 16 optimizer steps; checkpoints every step."""
+    """3 GRPO steps of 4 questions x 4 responses, each rollout batch trained for 2 epochs in train
+    batches of 8 (micro-batches of 2): 12 optimizer steps; checkpoints every step."""
     base = dict(
         model="tiny", out=str(out), device="cpu", seed=3, n_grpo_steps=GRPO_STEPS, learning_rate=LR,
         data={**ARITH, "reward": REWARD, "reward_in_process": True}, rollout_batch_size=16, group_size=4,
@@ -59,6 +61,17 @@ def sft_config(out: Path, **kw: Any) -> SFTConfig:
         control={"checkpoint_every": 2, "progress": False},
     )
     return load_config(SFTConfig, None, [f"{k}={json.dumps(v)}" for k, v in {**base, **kw}.items()])
+
+
+def ei_config(out: Path, **kw: Any) -> EIConfig:
+    """2 EI steps of 6 questions x 3 rollouts (rewarded when they hold an "e"), the kept ones in
+    batches of 4 (micro-batches of 1); rollout entropies split 18 = 9 + 9 over two ranks."""
+    base = dict(
+        model="tiny", out=str(out), device="cpu", seed=7, data={**ARITH, "reward": REWARD_E, "reward_in_process": True},
+        n_ei_steps=2, batch_questions=6, rollouts_per_question=3, sampling_max_tokens=12, learning_rate=LR, batch_size=4,
+        micro_batch_size=1, n_eval_examples=5, final_eval_full=False, control={"progress": False},
+    )
+    return load_config(EIConfig, None, [f"{k}={json.dumps(v)}" for k, v in {**base, **kw}.items()])
 
 
 class GradientCapture:
@@ -112,7 +125,7 @@ def main() -> None:
     if mode == "kill":
         train_grpo(grpo_config(out / "grpo"))
         return
-    for name, config, train in (("grpo", grpo_config, train_grpo), ("sft", sft_config, train_sft)):
+    for name, config, train in (("grpo", grpo_config, train_grpo), ("sft", sft_config, train_sft), ("ei", ei_config, train_ei)):
         with GradientCapture() as capture:
             train(config(out / name))
         if ctx.is_main:

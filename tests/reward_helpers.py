@@ -17,3 +17,10 @@ def nan_after_calls(response: str, ground_truth) -> dict[str, float]:
     if CALLS["nan_after"] is not None and CALLS["n"] > CALLS["nan_after"]:
         return {"format_reward": 1.0, "answer_reward": float("nan"), "reward": float("nan")}
     return contains_one(response, ground_truth)
+
+
+def contains_e(response: str, ground_truth) -> dict[str, float]:
+    """Reward 1 when the response contains the letter e: frequent enough in a tiny untrained
+    model's samples that expert iteration keeps some of every step's rollouts."""
+    r = 1.0 if "e" in response else 0.0
+    return {"format_reward": 1.0, "answer_reward": r, "reward": r}

@@ -165,6 +165,11 @@ def test_two_processes_match_one_and_checkpoints_reshard(tmp_path, one_process):
     torch.save({"model": {k: v.clone() for k, v in model.state_dict().items()}, "optimizer": w.optimizer_state(model, opt)},
                tmp_path / "ckpt1.expected.pt")
     assert sorted(p.name for p in (tmp_path / "ckpt1").iterdir()) == [".metadata", "__0_0.distcp"]
+    # and as a one-process run writes it (a model folder and optimizer.pt), for the run's loader at two ranks
+    from cs336_alignment.checkpoint import Checkpointer
+    from cs336_alignment.tiny import build_tiny_tokenizer
+
+    Checkpointer(tmp_path / "plain_run").save(2, model, opt, {"step": 2}, tokenizer=build_tiny_tokenizer())
 
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -205,6 +210,9 @@ def test_two_processes_match_one_and_checkpoints_reshard(tmp_path, one_process):
         assert rep["ws1_before_max_diff"] > 0.1
         assert rep["ws1_model_max_diff"] == 0.0 and rep["ws1_optimizer_max_diff"] == 0.0 and rep["ws1_lr"] == w.LR
         assert rep["ws1_local_numel"] == rep["local_numel"]
+        # a one-process run's checkpoint (model folder, optimizer.pt) resumed at two ranks: each keeps its slices
+        assert rep["plain_model_max_diff"] == 0.0 and rep["plain_optimizer_max_diff"] == 0.0
+        assert rep["plain_state"] == {"step": 2} and rep["plain_lr"] == w.LR
     assert sum(rep["local_numel"] for rep in reports) >= reports[0]["full_numel"]
 
     # the world-size-2 checkpoint: plain files, loaded here at world size 1

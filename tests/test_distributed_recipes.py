@@ -1,7 +1,7 @@
 """The recipes run data-parallel under torchrun (2 CPU processes, gloo) and compute what one process does.
 
-Two torchrun launches of ``tests/recipes_worker.py``: one runs GRPO, SFT, the CLI's smoke run and
-a rollout batch at two ranks; one kills a rank in the middle of a GRPO run's step-3 checkpoint.
+Two torchrun launches of ``tests/recipes_worker.py``: one runs GRPO, SFT, expert iteration, the
+CLI's smoke run and a rollout batch at two ranks; one kills a rank in the middle of a GRPO run's step-3 checkpoint.
 The one-process references run here, in this process, with the same configs.
 """
 
@@ -121,16 +121,16 @@ def test_grpo_at_two_ranks_matches_one_process(two_ranks, one_rank_grpo, one_pro
     want = read_jsonl(reference / "metrics.jsonl")
     assert_same_records(got, want)
     train = [r for r in want if r["kind"] == "train"]
-    assert len(train) == 16 and {r["grpo_step"] for r in train} == {0, 1, 2, 3}  # 4 GRPO steps x 2 epochs x 2 steps
+    assert len(train) == 12 and {r["grpo_step"] for r in train} == {0, 1, 2}  # 3 GRPO steps x 2 epochs x 2 steps
     assert any(r["train_reward_mean"] > 0 for r in train) and any(r["loss"] != 0 for r in train)
-    assert [r["eval_step"] for r in want if r["kind"] == "eval"] == [2, 4]  # 5 questions: 3 on rank 0, 2 + a repeat on rank 1
+    assert [r["eval_step"] for r in want if r["kind"] == "eval"] == [2, 3]  # 5 questions: 3 on rank 0, 2 + a repeat on rank 1
     grads = torch.load(two_ranks / "grads_grpo.pt", weights_only=True)
     assert_same_gradients(grads, reference_grads)
     assert_same_parameters(two_ranks / "grpo" / "model", reference / "model", steps=len(reference_grads))
     # rank 0 alone wrote the run's files; its checkpoints are DCP shards with every rank's RNG
     log = (two_ranks / "grpo" / "log.txt").read_text()
     assert "2 processes (torchrun), gloo on cpu" in log and "[rank 1]" not in log
-    latest = two_ranks / "grpo" / "checkpoints" / "step_000004"
+    latest = two_ranks / "grpo" / "checkpoints" / "step_000003"
     assert sorted(p.name for p in (latest / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert len(torch.load(latest / "trainer.pt", weights_only=True)["rngs"]) == 2
 
@@ -145,6 +145,16 @@ def test_sft_at_two_ranks_matches_one_process(two_ranks, tmp_path, one_process):
     assert [r["tokens"] for r in want if r["kind"] == "train"][-1] < [r["tokens"] for r in want if r["kind"] == "train"][0]
     assert_same_gradients(torch.load(two_ranks / "grads_sft.pt", weights_only=True), capture.steps)
     assert_same_parameters(two_ranks / "sft" / "model", tmp_path / "sft" / "model", steps=3)
+
+
+def test_expert_iteration_at_two_ranks_matches_one_process(two_ranks, tmp_path, one_process):
+    with worker.GradientCapture() as capture:
+        worker.train_ei(worker.ei_config(tmp_path / "ei"))
+    want = read_jsonl(tmp_path / "ei" / "metrics.jsonl")
+    assert_same_records(read_jsonl(two_ranks / "ei" / "metrics.jsonl"), want)
+    steps = [r for r in want if r["kind"] == "ei"]
+    assert len(steps) == 2 and all(r["n_kept"] > 0 and r["rollout_entropy"] > 0 for r in steps)
+    assert_same_gradients(torch.load(two_ranks / "grads_ei.pt", weights_only=True), capture.steps)
 
 
 def test_the_smoke_run_at_two_ranks_writes_the_one_process_records(two_ranks, tmp_path, monkeypatch, one_process):
@@ -184,7 +194,7 @@ def test_a_killed_rank_stops_every_rank_and_one_process_resumes_exactly(tmp_path
                                                                              "progress": False}))
     assert_same_records(read_jsonl(tmp_path / "grpo" / "metrics.jsonl"), read_jsonl(reference / "metrics.jsonl"))
     want = json.loads((reference / "final.json").read_text())
-    assert_same_records([{"kind": "final", "final_step": 4, **final}], [{"kind": "final", "final_step": 4, **want}])
+    assert_same_records([{"kind": "final", "final_step": 3, **final}], [{"kind": "final", "final_step": 3, **want}])
     assert not list(checkpoints.glob(".tmp_step_*"))  # pruned by the resumed run's first checkpoint
 
 
@@ -203,3 +213,21 @@ def test_batches_that_do_not_split_over_the_ranks_are_refused_before_the_run(tmp
                                                r"do not split over 4 processes"):
         train_sft(worker.sft_config(tmp_path / "s"))
     assert not (tmp_path / "s").exists()
+
+
+def test_under_torchrun_a_batch_that_does_not_split_is_one_line_and_exit_2(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cs336_alignment.cli import app
+
+    monkeypatch.setenv("CS336_RUNS", str(tmp_path))
+    monkeypatch.setenv("WORLD_SIZE", "3")  # the smoke run's 4 questions and 8 micro-batches per step split over 1, 2, 4
+    result = CliRunner().invoke(app, ["run", str(worker.REPO / "configs" / "grpo.yaml"), "--smoke"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "questions per step do not split over 3 processes" in lines[0], result.output
+    assert not any(tmp_path.iterdir())  # refused before the run directory exists
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DistributedError, match=r"^field 'generator_device': 'cpu' with 2 processes; each rank generates"):
+        worker.train_grpo(worker.grpo_config(tmp_path / "g", generator_device="cpu"))
+    assert not (tmp_path / "g").exists()

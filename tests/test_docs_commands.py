@@ -16,6 +16,9 @@ Transformations (the command as written, then):
   export, eval --model runs/...
                             a model folder that an earlier command of the block writes (under
                             runs/) is written first, as tiny-model does.
+  torchrun [its flags] X    first read as the one process it starts, `python X` (X: -m
+                            cs336_alignment ARGS, or a script), then as above: several
+                            processes are tests/test_distributed.py's.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ ALLOWED = {  # a command's start -> why it is not run here
     "pip install": "installs packages from the network",
     f"{PREFIX} download": "downloads from the Hugging Face hub (no network here); tests/test_download.py fakes the hub",
     f"{PREFIX} report runs/": "needs the runs of a sweep; tests/test_report.py builds runs and reports on them",
+    "python benchmarks/": "a benchmark (minutes, timings); tests/test_gpu_check.py runs the GPU check's dry run",
+    "sbatch ": "needs a SLURM cluster; its srun line is a torchrun command like the README's",
 }
 SMALL = {"N": "2", "S": "0"}  # values for the placeholders of optional [--flag N] groups
 
@@ -60,10 +65,27 @@ def documented_commands() -> list[tuple[str, str]]:
     return found
 
 
+def one_process(command: str) -> str:
+    """A ``torchrun [its flags] X ...`` line as the one process it starts, ``python X ...``; any other unchanged."""
+    if not command.startswith("torchrun "):
+        return command
+    words = shlex.split(command)
+    i = 1
+    while words[i].startswith("--"):  # torchrun's own flags: --standalone alone, the others with a value
+        i += 1 if words[i] == "--standalone" or "=" in words[i] else 2
+    return shlex.join(["python", *words[i:]])
+
+
+def allowed(command: str) -> str | None:
+    """Why ``command`` is not run here, or None."""
+    return next((why for start, why in ALLOWED.items() if one_process(command).startswith(start)), None)
+
+
 def transformed(command: str, data_dir: Path) -> list[str] | None:
     """The CLI arguments this test runs for ``command``, or None when it is allowed unrun."""
-    if any(command.startswith(start) for start in ALLOWED):
+    if allowed(command):
         return None
+    command = one_process(command)
     if not command.startswith(PREFIX):
         raise AssertionError(f"not a command of ours and not allowed: {command!r}")
     command = re.sub(r"\[(--[\w-]+) (\w+)\]", lambda m: f"{m.group(1)} {SMALL.get(m.group(2), m.group(2))}", command)
@@ -92,7 +114,7 @@ def test_a_documented_command_runs_as_written(where, command, tmp_path, monkeypa
     (tmp_path / "validation.jsonl").write_text('{"problem": "What is 1 + 1?", "answer": "2"}\n')
     args = transformed(command, tmp_path)
     if args is None:
-        pytest.skip(f"allowed: {next(why for start, why in ALLOWED.items() if command.startswith(start))}")
+        pytest.skip(f"allowed: {allowed(command)}")
     source = args[1] if args[0] == "export" else args[args.index("--model") + 1] if "--model" in args else ""
     if source.startswith("runs/"):  # written by an earlier command of the same block
         save_tiny_model(tmp_path / source)

@@ -1,8 +1,10 @@
 """The GPU check's dry run: every section's code on CPU at tiny shapes, so the script cannot rot.
 
 Nothing here asserts a timing; only that every section ran and recorded finite figures, that
-the engine's log-probs match the policy's in fp32, that the two-GPU section says why it is
-skipped, and that the JSON is rewritten after every section (a failing one loses nothing).
+the engine's log-probs match the policy's in fp32, that the FSDP2 path at world size 1 (a
+one-process gloo group) trains exactly as the plain model and leaves no process group or
+torchrun variable behind, that the two-GPU section says why it is skipped, and that the JSON is
+rewritten after every section (a failing one loses nothing).
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,14 +36,17 @@ def _figures(section: dict) -> dict[str, float | None]:
     return {figure: value for figure, value, _ in section["figures"]}
 
 
-def test_dry_run_runs_every_section_and_records_its_figures(gpu_check, tmp_path, capsys):
+def test_dry_run_runs_every_section_and_records_its_figures(gpu_check, tmp_path, capsys, monkeypatch):
+    for name in gpu_check.PG_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MASTER_PORT", "1")  # someone else's: restored after the FSDP section
     out = tmp_path / "gpu_check.json"
     gpu_check.main(["--dry-run", "--out", str(out)])
     record = json.loads(out.read_text())
     assert record["dry_run"] and record["device"].startswith("CPU") and record["date"] and record["torch"]
     assert list(record["sections"]) == list(gpu_check.SECTIONS)  # every registered section, in order
     assert record["sections"]["grpo_step_2gpu"]["status"] == "skipped: needs 2 GPUs"
-    for name in ("numerics", "generate", "train", "grpo_step"):
+    for name in ("numerics", "generate", "train", "grpo_step", "fsdp_ws1"):
         section = record["sections"][name]
         assert section["status"] == "ok", (name, section["status"])
         for figure, value, unit in section["figures"]:
@@ -56,8 +63,31 @@ def test_dry_run_runs_every_section_and_records_its_figures(gpu_check, tmp_path,
         f"{p} log-probs, checkpointing {c}: tokens/s" for p in ("plain", "chunked") for c in ("on", "off")}
     phases = _figures(record["sections"]["grpo_step"])
     assert all(phases[f"{p}: seconds"] > 0 for p in ("generate", "old_log_probs", "train", "sync"))
+    # world size 1 through FSDP2: every parameter sharded, the same numbers as the plain model, then no group left
+    fsdp = _figures(record["sections"]["fsdp_ws1"])
+    done, total = fsdp["parameters sharded (DTensor) / all"].split(" / ")
+    assert done == total and int(total) > 0
+    for what in ("loss", "gradient", "gradient norm", "parameter"):
+        assert fsdp[f"sharded vs plain, 2 steps: {what} max |diff|"] <= 1e-6, what
+    assert fsdp["full_weights vs plain state_dict: max |diff|"] == 0.0
+    assert fsdp["full_weights pass (one rank: all-gather of 1)"] > 0 and fsdp["full_weights bytes per pass"] > 0.1  # MB
+    assert not dist.is_initialized()
+    assert {name: os.environ.get(name) for name in gpu_check.PG_ENV} == {
+        "MASTER_ADDR": None, "MASTER_PORT": "1", "RANK": None, "WORLD_SIZE": None}
     printed = capsys.readouterr().out
     assert "| grpo_step_2gpu | skipped: needs 2 GPUs | |" in printed and "DRY RUN" in printed
+
+
+def test_the_one_process_group_is_destroyed_and_the_environment_restored_even_on_failure(gpu_check, monkeypatch):
+    monkeypatch.setenv("RANK", "7")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(RuntimeError, match="inside"):
+        with gpu_check.one_process_group(gpu_check.resolve_device("cpu")) as mesh:
+            assert dist.is_initialized() and dist.get_world_size() == 1 and mesh.size() == 1
+            assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("0", "1")
+            raise RuntimeError("inside")
+    assert not dist.is_initialized()
+    assert os.environ["RANK"] == "7" and "WORLD_SIZE" not in os.environ
 
 
 def test_the_result_file_is_rewritten_after_every_section(gpu_check, tmp_path, monkeypatch):

@@ -213,9 +213,6 @@ def check_data_parallel(cfg: GRPOConfig, world_size: int) -> None:
     if cfg.gradient_accumulation_steps % world_size:
         problems.append(f"gradient_accumulation_steps = {cfg.gradient_accumulation_steps} micro-batches per optimizer step "
                         f"do not split over {world_size} processes (lower micro_batch_size)")
-    if cfg.generator_device != "same":
-        problems.append(f"generator_device={cfg.generator_device!r}: with several processes each rank generates on its own "
-                        "device (generator_device: same)")
     if problems:
         raise DistributedError("; ".join(problems) + f"; make them multiples of {world_size} or start fewer processes")
 

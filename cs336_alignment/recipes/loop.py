@@ -67,6 +67,7 @@ from ..console import lines_above_bars
 from ..data import Example, format_prompts
 from ..distributed import (
     DistContext,
+    DistributedError,
     all_reduce,
     close_distributed,
     gather,
@@ -74,6 +75,7 @@ from ..distributed import (
     init_distributed,
     on_main,
     padded_share,
+    world_size,
 )
 from ..errors import UserError
 from ..evaluate import evaluate, evaluation_metrics, write_evaluation
@@ -207,11 +209,15 @@ class RunState:
 
 def _check_before_the_run(cfg: Any) -> None:
     """Refuse (exit 2) what would otherwise fail only after the run directory exists: no model
-    or one that is not a model, flash-attn, liger-kernel or vLLM selected but missing, a tracker
-    (wandb, trackio, tensorboard; wandb also through wandb_project) turned on but not installed."""
+    or one that is not a model, a generator on another device with several processes,
+    flash-attn, liger-kernel or vLLM selected but missing, a tracker (wandb, trackio,
+    tensorboard; wandb also through wandb_project) turned on but not installed."""
     from ..trackers import check_trackers
 
     check_model_path(cfg.model)
+    if world_size() > 1 and getattr(cfg, "generator_device", "same") != "same":
+        raise DistributedError(f"field 'generator_device': {cfg.generator_device!r} with {world_size()} processes; each rank "
+                               "generates on its own device: set generator_device: same")
     check_model_options(attn_implementation=cfg.attn_implementation, liger_kernel=cfg.use_liger_kernel,
                         device=resolve_device(cfg.device))
     if getattr(cfg, "backend", "native") == "vllm":
