@@ -362,15 +362,19 @@ class Checkpointer:
                 raise UnsafeCheckpoint(f"{path / SHARDED_DIR} holds objects that are not tensors or plain values "
                                        "(loading them could run code); refusing to load it: inspect the run directory") from e
         elif (path / "model.pt").exists():  # written before checkpoints held a model folder
+            saved, own = _load(path / "model.pt", device), model.state_dict()
+            differ = sorted(saved.keys() ^ own.keys())
+            if differ:
+                raise CheckpointError(f"{path / 'model.pt'} does not hold this model's weights: {len(differ)} names differ "
+                                      f"({differ[0]}...)")
             with torch.no_grad():
-                own = model.state_dict()
-                for name, tensor in _load(path / "model.pt", device).items():
-                    copy_full_into(own[name], tensor)
+                for name, tensor in saved.items():
+                    copy_full_into(own[name], tensor)  # a sharded model keeps its slices
         else:
             load_weights(path / MODEL_DIR, model)  # into this rank's shards when the model is sharded
         if optimizer is not None and (path / "optimizer.pt").exists():  # a one-process checkpoint
-            saved = _load(path / "optimizer.pt", device)
-            if is_sharded(model):  # resumed on several processes: each keeps its slices
+            saved = _load(path / "optimizer.pt", torch.device("cpu") if is_sharded(model) else device)
+            if is_sharded(model):  # resumed on several processes: each keeps its slices (the rest never reaches the GPU)
                 load_full_optimizer_state(model, optimizer, saved)
             else:
                 optimizer.load_state_dict(saved)

@@ -289,7 +289,8 @@ def _user_errors() -> Iterator[None]:
     2    input found bad before the run: config, data, paths, a directory held by another run,
          a missing optional extra, an unsafe checkpoint;
     1    a failure mid-run (non-finite loss, a failed checkpoint write), naming the last checkpoint;
-    130  interrupted (Ctrl-C): after the step was checkpointed, with the command that resumes it.
+    130  interrupted (Ctrl-C): after the step was checkpointed, with the command that resumes it;
+    143  the same after a SIGTERM (kill, torchrun passing one on, SLURM preemption or time limit).
 
     Each prints ``error: <where>: <what>`` on one line, without a traceback. Anything else is a
     bug and keeps its traceback.

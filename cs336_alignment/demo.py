@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import load_config
+from .distributed import refuse_several_processes
 from .recipes.grpo import GRPOConfig, train_grpo
 from .recipes.sft import SFTConfig, train_sft
 from .report import report_main
@@ -64,6 +65,7 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the demo; returns the summary (also written to <out>/summary.json)."""
+    refuse_several_processes("demo")
     out = Path(cfg.out)
     t_start = time.perf_counter()
     data = {

@@ -60,6 +60,7 @@ __all__ = [
     "load_sharded",
     "on_main",
     "padded_share",
+    "refuse_several_processes",
     "save_sharded",
     "shard_policy",
     "share",
@@ -116,6 +117,14 @@ def world_size() -> int:
     """How many processes this run has: torchrun's ``WORLD_SIZE``, 1 without torchrun. Known before
     any process group exists, so that a batch that cannot be split is refused first."""
     return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def refuse_several_processes(command: str) -> None:
+    """Refuse (DistributedError, exit 2) to run ``command``, which has no multi-process path, under
+    torchrun with several processes: every rank would write the same files."""
+    if world_size() > 1:
+        raise DistributedError(f"{command} runs in one process, not under torchrun with {world_size()} processes; "
+                               "start it with python -m cs336_alignment")
 
 
 def _check_torch(device_type: str) -> None:
@@ -187,7 +196,10 @@ def shard_policy(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
     if layers is None:
         raise TypeError(f"shard_policy expects a decoder model with model.model.layers; got {type(model).__name__}")
     for module in [*layers, model]:
-        fully_shard(module, mesh=ctx.mesh)
+        # The root too reshards after its forward (its default keeps embeddings and head gathered until the
+        # backward): after a forward without a backward (validation, old log-probs) model.parameters() would
+        # otherwise be the gathered copies, and an optimizer made then (EI's fresh_optimizer) would miss them.
+        fully_shard(module, mesh=ctx.mesh, reshard_after_forward=True)
         module.set_gradient_divide_factor(1.0)  # sum, not mean: each rank's loss is normalised globally
         module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum; NCCL: zero-copy)
     # The chunked log-probs run the body and then the head's weight outside ``model.forward``: as a
@@ -398,21 +410,26 @@ def barrier(ctx: DistContext) -> None:
 
 # ---------------------------------------------------------------------------- DCP checkpoints
 
-def _states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+def _states(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """The state dicts DCP saves or loads in place: ``{"model": ...}``, and ``"optimizer"`` unless
+    ``optimizer`` is None."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
     model_state, optim_state = get_state_dict(model, optimizer)
     return {"model": model_state, "optimizer": optim_state}
 
 
-def save_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def save_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Write ``model``'s and ``optimizer``'s full state to the folder ``path`` (created; must be
     empty or absent), every rank writing its own shard: plain files ``__<rank>_0.distcp`` and rank
     0's ``.metadata``, fsynced. All ranks call it with the same ``path`` (a filesystem they share).
 
     Keys are parameter names (``get_state_dict``), so :func:`load_sharded` reshards to any world
-    size. Call it after the first optimizer step: DCP fills an optimizer without state by taking
-    one zero-learning-rate step, which would record a step count of 1.
+    size. An optimizer that is None or has not stepped yet (no state) is left out: DCP would fill
+    an empty one by taking a zero-learning-rate step on it, changing its step count and so every
+    later update; a checkpoint without optimizer state loads as a fresh optimizer, as in one process.
     """
     import torch.distributed.checkpoint as dcp
 
@@ -422,7 +439,8 @@ def save_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
                               "(stale shards of another world size would sit beside the new ones)")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_DCP_QUIET)
-        dcp.save(_states(model, optimizer), storage_writer=dcp.FileSystemWriter(path, sync_files=True),
+        stepped = optimizer if optimizer is not None and optimizer.state else None  # see above: never step it here
+        dcp.save(_states(model, stepped), storage_writer=dcp.FileSystemWriter(path, sync_files=True),
                  no_dist=not dist.is_initialized())
 
 
@@ -475,11 +493,13 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
 
     path = Path(path)
     with open(path / ".metadata", "rb") as f:
-        _SafeMetadata(f).load()
+        metadata = _SafeMetadata(f).load()
+    if not any(key.startswith("optimizer.") for key in getattr(metadata, "state_dict_metadata", {"optimizer.": None})):
+        optimizer = None  # saved before the optimizer's first step: it stays as it is (fresh)
     if optimizer is None:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        states = {"model": get_model_state_dict(model)}
+        states = _states(model, None)
     else:
         states = _states(model, optimizer)
     with warnings.catch_warnings():

@@ -132,6 +132,9 @@ def export_model(source: str | Path, out: str | Path, *, dtype: str = "bfloat16"
     multi-process run's sharded one), a finished run, or a model folder. ``out`` must not exist
     or be empty (ExportError, exit 2, before anything is written); the folder is written beside it
     and renamed into place, so a failed export leaves nothing half-written. Returns ``out``."""
+    from .distributed import refuse_several_processes
+
+    refuse_several_processes("export")
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
     sharded = is_sharded_checkpoint(source)  # weights in shards, config and tokenizer in model/

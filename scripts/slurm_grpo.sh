@@ -20,6 +20,7 @@
 #SBATCH --cpus-per-task=32             # CPU cores per node: grading workers and data loading
 #SBATCH --time=08:00:00
 #SBATCH --requeue                      # after a preemption or node failure the job runs again, with --resume
+#SBATCH --signal=TERM@600              # SIGTERM 10 minutes before the time limit: the running step ends and is checkpointed
 #SBATCH --output=slurm-%x-%j.out
 set -euo pipefail
 
@@ -54,4 +55,5 @@ srun --nodes "$SLURM_NNODES" --ntasks-per-node 1 --kill-on-bad-exit=1 \
     --rdzv-backend c10d \
     --rdzv-endpoint "$HEAD:29500" \
     --rdzv-id "$SLURM_JOB_ID" \
+    --shutdown-timeout 600 \
     -m cs336_alignment run "$CONFIG" "$@" ${RESUME_FLAG[@]+"${RESUME_FLAG[@]}"} --quiet

@@ -120,6 +120,9 @@ def main() -> None:
     model = shard_policy(build_tiny_model(tokenizer, seed=0).train(), ctx)
     params = list(model.parameters())
     report["dtensor_params"] = sum(type(p).__name__ == "DTensor" for p in params) / len(params)
+    with torch.no_grad():  # a forward without a backward (validation) leaves every parameter a shard again
+        model(torch.arange(8)[None])
+    report["dtensor_params_after_no_grad_forward"] = sum(type(p).__name__ == "DTensor" for p in model.parameters()) / len(params)
     report["local_numel"] = sum(p.to_local().numel() for p in params)
     report["full_numel"] = sum(p.numel() for p in ref.parameters())
     reference = {k: v.clone() for k, v in ref.state_dict().items()}
@@ -220,6 +223,14 @@ def main() -> None:
     report["ws1_optimizer_max_diff"] = optimizer_max_diff(got, want["optimizer"])
     report["ws1_lr"] = got["group"]["lr"]
     report["ws1_local_numel"] = sum(p.to_local().numel() for p in fresh.parameters())
+
+    # 5b. a checkpoint taken before the optimizer's first step (an EI step that kept nothing) leaves it untouched
+    unstepped = shard_policy(build_tiny_model(tokenizer, seed=5).train(), ctx)
+    unstepped_opt = torch.optim.AdamW(unstepped.parameters(), lr=0.5)
+    save_sharded(out / "ckpt_unstepped", unstepped, unstepped_opt)
+    report["unstepped_state_after_save"] = len(unstepped_opt.state)
+    load_sharded(out / "ckpt_unstepped", fresh, fresh_opt)  # a stepped optimizer keeps its own state: nothing to load
+    report["unstepped_load_kept_optimizer"] = optimizer_max_diff(optimizer_state(fresh, fresh_opt), want["optimizer"])
 
     # 6. the same one-process state as a run's checkpoint writer wrote it (model folder, optimizer.pt), via the run's loader
     plain = shard_policy(build_tiny_model(tokenizer, seed=4).train(), ctx)

@@ -8,9 +8,8 @@ MODE "train" runs, in one process group, what the test compares with one process
    validation splitting 5 questions unevenly), SFT (:func:`sft_config`: a last batch of 3
    micro-batches, 2 on one rank and 1 plus a zero-weight repeat on the other) and expert
    iteration (:func:`ei_config`), each in ``OUT/<recipe>``, with the full gradient that every
-   optimizer step applies captured (rank 0 saves them to ``OUT/grads_<recipe>.pt``);
-2. the CLI's ``run configs/grpo.yaml --smoke`` (runs under ``OUT/smoke_runs``);
-3. rollouts of :func:`rollout_token_ids` (rank 0 saves them to ``OUT/rollouts.json``).
+   optimizer step applies captured before clipping (rank 0 saves them to ``OUT/grads_<recipe>.pt``);
+2. rollouts of :func:`rollout_token_ids` (rank 0 saves them to ``OUT/rollouts.json``).
 
 MODE "kill": the GRPO run of :func:`grpo_config` in ``OUT/grpo``; the test sets
 CS336_ALIGNMENT_FAULT so that one rank dies mid-run.
@@ -19,7 +18,6 @@ CS336_ALIGNMENT_FAULT so that one rank dies mid-run.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,10 +52,11 @@ def grpo_config(out: Path, **kw: Any) -> GRPOConfig:
 
 
 def sft_config(out: Path, **kw: Any) -> SFTConfig:
-    """3 SFT steps over 15 examples in batches of 6 (micro-batches of 1): 6, 6, then 3 micro-batches."""
+    """3 SFT steps over 15 examples in batches of 6 (micro-batches of 1): 6, 6, then 3 micro-batches;
+    the loss a mean over the batch's response tokens (gradients of order 1, so that 1e-6 is rounding)."""
     base = dict(
         model="tiny", out=str(out), device="cpu", seed=5, data=ARITH, learning_rate=LR, epochs=1, n_examples=15,
-        batch_size=6, micro_batch_size=1, n_eval_examples=5, eval_max_tokens=8, final_eval_full=False,
+        batch_size=6, micro_batch_size=1, normalize="batch_tokens", n_eval_examples=5, eval_max_tokens=8, final_eval_full=False,
         control={"checkpoint_every": 2, "progress": False},
     )
     return load_config(SFTConfig, None, [f"{k}={json.dumps(v)}" for k, v in {**base, **kw}.items()])
@@ -65,36 +64,38 @@ def sft_config(out: Path, **kw: Any) -> SFTConfig:
 
 def ei_config(out: Path, **kw: Any) -> EIConfig:
     """2 EI steps of 6 questions x 3 rollouts (rewarded when they hold an "e"), the kept ones in
-    batches of 4 (micro-batches of 1); rollout entropies split 18 = 9 + 9 over two ranks."""
+    batches of 4 (micro-batches of 1), a fresh optimizer each step (so checkpoints hold no
+    optimizer); rollout entropies split 18 = 9 + 9 over two ranks."""
     base = dict(
         model="tiny", out=str(out), device="cpu", seed=7, data={**ARITH, "reward": REWARD_E, "reward_in_process": True},
         n_ei_steps=2, batch_questions=6, rollouts_per_question=3, sampling_max_tokens=12, learning_rate=LR, batch_size=4,
-        micro_batch_size=1, n_eval_examples=5, final_eval_full=False, control={"progress": False},
+        micro_batch_size=1, normalize="batch_tokens", fresh_optimizer=True, n_eval_examples=5, final_eval_full=False, control={"progress": False},
     )
     return load_config(EIConfig, None, [f"{k}={json.dumps(v)}" for k, v in {**base, **kw}.items()])
 
 
 class GradientCapture:
-    """Records the full gradient of every parameter each time an AdamW steps (gathered from the
-    shards on a sharded model: every rank steps together)."""
+    """Records the full gradient of every parameter before each optimizer step clips it
+    (``clip_grad_norm_``; gathered from the shards on a sharded model: every rank clips together)."""
 
     def __init__(self) -> None:
         self.steps: list[list[torch.Tensor]] = []
-        self._original = torch.optim.AdamW.step
+        self._original = torch.nn.utils.clip_grad_norm_
 
     def __enter__(self) -> GradientCapture:
         capture, original = self, self._original
 
-        def step(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+        def clip(parameters: Any, *args: Any, **kwargs: Any) -> Any:
+            parameters = list(parameters)
+            grads = [p.grad for p in parameters if p.grad is not None]
             capture.steps.append([(g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone() for g in grads])
-            return original(optimizer, *args, **kwargs)
+            return original(parameters, *args, **kwargs)
 
-        torch.optim.AdamW.step = step
+        torch.nn.utils.clip_grad_norm_ = clip
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        torch.optim.AdamW.step = self._original
+        torch.nn.utils.clip_grad_norm_ = self._original
 
 
 def rollout_token_ids(ctx: DistContext = ONE) -> list[list[int]]:
@@ -130,14 +131,6 @@ def main() -> None:
             train(config(out / name))
         if ctx.is_main:
             torch.save(capture.steps, out / f"grads_{name}.pt")
-    os.environ["CS336_RUNS"] = str(out / "smoke_runs")
-    from cs336_alignment.cli import app
-
-    try:
-        app(["run", str(REPO / "configs" / "grpo.yaml"), "--smoke"], standalone_mode=False)
-    except SystemExit as e:  # typer's exit code 0
-        if e.code:
-            raise
     ids = rollout_token_ids(ctx)
     if ctx.is_main:
         (out / "rollouts.json").write_text(json.dumps(ids))

@@ -193,6 +193,7 @@ def test_two_processes_match_one_and_checkpoints_reshard(tmp_path, one_process):
         assert rep["gather"] == ["r0-0", "r0-1", "r0-2", "r1-3", "r1-4", "r1-5"]
         # sharded: every parameter a DTensor, each rank holding about half
         assert rep["dtensor_params"] == 1.0 and rep["local_numel"] < 0.6 * rep["full_numel"]
+        assert rep["dtensor_params_after_no_grad_forward"] == 1.0  # an optimizer made after validation sees the shards
         # full weights of the sharded model = the plain model's, and load into a plain copy exactly
         assert rep["weights_names_match"] and rep["weights_max_diff"] == 0.0 and rep["buckets"] > 1
         assert all(n == 1 or size <= 64 << 10 for n, size in rep["bucket_new"])
@@ -210,6 +211,8 @@ def test_two_processes_match_one_and_checkpoints_reshard(tmp_path, one_process):
         assert rep["ws1_before_max_diff"] > 0.1
         assert rep["ws1_model_max_diff"] == 0.0 and rep["ws1_optimizer_max_diff"] == 0.0 and rep["ws1_lr"] == w.LR
         assert rep["ws1_local_numel"] == rep["local_numel"]
+        # saved before a first step: DCP would have taken a zero-lr step to fill the optimizer; it is left out instead
+        assert rep["unstepped_state_after_save"] == 0 and rep["unstepped_load_kept_optimizer"] == 0.0
         # a one-process run's checkpoint (model folder, optimizer.pt) resumed at two ranks: each keeps its slices
         assert rep["plain_model_max_diff"] == 0.0 and rep["plain_optimizer_max_diff"] == 0.0
         assert rep["plain_state"] == {"step": 2} and rep["plain_lr"] == w.LR

@@ -1,8 +1,9 @@
 """The recipes run data-parallel under torchrun (2 CPU processes, gloo) and compute what one process does.
 
-Two torchrun launches of ``tests/recipes_worker.py``: one runs GRPO, SFT, expert iteration, the
-CLI's smoke run and a rollout batch at two ranks; one kills a rank in the middle of a GRPO run's step-3 checkpoint.
-The one-process references run here, in this process, with the same configs.
+Three torchrun launches: ``tests/recipes_worker.py`` running GRPO, SFT, expert iteration and a
+rollout batch at two ranks; the same worker killing a rank in the middle of a GRPO run's step-3
+checkpoint; and the CLI's smoke run exactly as the README starts it. The one-process references
+run here, in this process, with the same configs.
 """
 
 from __future__ import annotations
@@ -94,12 +95,15 @@ def _step(record: dict) -> int:
     return record[f"{record['kind']}_step"]  # "train_step", "eval_step", ...
 
 
-def assert_same_gradients(got: list[list[torch.Tensor]], want: list[list[torch.Tensor]]) -> float:
+def assert_same_gradients(got: list[list[torch.Tensor]], want: list[list[torch.Tensor]]) -> None:
+    """Every optimizer step's gradient, before clipping: within 1e-6 over the first 3 steps; later,
+    within 1e-4 (AdamW moves an element by about lr whatever the size of its gradient, so rounding
+    differences in the first steps become small weight differences, and then gradient differences)."""
     assert len(got) == len(want) and len(want) >= 3
-    worst = max((g - w).abs().max().item() for gs, ws in zip(got, want) for g, w in zip(gs, ws))
-    assert worst <= 1e-6, worst
+    diffs = [max((g - w).abs().max().item() for g, w in zip(gs, ws)) for gs, ws in zip(got, want)]
+    assert max(diffs[:3]) <= 1e-6 and max(diffs) <= 1e-4, diffs
+    assert all(len(gs) == len(ws) for gs, ws in zip(got, want))
     assert any(w.abs().max() > 1e-3 for ws in want for w in ws)  # the steps had a learning signal
-    return worst
 
 
 def assert_same_parameters(got_dir: Path, want_dir: Path, steps: int) -> None:
@@ -157,17 +161,27 @@ def test_expert_iteration_at_two_ranks_matches_one_process(two_ranks, tmp_path, 
     assert_same_gradients(torch.load(two_ranks / "grads_ei.pt", weights_only=True), capture.steps)
 
 
-def test_the_smoke_run_at_two_ranks_writes_the_one_process_records(two_ranks, tmp_path, monkeypatch, one_process):
+def test_the_smoke_run_under_torchrun_writes_the_one_process_records(tmp_path, monkeypatch, one_process):
     from typer.testing import CliRunner
 
     from cs336_alignment.cli import app
 
-    monkeypatch.setenv("CS336_RUNS", str(tmp_path))
+    clean = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV and k != "CS336_ALIGNMENT_FAULT"}
+    launched = subprocess.run(  # torchrun --nproc-per-node 2 -m cs336_alignment run configs/grpo.yaml --smoke
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "cs336_alignment",
+         "run", str(worker.REPO / "configs" / "grpo.yaml"), "--smoke"],
+        env={**clean, "OMP_NUM_THREADS": "1", "CS336_RUNS": str(tmp_path / "two")}, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert launched.returncode == 0, launched.stderr[-4000:]
+    monkeypatch.setenv("CS336_RUNS", str(tmp_path / "one"))
     result = CliRunner().invoke(app, ["run", str(worker.REPO / "configs" / "grpo.yaml"), "--smoke"])
     assert result.exit_code == 0, result.output
-    got = read_jsonl(two_ranks / "smoke_runs" / "smoke" / "grpo" / "metrics.jsonl")
-    assert_same_records(got, read_jsonl(tmp_path / "smoke" / "grpo" / "metrics.jsonl"))
+    got = read_jsonl(tmp_path / "two" / "smoke" / "grpo" / "metrics.jsonl")
+    assert_same_records(got, read_jsonl(tmp_path / "one" / "smoke" / "grpo" / "metrics.jsonl"))
     assert {r["kind"] for r in got} == {"train", "eval"}
+    assert (tmp_path / "two" / "smoke" / "grpo" / "final.json").exists()  # rank 0 saved the gathered model and finished
+    assert (tmp_path / "two" / "smoke" / "grpo" / "model" / "model.safetensors").exists()
 
 
 def test_rollout_token_ids_do_not_depend_on_the_world_size(two_ranks, one_process):
@@ -231,3 +245,22 @@ def test_under_torchrun_a_batch_that_does_not_split_is_one_line_and_exit_2(tmp_p
     with pytest.raises(DistributedError, match=r"^field 'generator_device': 'cpu' with 2 processes; each rank generates"):
         worker.train_grpo(worker.grpo_config(tmp_path / "g", generator_device="cpu"))
     assert not (tmp_path / "g").exists()
+
+
+def test_sigterm_finishes_the_step_checkpoints_it_and_exits_143(tmp_path, monkeypatch, one_process):
+    # torchrun passes a SIGTERM on to every rank (and SLURM sends one at preemption): the step ends and is checkpointed
+    import signal as signals
+
+    from cs336_alignment.recipes import loop
+
+    def term_after_step_1(point: str, step: int) -> None:  # end_of_step's fault point, after the step's log line
+        if (point, step) == ("step", 1):
+            os.kill(os.getpid(), signals.SIGTERM)
+
+    monkeypatch.setattr(loop, "fault_point", term_after_step_1)
+    previous = signals.getsignal(signals.SIGTERM)
+    with pytest.raises(loop.Interrupted, match=r"^interrupted: stopped after GRPO step 1/3, checkpoint \S+step_000001$") as e:
+        worker.train_grpo(worker.grpo_config(tmp_path / "g"))
+    assert e.value.exit_code == 143 and e.value.checkpoint.name == "step_000001"
+    assert signals.getsignal(signals.SIGTERM) == previous  # the run's handler is gone with the run
+    assert "SIGTERM: stopping once the running GRPO step is done and checkpointed" in (tmp_path / "g" / "log.txt").read_text()

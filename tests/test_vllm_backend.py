@@ -256,9 +256,17 @@ def test_under_torchrun_every_rank_builds_its_own_engine_in_vllms_launcher_mode(
 def test_a_vllm_without_the_launcher_mode_is_refused_under_torchrun(fake_v0, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(BackendUnavailable, match=r"^vllm 0\.7\.2 has no torchrun \(external_launcher\) data-parallel mode "
-                                                 r"for 2 processes: upgrade vllm, or use backend: native$"):
+                                                 r"for 2 processes \(vllm >= 0\.10\): upgrade vllm, or use backend: native$"):
         load_vllm_generator(str(tiny_model_dir), device="cuda:0", seed=0)
     assert fake_v0.llm_kwargs is None
+
+
+def test_a_vllm_older_than_its_launcher_data_parallel_mode_is_refused_under_torchrun(tiny_model_dir, monkeypatch):
+    fake = fake_vllm.install(monkeypatch, "v1", version="0.9.2")  # has the fields, not yet the mode
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(BackendUnavailable, match=r"^vllm 0\.9\.2 has no torchrun"):
+        load_vllm_generator(str(tiny_model_dir), device="cuda:0", seed=0)
+    assert fake.llm_kwargs is None
 
 
 def test_v1_weight_loading_through_collective_rpc(fake_v1, tiny_model_dir, tiny_model):

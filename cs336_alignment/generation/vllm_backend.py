@@ -174,9 +174,9 @@ def build_llm(
     )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:  # one engine per rank, on the rank's own GPU
-        if not {"distributed_executor_backend", "data_parallel_size"} <= fields:
+        if parse_version(vllm.__version__) < (0, 10, 0) or not {"distributed_executor_backend", "data_parallel_size"} <= fields:
             raise BackendUnavailable(f"vllm {vllm.__version__} has no torchrun (external_launcher) data-parallel mode for "
-                                     f"{world_size} processes: upgrade vllm, or use backend: native")
+                                     f"{world_size} processes (vllm >= 0.10): upgrade vllm, or use backend: native")
         kwargs.update(distributed_executor_backend="external_launcher", data_parallel_size=world_size)
         if "worker_extension_cls" in fields:
             kwargs["worker_extension_cls"] = EXTENSION_CLS

@@ -28,7 +28,7 @@ import torch
 
 from ..checkpoint import RunControl
 from ..data import Example, validation_subset
-from ..distributed import ONE, DistContext, DistributedError, gather, padded_share, share, world_size
+from ..distributed import ONE, DistContext, DistributedError, all_reduce, gather, padded_share, share, world_size
 from ..evaluate import response_entropies
 from ..generation import SamplingParams
 from ..models import autocast
@@ -175,6 +175,7 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
             )
             generator.load_weights(policy)
             # ------------------------------------------------------------------ log, end of step
+            seconds = all_reduce({"rollout": rollout_seconds, "sft": sft_seconds}, ctx, op="max")  # the slowest rank's
             loop.sink.log("ei", ei_step + 1, {
                 "rollouts": len(rollouts),
                 "n_correct": sum(r.reward >= 1.0 for r in rollouts),
@@ -183,8 +184,8 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
                 "rollout_entropy": entropy,
                 "sft_loss_mean": sum(losses) / len(losses) if losses else None,
                 "optimizer_steps": loop.state.optimizer_step,
-                "rollout_seconds": rollout_seconds,
-                "sft_seconds": sft_seconds,
+                "rollout_seconds": seconds["rollout"],
+                "sft_seconds": seconds["sft"],
                 "wall_clock_train": loop.stop_clock(),
                 "grader_timeouts": grader.timeouts,
                 "grader_errors": grader.errors,

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from ..config import ConfigError, dump_yaml
 from ..data import Example, format_prompts, load_examples, load_template, make_task
+from ..distributed import refuse_several_processes
 from ..evaluate import evaluate
 from ..generation import NativeEngine, SamplingParams
 from ..generation.vllm_backend import import_vllm, load_vllm_generator
@@ -97,6 +98,7 @@ def load_eval_data(cfg: EvalConfig) -> tuple[list[Example], RewardFn]:
 
 def run_evaluation(cfg: EvalConfig) -> dict[str, Any]:
     """Load model and data, evaluate, write results into ``cfg.out``; returns the metrics."""
+    refuse_several_processes("eval")
     if not cfg.model or not cfg.data:
         missing = "model" if not cfg.model else "data"
         raise ConfigError(f"field '{missing}': empty; eval needs a model (a model directory or 'tiny') and data "

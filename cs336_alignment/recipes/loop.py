@@ -142,13 +142,14 @@ FIXED_FIELDS = frozenset({  # what the completed steps computed with: refused un
 
 
 class Interrupted(UserError):
-    """The run stopped at a Ctrl-C after finishing its step and checkpointing it."""
+    """The run stopped at a Ctrl-C (SIGINT) or SIGTERM after finishing its step and checkpointing it."""
 
-    exit_code = 130  # the shell's code for SIGINT
+    exit_code = 130  # the shell's code for SIGINT (143 for SIGTERM: 128 + the signal's number)
 
-    def __init__(self, message: str, checkpoint: Path | None):
+    def __init__(self, message: str, checkpoint: Path | None, signum: int = signal.SIGINT):
         super().__init__(message)
         self.checkpoint = checkpoint  # where --resume continues from
+        self.exit_code = 128 + int(signum)
 
 
 @dataclass
@@ -270,7 +271,8 @@ class RunLoop:
         self._step_start = time.perf_counter()
         self._step_end: float | None = None
         self._out_of_time = False
-        self._interrupted = False  # a first Ctrl-C arrived: stop after this step, checkpointed
+        self._interrupted = False  # a first Ctrl-C or SIGTERM arrived (on any rank): stop after this step, checkpointed
+        self._signal = signal.SIGINT  # which one (another rank's: SIGINT)
         self._final_examples = 0  # size of the final validation (steps())
         self._eval_seconds_per_example: float | None = None  # pace of the latest validation
 
@@ -416,7 +418,8 @@ class RunLoop:
                                   desc=self.recipe.lower())
         self._clock_at_start = self.state.train_clock
         on_main_thread = threading.current_thread() is threading.main_thread()  # only there can signals be handled
-        previous = signal.signal(signal.SIGINT, self._on_sigint) if on_main_thread else None
+        handled = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; torchrun, SLURM (preemption, time limit) and kill send SIGTERM
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in handled} if on_main_thread else {}
         try:
             while self.state.step < total and not self._out_of_time:
                 step = self.state.step
@@ -425,18 +428,19 @@ class RunLoop:
                 if self.state.step != step + 1:
                     raise RuntimeError(f"{self.recipe} step {step + 1} ended without loop.end_of_step()")
         finally:
-            if on_main_thread:
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             self._progress.close()
 
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        """The first Ctrl-C lets the running step finish and be checkpointed (end_of_step then
-        raises Interrupted); a second one stops at once (KeyboardInterrupt)."""
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """The first Ctrl-C (SIGINT) or SIGTERM lets the running step finish and be checkpointed
+        (end_of_step then raises Interrupted); a second one stops at once (KeyboardInterrupt)."""
         if self._interrupted:
             raise KeyboardInterrupt
-        self._interrupted = True
-        self.logger.warning("Ctrl-C: stopping once the running %s step is done and checkpointed (Ctrl-C again stops at once)",
-                            self.recipe)
+        self._interrupted, self._signal = True, signum
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self.logger.warning("%s: stopping once the running %s step is done and checkpointed (%s again stops at once)",
+                            what, self.recipe, what)
 
     def wall_clock(self) -> float:
         """Seconds of wall clock since the run started: this session's since RunLoop was made, plus
@@ -484,7 +488,8 @@ class RunLoop:
         if self._out_of_time or last or self._interrupted or cadence:
             saved = self.save_checkpoint()
         if self._interrupted:
-            raise Interrupted(f"interrupted: stopped after {self.recipe} step {s.step}/{self._total}, checkpoint {saved}", saved)
+            raise Interrupted(f"interrupted: stopped after {self.recipe} step {s.step}/{self._total}, checkpoint {saved}", saved,
+                              self._signal)
         if self._out_of_time:
             self.logger.info("time budget %s (%s clock) reached after %d %s steps (%s of training, %s of wall clock, "
                              "%s kept for the final validation)", control.time_budget, control.budget_clock, s.step,
