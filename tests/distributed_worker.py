@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from cs336_alignment.config import ConfigError
 from cs336_alignment.distributed import (
     all_reduce,
     barrier,
@@ -43,7 +44,6 @@ from cs336_alignment.distributed import (
     shard_policy,
     share,
 )
-from cs336_alignment.config import ConfigError
 from cs336_alignment.errors import UserError
 from cs336_alignment.tiny import build_tiny_model, build_tiny_tokenizer
 
@@ -145,7 +145,9 @@ def main() -> None:
             for name, t in b:
                 own[name].copy_(t)
     report["plain_after_max_diff"] = max_diff(plain.state_dict(), reference)
-    from cs336_alignment.generation.vllm_backend import policy_weights  # what each rank's vLLM engine is sent
+    from cs336_alignment.generation.vllm_backend import (
+        policy_weights,  # what each rank's vLLM engine is sent
+    )
 
     sent = dict(policy_weights(model, dtype=torch.float32))
     report["vllm_names"] = sorted(sent) == sorted(k for k in reference if k != "lm_head.weight")  # tied: embedding only

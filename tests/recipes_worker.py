@@ -69,7 +69,8 @@ def ei_config(out: Path, **kw: Any) -> EIConfig:
     base = dict(
         model="tiny", out=str(out), device="cpu", seed=7, data={**ARITH, "reward": REWARD_E, "reward_in_process": True},
         n_ei_steps=2, batch_questions=6, rollouts_per_question=3, sampling_max_tokens=12, learning_rate=LR, batch_size=4,
-        micro_batch_size=1, normalize="batch_tokens", fresh_optimizer=True, n_eval_examples=5, final_eval_full=False, control={"progress": False},
+        micro_batch_size=1, normalize="batch_tokens", fresh_optimizer=True, n_eval_examples=5, final_eval_full=False,
+        control={"progress": False},
     )
     return load_config(EIConfig, None, [f"{k}={json.dumps(v)}" for k, v in {**base, **kw}.items()])
 

@@ -31,7 +31,6 @@ from cs336_alignment.distributed import (
     gather,
     init_distributed,
     load_sharded,
-    on_main,
     padded_share,
     save_sharded,
     shard_policy,
