@@ -77,14 +77,17 @@ def _is_timing(key: str) -> bool:
 
 def assert_same_records(got: list[dict], want: list[dict], tol: float = 1e-5) -> None:
     """Record by record: the same kinds, steps and keys; every value that is no clock reading
-    equal, numbers within ``tol`` or a relative 1e-6 (float32 sums in another order)."""
+    equal: a loss within 1e-5, other numbers within ``tol`` or a relative 1e-6 (float32 sums in
+    another order)."""
     assert [(r["kind"], _step(r)) for r in got] == [(r["kind"], _step(r)) for r in want]
     for g, w in zip(got, want):
         assert g.keys() == w.keys(), (g["kind"], _step(g), set(g) ^ set(w))
         for key in w:
             if _is_timing(key):
                 continue
-            if isinstance(w[key], float) and isinstance(g[key], float):
+            if key == "loss":  # the acceptance's measure: |loss difference| <= 1e-5
+                assert abs(g[key] - w[key]) <= 1e-5, (w["kind"], _step(w), g[key], w[key])
+            elif isinstance(w[key], float) and isinstance(g[key], float):
                 assert math.isclose(g[key], w[key], rel_tol=1e-6, abs_tol=tol) or (math.isnan(g[key]) and math.isnan(w[key])), \
                     (w["kind"], _step(w), key, g[key], w[key])
             else:
