@@ -34,12 +34,14 @@ __all__ = [
     "compute_naive_policy_gradient_loss",
     "compute_policy_gradient_loss",
     "grpo_microbatch_train_step",
+    "k3_kl",
     "masked_mean",
     "masked_mean_loss",
     "masked_normalize",
     "masked_normalize_loss",
     "sft_microbatch_train_step",
     "token_mean_loss",
+    "truncated_importance_weights",
 ]
 
 
@@ -229,6 +231,32 @@ def compute_grpo_no_clip_loss(
     return -ratio * advantages, {"ratio": ratio.detach()}
 
 
+def truncated_importance_weights(
+    old_log_probs: torch.Tensor, behaviour_log_probs: torch.Tensor, cap: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token truncated importance weight of samples drawn from the behaviour policy mu (the
+    generator) for the policy pi_old that the loss is about:
+
+    w = min(pi_old / mu, C) = min(exp(log pi_old - log mu), C)
+
+    Args: old_log_probs, behaviour_log_probs (B, T); cap C > 0.
+    Returns: (w (B, T), truncated (B, T) bool: where pi_old / mu > C), both detached.
+    """
+    ratio = torch.exp(old_log_probs - behaviour_log_probs).detach()  # (B, T)
+    return torch.clamp(ratio, max=cap), ratio > cap
+
+
+def k3_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(q || p) from tokens sampled from q (Schulman's estimator):
+
+    k3 = (r - 1) - log r,  r = p / q = exp(log p - log q);  k3 >= 0, and 0 where p = q.
+
+    Args: log_p, log_q (B, T). Returns (B, T).
+    """
+    log_r = log_p - log_q  # (B, T)
+    return torch.expm1(log_r) - log_r  # (B, T)
+
+
 def compute_policy_gradient_loss(
     policy_log_probs: torch.Tensor,
     loss_type: str,
@@ -283,10 +311,13 @@ def grpo_microbatch_train_step(
     length_normalization: str = "masked_mean",
     normalize_constant: float | None = None,
     num_tokens: float | None = None,
+    importance_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Policy-gradient loss for one micro-batch; calls backward().
 
-    loss = normalise(per_token_loss, response_mask) / gradient_accumulation_steps
+    loss = normalise(w * per_token_loss, response_mask) / gradient_accumulation_steps
+
+    (w = 1 unless ``importance_weights`` is given.)
 
     With the defaults, normalise = :func:`masked_mean_loss` (masked mean over each
     sequence, then mean over the batch), exactly the handout's step, except that a sequence
@@ -303,6 +334,9 @@ def grpo_microbatch_train_step(
             length) or "token_mean" (sum / ``num_tokens``, the optimizer batch's response
             token count; when ``num_tokens`` is given the result is not divided by
             ``gradient_accumulation_steps``, because it is already a share of the batch).
+        importance_weights: (B, T) detached per-token weights w of the loss, e.g. the truncated
+            importance weights min(pi_old / mu, C) of tokens sampled from a behaviour policy mu
+            (:func:`truncated_importance_weights`); None: 1.
     Returns:
         (loss, metadata): the back-propagated scalar (detached); metadata holds detached
         tensors: "loss_unscaled", "num_response_tokens", and for ratio-based losses
@@ -313,6 +347,8 @@ def grpo_microbatch_train_step(
         policy_log_probs, loss_type, raw_rewards=raw_rewards, advantages=advantages, old_log_probs=old_log_probs,
         cliprange=cliprange,
     )  # (B, T)
+    if importance_weights is not None:
+        per_token_loss = importance_weights.detach() * per_token_loss  # (B, T)
     scale = gradient_accumulation_steps
     if length_normalization == "masked_mean":
         unscaled = masked_mean_loss(per_token_loss, response_mask)

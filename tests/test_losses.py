@@ -366,3 +366,45 @@ def test_no_baseline_gradient_is_minus_reward_times_grad_log_pi(tiny_model, tiny
     objective.backward()
     for n, p in tiny_model.named_parameters():
         torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+# --------------------------------------------------------------------------- off-policy correction
+
+
+def test_truncated_importance_weights_hand_values():
+    from cs336_alignment.losses import truncated_importance_weights
+
+    old = torch.log(torch.tensor([[0.5, 0.2, 0.9]]))  # pi_old of three sampled tokens
+    mu = torch.log(torch.tensor([[0.25, 0.4, 0.1]]))  # the generator's probabilities of the same tokens
+    w, truncated = truncated_importance_weights(old, mu, cap=2.0)
+    # pi_old / mu = 0.5/0.25 = 2.0 (at the cap, kept), 0.2/0.4 = 0.5, 0.9/0.1 = 9.0 -> min(9, 2) = 2
+    assert torch.allclose(w, torch.tensor([[2.0, 0.5, 2.0]]), atol=1e-6)
+    assert truncated.tolist() == [[False, False, True]]
+    assert not w.requires_grad
+
+
+def test_k3_kl_hand_values():
+    from cs336_alignment.losses import k3_kl
+
+    log_p = torch.log(torch.tensor([[0.5, 0.2, 0.4]]))
+    log_q = torch.log(torch.tensor([[0.25, 0.2, 0.8]]))
+    # r = p / q = 2, 1, 0.5;  k3 = (r - 1) - log r = 1 - 0.6931 = 0.3069, 0, -0.5 + 0.6931 = 0.1931
+    assert torch.allclose(k3_kl(log_p, log_q), torch.tensor([[1 - math.log(2), 0.0, -0.5 + math.log(2)]]), atol=1e-6)
+
+
+def test_importance_weights_scale_each_tokens_loss_and_gradient():
+    from cs336_alignment import grpo_microbatch_train_step
+
+    lp = torch.log(torch.tensor([[0.5, 0.25, 0.1]])).requires_grad_()  # (1, 3)
+    mask = torch.tensor([[True, True, False]])
+    adv = torch.tensor([[2.0]])
+    w = torch.tensor([[1.0, 0.5, 7.0]])  # the masked third token's weight must not matter
+    loss, _ = grpo_microbatch_train_step(lp, mask, 1, "reinforce_with_baseline", advantages=adv, importance_weights=w)
+    # per token -A * w * log p: -2 * 1 * log 0.5 = 1.3863, -2 * 0.5 * log 0.25 = 1.3863; masked mean = 1.3863
+    assert math.isclose(loss.item(), 2 * math.log(2), rel_tol=1e-6)
+    # d loss / d log p = -A * w / 2 tokens = -1, -0.5, and 0 for the masked token
+    assert torch.allclose(lp.grad, torch.tensor([[-1.0, -0.5, 0.0]]))
+    lp.grad = None
+    loss_ones, _ = grpo_microbatch_train_step(lp, mask, 1, "reinforce_with_baseline", advantages=adv,
+                                              importance_weights=torch.ones(1, 3))
+    assert math.isclose(loss_ones.item(), (-2 * math.log(0.5) - 2 * math.log(0.25)) / 2, rel_tol=1e-6)  # w = 1: unchanged
