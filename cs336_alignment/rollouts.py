@@ -12,6 +12,7 @@ Glossary: b rollouts in a micro-batch, T positions after the one-token shift.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,16 +21,20 @@ import torch
 
 from .advantages import score_responses
 from .data import Example, format_prompts
-from .generation import Generator, SamplingParams
+from .distributed import ONE, DistContext, share
+from .generation import GenerationResult, Generator, SamplingParams
 from .models import free_cuda_cache
 from .tokenization import pack_prompt_and_output_ids
 
 __all__ = [
+    "LocalRollouts",
     "MicroBatch",
     "Rollout",
+    "RolloutBatch",
     "micro_batches",
     "pack_rollouts",
     "rollout_stats",
+    "rollouts_from_results",
     "sample_rollouts",
     "with_rewards",
 ]
@@ -73,6 +78,64 @@ class MicroBatch:
     rollouts: list[Rollout] = dataclasses.field(default_factory=list)  # the b records packed here, in row order
 
 
+@dataclass
+class RolloutBatch:
+    """One step's rollouts, as a rollout source hands them to training."""
+
+    rollouts: list[Rollout]  # B * G records (this rank's share in a multi-process run), group by group
+    seconds: float  # what getting them cost the trainer: sampling, or waiting for the generator process
+    extra: dict[str, float] = dataclasses.field(default_factory=dict)  # logged with the step (async: staleness, ...)
+
+
+class LocalRollouts:
+    """Rollouts sampled in this process by ``generator``, each rank for its share of each step's
+    questions (sampling streams keyed on the global question index). The synchronous counterpart
+    of :class:`~cs336_alignment.async_rollouts.AsyncRollouts`, with the same methods.
+
+    Args:
+        generator: this process's engine; ``policy``: the model trained (eval mode while sampling).
+        batch_of: step -> (the step's questions, its sampling parameters), the same on every rank.
+        template: the prompt template; ``ctx``: this rank; ``colocated_device``: see :func:`sample_rollouts`.
+    """
+
+    def __init__(
+        self,
+        generator: Generator,
+        policy: torch.nn.Module,
+        *,
+        batch_of: Callable[[int], tuple[Sequence[Example], SamplingParams]],
+        template: str,
+        ctx: DistContext = ONE,
+        colocated_device: torch.device | None = None,
+    ):
+        self.generator, self.policy, self.batch_of, self.template = generator, policy, batch_of, template
+        self.ctx, self.colocated_device = ctx, colocated_device
+
+    def start(self, step: int, policy: torch.nn.Module, saved: dict[str, Any] | None = None) -> None:
+        """Nothing to start: the generator already holds the policy's weights."""
+
+    def sample_rollouts(self, step: int) -> RolloutBatch:
+        """Sample step ``step``'s batch (this rank's share of its questions) now."""
+        questions, sampling = self.batch_of(step)
+        mine = share(questions, self.ctx)  # all of them in one process
+        sampling = dataclasses.replace(sampling, prompt_offset=self.ctx.rank * len(mine))
+        t0 = time.perf_counter()
+        rollouts = sample_rollouts(self.generator, self.policy, mine, template=self.template, sampling=sampling,
+                                   colocated_device=self.colocated_device)
+        return RolloutBatch(rollouts=rollouts, seconds=time.perf_counter() - t0)
+
+    def load_weights(self, policy: torch.nn.Module, version: int) -> None:
+        """The generator gets ``policy``'s new weights (gathered from every rank when sharded)."""
+        self.generator.load_weights(policy)
+
+    def state(self) -> dict[str, Any]:
+        """Nothing in flight for a checkpoint to keep."""
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
 def sample_rollouts(
     generator: Generator,
     policy: torch.nn.Module,
@@ -98,9 +161,18 @@ def sample_rollouts(
     policy.train()
     if colocated_device is not None:
         free_cuda_cache(colocated_device)
+    return rollouts_from_results(questions, prompts, results, first_group=sampling.prompt_offset)
+
+
+def rollouts_from_results(
+    questions: Sequence[Example], prompts: Sequence[str], results: Sequence[GenerationResult], *, first_group: int = 0
+) -> list[Rollout]:
+    """The rollout records of a generator's ``results`` for ``questions`` and their ``prompts``
+    (one result per question, in order), group by group; question g's rollouts get
+    ``group = first_group + g``."""
     return [
         Rollout(
-            group=sampling.prompt_offset + g, prompt=prompts[g], prompt_token_ids=res.prompt_token_ids, response=c.text,
+            group=first_group + g, prompt=prompts[g], prompt_token_ids=res.prompt_token_ids, response=c.text,
             response_token_ids=c.token_ids, ground_truth=questions[g].ground_truth, finish_reason=c.finish_reason,
             generator_logprobs=c.logprobs,
         )

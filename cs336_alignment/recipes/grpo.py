@@ -17,6 +17,7 @@ T positions after the one-token shift.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,16 +26,18 @@ from typing import Any, Literal
 import torch
 
 from ..advantages import frac_groups_all_equal, group_normalize
+from ..async_rollouts import AsyncRollouts
 from ..checkpoint import NonFiniteError, RunControl
 from ..config import ConfigError
 from ..data import Example, validation_subset
 from ..distributed import ONE, DistContext, DistributedError, all_reduce, gather, share, world_size
 from ..generation import SamplingParams
+from ..generation.process import GeneratorProcess
 from ..logprobs import get_response_log_probs
-from ..losses import LengthNormalization, LossType, grpo_microbatch_train_step
+from ..losses import LengthNormalization, LossType, grpo_microbatch_train_step, k3_kl, truncated_importance_weights
 from ..models import autocast, resolve_device
 from ..rewards import GraderFailures, RewardFn
-from ..rollouts import MicroBatch, Rollout, micro_batches, rollout_stats, sample_rollouts, with_rewards
+from ..rollouts import LocalRollouts, MicroBatch, Rollout, micro_batches, rollout_stats, with_rewards
 from ..tokenization import pad_token_id
 from ..trackers import check_trackers
 from .common import (
@@ -61,6 +64,7 @@ __all__ = [
     "reshuffled",
     "rollout_batch_metrics",
     "score",
+    "start_async_rollouts",
     "train_grpo",
 ]
 
@@ -96,6 +100,10 @@ class GRPOConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     max_grad_norm: float = 1.0  # gradient clipping
+    # -- asynchronous rollouts and the off-policy correction
+    async_rollouts: bool = False  # sample the next batches in a generator process (generator_device) while the policy trains
+    max_staleness: int = 1  # async: batch k is sampled with the weights after step max(0, k - max_staleness)
+    tis_cap: float | None = None  # weigh each token's loss by min(pi_old / mu, tis_cap), mu the generator's (None: off)
     # -- validation
     eval_every: int = 10  # validate every this many GRPO steps (0: only at the end)
     eval_at_start: bool = False  # also validate the starting policy (step 0)
@@ -159,6 +167,20 @@ class GRPOConfig:
             problems.append("sampling_min_tokens must be between 0 and sampling_max_tokens")
         if self.n_grpo_steps < 1 or self.epochs_per_rollout_batch < 1:
             problems.append("n_grpo_steps and epochs_per_rollout_batch must be >= 1")
+        if self.max_staleness < 1:
+            problems.append(f"max_staleness must be >= 1, got {self.max_staleness}")
+        if self.tis_cap is not None and not (math.isfinite(self.tis_cap) and self.tis_cap > 0):
+            problems.append(f"tis_cap must be a finite number > 0 (e.g. 2.0), or null to turn it off; got {self.tis_cap}")
+        if self.async_rollouts:
+            if self.generator_device == "same":
+                problems.append("async_rollouts needs a generator of its own: set generator_device to its device "
+                                "(cpu, cuda:1), not same")
+            if self.backend != "native":
+                problems.append(f"async_rollouts runs the native engine in its process; backend={self.backend!r} is not "
+                                "supported with it yet")
+            if self.loss_type in ("no_baseline", "reinforce_with_baseline") and self.tis_cap is None:
+                problems.append(f"async_rollouts with loss_type={self.loss_type}: the samples come from older weights "
+                                "and this loss has no ratio to correct for it; set tis_cap (e.g. 2.0) or use grpo_clip")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -199,6 +221,38 @@ class GRPOConfig:
     def off_policy(self) -> bool:
         return self.optimizer_steps_per_rollout_batch > 1
 
+    @property
+    def corrected(self) -> bool:
+        """Whether the steps log the behaviour-policy correction (truncated share, pi/mu KL)."""
+        return self.async_rollouts or self.tis_cap is not None
+
+    @property
+    def behaviour_is_old_policy(self) -> bool:
+        """Async without tis_cap (verl's bypass mode): the ratio losses take the generator's
+        log-probs mu as pi_old, so pi_old is never recomputed."""
+        return self.async_rollouts and self.tis_cap is None
+
+    @property
+    def recompute_old_log_probs(self) -> bool:
+        """Whether the old log-probs phase runs: off-policy, unless mu stands in for pi_old."""
+        return self.off_policy and not self.behaviour_is_old_policy
+
+
+def start_async_rollouts(
+    cfg: GRPOConfig, policy: torch.nn.Module, tokenizer: Any, batch_of: Callable[[int], tuple[list[Example], SamplingParams]],
+    *, template: str,
+) -> AsyncRollouts:
+    """The generator process on ``cfg.generator_device`` and the pipeline that keeps
+    ``max_staleness`` batches in flight (:mod:`~cs336_alignment.async_rollouts`). On the CPU the
+    process gets half of this process's threads."""
+    device = resolve_device(cfg.generator_device)
+    threads = max(1, torch.get_num_threads() // 2) if device.type == "cpu" else None
+    process = GeneratorProcess(policy.config, tokenizer, device=device, max_num_seqs=cfg.max_num_seqs,
+                               kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,
+                               max_pending_weights=cfg.max_staleness + 1, threads=threads)
+    return AsyncRollouts(process, batch_of=batch_of, template=template, max_staleness=cfg.max_staleness,
+                         total=cfg.n_grpo_steps)
+
 
 def check_data_parallel(cfg: GRPOConfig, world_size: int) -> None:
     """Refuse (DistributedError, exit 2) a batch that several processes cannot split evenly: each
@@ -229,18 +283,33 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     check_fits(cfg.model, data.template, data.train + data.val, new_tokens=cfg.sampling_max_tokens,
                new_tokens_field="sampling_max_tokens")  # an over-long prompt is refused now, not mid-run
     check_data_parallel(cfg, world_size())  # several processes: the batch must split evenly, refused now
+    if cfg.async_rollouts and world_size() > 1:
+        raise DistributedError("async_rollouts runs in one process; with several processes each rank already generates "
+                               "its own share: set async_rollouts: false")
     with RunLoop(cfg, "GRPO") as loop:  # the run directory is locked until the end
         device, colocated, ctx = loop.device, cfg.generator_device == "same", loop.ctx
-        gen_device = device if colocated else resolve_device(cfg.generator_device)
+        gen_device = device if colocated or cfg.async_rollouts else resolve_device(cfg.generator_device)  # async: validation's
         val_subset = validation_subset(data.val, cfg.n_eval_examples, cfg.eval_seed)
         policy, tokenizer, optimizer, generator = load_policy_and_generator(cfg, device=device, generator_device=gen_device,
                                                                             ctx=ctx)  # several processes: sharded
         pad_id = pad_token_id(tokenizer)  # pad, else EOS
-        loop.attach(policy, optimizer, tokenizer=tokenizer, generator=generator)  # resume: the generator gets the weights
         rollout_sampling = SamplingParams.r1_zero(  # stop at </answer> and keep it
             temperature=cfg.sampling_temperature, max_tokens=cfg.sampling_max_tokens, min_tokens=cfg.sampling_min_tokens,
             n=cfg.group_size,
         )
+
+        def batch_of(step: int) -> tuple[list[Example], SamplingParams]:
+            """Step ``step``'s questions (the same on every rank) and sampling, seeded by the step."""
+            questions = random.Random(step_seed(cfg.seed, step)).sample(data.train, cfg.n_prompts_per_rollout_batch)
+            return questions, dataclasses.replace(rollout_sampling, seed=step_seed(cfg.seed, step, 1))
+
+        source = loop.own(  # a generator process sampling ahead of training, or this process's generator
+            start_async_rollouts(cfg, policy, tokenizer, batch_of, template=data.template) if cfg.async_rollouts else
+            LocalRollouts(generator, policy, batch_of=batch_of, template=data.template, ctx=ctx,
+                          colocated_device=device if colocated else None))
+        loop.attach(policy, optimizer, tokenizer=tokenizer, generator=generator,  # resume: the generator gets the weights
+                    extra_state=source.state)  # async: checkpoints keep the batches in flight
+        source.start(loop.state.step, policy, saved=loop.saved_state)
         eval_sampling = SamplingParams.r1_zero(max_tokens=cfg.sampling_max_tokens, seed=cfg.eval_seed)
         loop.logger.info(
             "GRPO: %d steps, %d questions x %d responses, %d optimizer step(s) per rollout batch (%s), micro-batch %d, "
@@ -251,6 +320,8 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         )
 
         def validate(step: int, examples: list[Example] = val_subset, tag: str = "subset") -> dict[str, Any]:
+            if cfg.async_rollouts:  # the in-process engine validates only: give it this step's weights
+                generator.load_weights(policy)
             return loop.validate(generator, policy, data=data, examples=examples, sampling=eval_sampling, step=step, tag=tag,
                                  n_logged=cfg.log_rollout_examples)
 
@@ -259,18 +330,10 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         n_final = len(data.val) if cfg.final_eval_full else len(val_subset)  # the final validation's size
         for grpo_step in loop.steps(cfg.n_grpo_steps, eval_every=cfg.eval_every, evaluate=validate, final_examples=n_final):
             # ------------------------------------------------------------------ rollout
-            # Every rank draws the same questions and generates whole groups for its share of them.
-            questions = random.Random(step_seed(cfg.seed, grpo_step)).sample(data.train, cfg.n_prompts_per_rollout_batch)
-            mine = share(questions, ctx)  # all of them in one process
-            sampling = dataclasses.replace(rollout_sampling, seed=step_seed(cfg.seed, grpo_step, 1),
-                                           prompt_offset=ctx.rank * len(mine))  # streams keyed on the global question index
-            rollouts, rollout_seconds = timed(
-                sample_rollouts, generator=generator, policy=policy, questions=mine, template=data.template,
-                sampling=sampling, colocated_device=device if colocated else None,
-            )
+            batch = source.sample_rollouts(grpo_step)  # whole groups for this rank's share of the step's questions
             # ------------------------------------------------------------------ score and advantages
             with loop.grading() as grader:  # timeouts count as wrong answers: logged, never fatal
-                rollouts = gather(score(rollouts, data.reward_fn, cfg), ctx)  # graded where sampled; every rank gets all
+                rollouts = gather(score(batch.rollouts, data.reward_fn, cfg), ctx)  # graded where sampled; all on every rank
             # ------------------------------------------------------------------ micro-batches, old log-probs
             batches = micro_batches(  # the whole rollout batch's (the same on every rank); each rank runs its share
                 rollouts, train_batch_size=cfg.train_batch_size, micro_batch_size=cfg.micro_train_batch_size, pad_id=pad_id,
@@ -278,26 +341,26 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
             )
             gap = LogprobGap()  # generator-vs-policy log-prob gap over response tokens
             old_lp_seconds = timed(old_log_probs, policy=policy, batches=batches, cfg=cfg, gap=gap,
-                                   ctx=ctx)[1] if cfg.off_policy else 0.0
+                                   ctx=ctx)[1] if cfg.recompute_old_log_probs else 0.0
             # ------------------------------------------------------------------ update, sync
             steps, train_seconds = timed(
                 policy_update, policy=policy, optimizer=optimizer, batches=batches, cfg=cfg,
-                optimizer_step=loop.state.optimizer_step, gap=None if cfg.off_policy else gap, on_nonfinite=loop.nonfinite,
-                shuffle_seed=step_seed(cfg.seed, grpo_step, 2), pad_id=pad_id, ctx=ctx,
+                optimizer_step=loop.state.optimizer_step, gap=None if cfg.recompute_old_log_probs else gap,
+                on_nonfinite=loop.nonfinite, shuffle_seed=step_seed(cfg.seed, grpo_step, 2), pad_id=pad_id, ctx=ctx,
             )
-            generator.load_weights(policy)  # several processes: gathered, every rank's generator gets the whole model
+            source.load_weights(policy, version=grpo_step + 1)  # the new weights (gathered when sharded)
             # ------------------------------------------------------------------ log, end of step
-            seconds = all_reduce({"rollout": rollout_seconds, "old_logprob": old_lp_seconds, "train": train_seconds}, ctx,
+            seconds = all_reduce({"rollout": batch.seconds, "old_logprob": old_lp_seconds, "train": train_seconds}, ctx,
                                  op="max")  # the slowest rank's
             shared = rollout_batch_metrics(
                 rollouts, cfg, gap=gap.all_reduce(ctx), grader=grader, rollout_seconds=seconds["rollout"],
                 old_logprob_seconds=seconds["old_logprob"], train_seconds=seconds["train"], wall_clock_train=loop.stop_clock(),
                 skipped_steps=loop.state.skipped_steps,
-            )
+            ) | batch.extra  # async: the batch's staleness and weights version
             for step_stats in steps:
                 loop.state.optimizer_step += 1
                 loop.sink.log("train", loop.state.optimizer_step,
-                              {"grpo_step": grpo_step, **step_stats.record(cfg.loss_type), **shared})
+                              {"grpo_step": grpo_step, **step_stats.record(cfg.loss_type, correction=cfg.corrected), **shared})
             last = steps[-1] if steps else StepStats.nan()
             loop.end_of_step(
                 f"reward {shared['train_reward_mean']:.3f} (format {shared['train_format_reward_mean']:.3f}), "
@@ -376,6 +439,8 @@ class StepStats:
     clipped_tokens: float  # response tokens whose clipped term was taken (grpo_clip)
     ratio_sum: float  # sum of pi / pi_old over response tokens (grpo_clip, grpo_no_clip)
     lr: float  # learning rate of the step
+    truncated_tokens: float = 0.0  # response tokens whose importance weight pi_old / mu was cut to tis_cap
+    behaviour_kl_sum: float = 0.0  # sum over response tokens of the k3 estimate of KL(mu || pi), mu the generator
 
     @property
     def token_entropy(self) -> float:
@@ -387,14 +452,18 @@ class StepStats:
         return cls(epoch=0, tokens=0, loss=float("nan"), grad_norm=float("nan"), entropy_sum=float("nan"),
                    clipped_tokens=0.0, ratio_sum=0.0, lr=float("nan"))
 
-    def record(self, loss_type: str) -> dict[str, float]:
-        """The step's metrics as logged: per-token means of the sums."""
+    def record(self, loss_type: str, correction: bool = False) -> dict[str, float]:
+        """The step's metrics as logged: per-token means of the sums; with ``correction`` (async
+        rollouts or tis_cap) also the truncated share and the pi/mu KL."""
         record = {"epoch": self.epoch, "loss": self.loss, "grad_norm": self.grad_norm,
                   "token_entropy": self.token_entropy, "lr": self.lr}
         if loss_type in ("grpo_clip", "grpo_no_clip"):
             record["ratio_mean"] = self.ratio_sum / max(self.tokens, 1)
         if loss_type == "grpo_clip":
             record["clip_fraction"] = self.clipped_tokens / max(self.tokens, 1)
+        if correction:
+            record["truncated_fraction"] = self.truncated_tokens / max(self.tokens, 1)
+            record["behaviour_kl"] = self.behaviour_kl_sum / max(self.tokens, 1)
         return record
 
 
@@ -433,14 +502,13 @@ def policy_update(
         for first in range(0, len(epoch_batches), per_step):
             step_batches = epoch_batches[first : first + per_step]
             tokens = sum(mb.num_response_tokens for mb in step_batches)  # the whole train batch's
-            sums = accumulate_gradients(policy, share(step_batches, ctx), cfg, tokens=tokens, gap=gap)
-            loss, entropy_sum, clipped, ratio_sum = all_reduce(dict(zip(("loss", "entropy", "clipped", "ratio"), sums)),
-                                                               ctx, op="sum").values()
-            grad_norm = clip_and_step(policy, optimizer, max_grad_norm=cfg.max_grad_norm, loss=loss,
+            sums = all_reduce(accumulate_gradients(policy, share(step_batches, ctx), cfg, tokens=tokens, gap=gap), ctx,
+                              op="sum")  # over every rank's micro-batches
+            grad_norm = clip_and_step(policy, optimizer, max_grad_norm=cfg.max_grad_norm, loss=sums["loss"],
                                       step=optimizer_step + len(taken) + 1, on_nonfinite=on_nonfinite)
             if grad_norm is not None:
-                taken.append(StepStats(epoch=epoch, tokens=tokens, loss=loss, grad_norm=grad_norm, entropy_sum=entropy_sum,
-                                       clipped_tokens=clipped, ratio_sum=ratio_sum, lr=optimizer.param_groups[0]["lr"]))
+                taken.append(StepStats(epoch=epoch, tokens=tokens, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"],
+                                       **sums))
     return taken
 
 
@@ -455,14 +523,20 @@ def reshuffled(batches: Sequence[MicroBatch], cfg: GRPOConfig, *, seed: int, pad
 
 def accumulate_gradients(
     policy: torch.nn.Module, step_batches: Sequence[MicroBatch], cfg: GRPOConfig, *, tokens: int, gap: LogprobGap | None
-) -> tuple[float, float, float, float]:
+) -> dict[str, float]:
     """Forward and backward over one optimizer step's micro-batches (gradients accumulate).
 
-    Returns (loss, entropy sum, clipped tokens, ratio sum) over the step's response tokens,
-    summed on the device and read once.
+    pi_old is the recomputed old policy (off-policy), else the current one (detached), or, in
+    async bypass mode, the generator's mu. With ``tis_cap`` each token's loss is weighed by
+    min(pi_old / mu, tis_cap) (:func:`~cs336_alignment.losses.truncated_importance_weights`).
+
+    Returns the step's sums over its response tokens, read from the device once, named as
+    :class:`StepStats` fields: loss, entropy_sum, clipped_tokens, ratio_sum, truncated_tokens,
+    behaviour_kl_sum (the k3 estimate of KL(mu || pi)).
     """
     device = next(policy.parameters()).device
-    loss_sum, entropy_sum, clipped_sum, ratio_sum = (torch.zeros((), device=device) for _ in range(4))  # () each
+    names = ("loss", "entropy_sum", "clipped_tokens", "ratio_sum", "truncated_tokens", "behaviour_kl_sum")
+    sums = {name: torch.zeros((), device=device) for name in names}  # () each
     for mb in step_batches:
         with autocast(device):
             out = get_response_log_probs(
@@ -470,20 +544,30 @@ def accumulate_gradients(
                 positions_mask=mb.response_mask,
             )
         log_probs = out["log_probs"]  # (b, T) fp32
-        old = mb.old_log_probs if mb.old_log_probs is not None else log_probs.detach()  # (b, T)
+        if mb.old_log_probs is not None:
+            old = mb.old_log_probs  # (b, T) recomputed pi_old
+        else:
+            old = mb.generator_logprobs if cfg.behaviour_is_old_policy else log_probs.detach()  # (b, T)
+        weights = None
+        if cfg.tis_cap is not None:
+            weights, truncated = truncated_importance_weights(old, mb.generator_logprobs, cfg.tis_cap)  # (b, T) each
+            sums["truncated_tokens"] += (truncated & mb.response_mask).sum()
         loss, meta = grpo_microbatch_train_step(
             log_probs, mb.response_mask, gradient_accumulation_steps=cfg.gradient_accumulation_steps, loss_type=cfg.loss_type,
             raw_rewards=mb.raw_rewards, advantages=mb.advantages, old_log_probs=old, cliprange=cfg.cliprange,
             length_normalization=cfg.length_normalization, normalize_constant=float(cfg.sampling_max_tokens),
-            num_tokens=tokens if cfg.length_normalization == "token_mean" else None,
+            num_tokens=tokens if cfg.length_normalization == "token_mean" else None, importance_weights=weights,
         )
-        loss_sum += loss
-        entropy_sum += (out["token_entropy"].detach() * mb.response_mask).sum()  # ()
-        clipped_sum += meta.get("clipped_tokens", 0.0)
-        ratio_sum += meta.get("ratio_sum", 0.0)
+        sums["loss"] += loss
+        sums["entropy_sum"] += (out["token_entropy"].detach() * mb.response_mask).sum()  # ()
+        sums["clipped_tokens"] += meta.get("clipped_tokens", 0.0)
+        sums["ratio_sum"] += meta.get("ratio_sum", 0.0)
+        if cfg.corrected:
+            kl = k3_kl(log_probs.detach(), mb.generator_logprobs)  # (b, T) KL(mu || pi) per token
+            sums["behaviour_kl_sum"] += torch.where(mb.response_mask, kl, torch.zeros((), device=device)).sum()
         if gap is not None:
             gap.add(log_probs.detach(), mb)
-    return tuple(torch.stack([loss_sum, entropy_sum, clipped_sum, ratio_sum]).tolist())
+    return dict(zip(names, torch.stack(list(sums.values())).tolist()))
 
 
 def rollout_batch_metrics(
@@ -508,7 +592,7 @@ def rollout_batch_metrics(
         "generator_policy_logprob_gap_mean": gap.mean,
         "generator_policy_logprob_gap_max": gap.max,
         "rollout_seconds": rollout_seconds,
-        "rollout_tokens_per_second": rollout_tokens / rollout_seconds,
+        "rollout_tokens_per_second": rollout_tokens / rollout_seconds if rollout_seconds > 0 else None,
         "old_logprob_seconds": old_logprob_seconds,
         "train_seconds": train_seconds,
         "train_tokens_per_second": train_tokens / train_seconds if train_seconds > 0 else None,

@@ -137,7 +137,7 @@ FIXED_FIELDS = frozenset({  # what the completed steps computed with: refused un
     "sampling_max_tokens", "epochs_per_rollout_batch", "train_batch_size", "loss_type", "use_std_normalization",
     "length_normalization", "cliprange", "backend", "n_examples", "filter_correct", "batch_size", "max_seq_len",
     "normalize", "normalize_constant", "batch_questions", "rollouts_per_question", "dedupe_correct", "sft_epochs",
-    "fresh_optimizer",
+    "fresh_optimizer", "async_rollouts", "max_staleness", "tis_cap",
 })
 
 
@@ -259,6 +259,9 @@ class RunLoop:
             self.logger = _rank_logger(self.ctx.rank)
             self.sink = _NoSink()
         self.state = RunState()
+        self.saved_state: dict[str, Any] = {}  # the checkpoint's trainer state when resuming (attach)
+        self._extra_state: Callable[[], dict[str, Any]] | None = None
+        self._owned = contextlib.ExitStack()  # what the run closes at its end (own())
         self._policy: torch.nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._tokenizer: Any = None
@@ -348,9 +351,17 @@ class RunLoop:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def own(self, resource: Any) -> Any:
+        """Close ``resource`` (anything with ``close()``, e.g. a generator process) when the run
+        ends, however it ends; returns it."""
+        self._owned.callback(resource.close)
+        return resource
+
     def close(self) -> None:
-        """Close the metrics sink and the log, release the directory's lock, and leave the process
-        group this run joined (idempotent)."""
+        """Close what the run owns, the metrics sink and the log, release the directory's lock,
+        and leave the process group this run joined (idempotent)."""
+        if hasattr(self, "_owned"):
+            self._owned.close()
         self._close_run_dir()
         if self._owns_group:
             close_distributed(self.ctx)
@@ -379,15 +390,19 @@ class RunLoop:
         *,
         tokenizer: Any = None,
         generator: Generator | None = None,
+        extra_state: Callable[[], dict[str, Any]] | None = None,
     ) -> RunState:
         """Name the model, its tokenizer and the optimizer (None: not checkpointed) that
         checkpoints hold (a checkpoint's model/ is a Hugging Face folder of them). When
         resuming, restore them, every RNG state and the counters from the latest checkpoint,
         cut metrics.jsonl back to its length at that moment, and load the restored weights into
-        ``generator`` (when given)."""
+        ``generator`` (when given). ``extra_state()`` (plain values) joins every checkpoint's
+        trainer state; on resume the whole saved state is :attr:`saved_state`."""
         self._policy, self._optimizer, self._tokenizer = policy, optimizer, tokenizer
+        self._extra_state = extra_state
         if self._latest is not None:
-            self.state = RunState.from_saved(self.checkpoints.load(self._latest, policy, optimizer, ctx=self.ctx))
+            self.saved_state = self.checkpoints.load(self._latest, policy, optimizer, ctx=self.ctx)
+            self.state = RunState.from_saved(self.saved_state)
             self._wall_before = self.state.wall_clock
             if self.ctx.is_main:
                 truncate_metrics(self.run.metrics_path, self.state.metrics_bytes)
@@ -502,7 +517,8 @@ class RunLoop:
         if self.ctx.is_main:  # the state rank 0 saves is the one that counts
             s.metrics_bytes = self.run.metrics_path.stat().st_size if self.run.metrics_path.exists() else 0
         s.wall_clock = self.wall_clock()
-        return self.checkpoints.save(s.step, model=self._policy, optimizer=self._optimizer, state=asdict(s),
+        extra = self._extra_state() if self._extra_state is not None else {}
+        return self.checkpoints.save(s.step, model=self._policy, optimizer=self._optimizer, state={**asdict(s), **extra},
                                      tokenizer=self._tokenizer, ctx=self.ctx)
 
     def _agree(self, flag: bool) -> bool:

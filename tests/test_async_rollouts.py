@@ -1,0 +1,181 @@
+"""Asynchronous GRPO rollouts: a generator process samples ahead with deterministic staleness, the
+off-policy correction, and what happens when either process dies.
+
+One uninterrupted async run (module fixture) is the reference: a run whose generator process is
+killed mid-run and then resumed must write the same metrics, which also shows that the staleness
+rule makes runs reproduce whatever the timing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cs336_alignment.config import load_config
+from cs336_alignment.generation.process import GeneratorDied
+from cs336_alignment.recipes.grpo import GRPOConfig, train_grpo
+from cs336_alignment.run_dir import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+REWARD = str(REPO / "tests" / "reward_helpers.py") + ":contains_one"
+ARITH = {"train": "task:arithmetic", "task_knobs": {"digits": 1}, "n_task_train": 64, "n_task_val": 8,
+         "reward": REWARD, "reward_in_process": True}
+CLOCKS = ("time", "wall_clock", "wall_clock_train")
+
+
+def config(out: Path, **kw) -> GRPOConfig:
+    """3 async GRPO steps of 4 questions x 4 responses, grpo_clip with the generator's log-probs as
+    pi_old, a checkpoint every step."""
+    base = dict(
+        model="tiny", out=str(out), device="cpu", seed=3, n_grpo_steps=3, learning_rate=1e-3, data=ARITH,
+        rollout_batch_size=16, group_size=4, train_batch_size=16, micro_batch_size=4, loss_type="grpo_clip",
+        sampling_max_tokens=12, eval_every=0, n_eval_examples=4, final_eval_full=False, log_rollout_examples=0,
+        async_rollouts=True, generator_device="cpu", control={"checkpoint_every": 1, "progress": False},
+    )
+    return load_config(GRPOConfig, None, [f"{k}={json.dumps(v)}" for k, v in {**base, **kw}.items()])
+
+
+def comparable(path: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in CLOCKS and "second" not in k} for r in read_jsonl(path)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("async") / "g"
+    train_grpo(config(out))
+    return out
+
+
+def test_each_batch_is_sampled_with_the_weights_of_the_step_before(reference):
+    train = [r for r in read_jsonl(reference / "metrics.jsonl") if r["kind"] == "train"]
+    # batch k with the weights after step max(0, k - 1): versions 0, 0, 1; staleness 0, 1, 1
+    assert [(r["grpo_step"], r["weights_version"], r["staleness"]) for r in train] == [(0, 0, 0), (1, 0, 1), (2, 1, 1)]
+    assert all(r["generation_seconds"] > 0 and r["rollout_seconds"] >= 0 for r in train)
+    # batch 0 came from the starting weights, which the policy still has: mu = pi (both fp32 on the CPU)
+    assert abs(train[0]["behaviour_kl"]) < 1e-6 and abs(train[0]["ratio_mean"] - 1) < 1e-5
+    # after a step that moved the weights, the next batch (one step stale) is off the policy: pi / mu differs from 1
+    moved = [k for k in range(2) if train[k]["grad_norm"] > 0]
+    assert moved and all(train[k + 1]["behaviour_kl"] > 1e-4 for k in moved), [(r["grad_norm"], r["behaviour_kl"]) for r in train]
+
+
+def test_a_killed_generator_stops_the_run_in_one_line_and_resume_reproduces(reference, tmp_path, monkeypatch):
+    monkeypatch.setenv("CS336_ALIGNMENT_FAULT", "generator:2")  # the child SIGKILLs itself before sampling batch 2
+    with pytest.raises(GeneratorDied) as e:
+        train_grpo(config(tmp_path / "g"))
+    assert str(e.value) == ("the generator process died (killed by signal 9) while sampling batch 2; the last checkpoint "
+                            "is intact: continue with --resume")
+    assert e.value.exit_code == 1
+    checkpoints = sorted(p.name for p in (tmp_path / "g" / "checkpoints").glob("step_*"))
+    assert checkpoints == ["step_000001"]  # step 2's checkpoint waits for batch 2, which never came
+    saved = torch.load(tmp_path / "g" / "checkpoints" / "step_000001" / "trainer.pt", weights_only=True)["state"]
+    assert list(saved["async_batches"]) == ["1"] and saved["async_batches"]["1"]["version"] == 0  # in flight, kept
+    monkeypatch.delenv("CS336_ALIGNMENT_FAULT")
+    train_grpo(config(tmp_path / "g", control={"resume": True, "checkpoint_every": 1, "progress": False}))
+    assert comparable(tmp_path / "g" / "metrics.jsonl") == comparable(reference / "metrics.jsonl")
+
+
+def test_a_killed_run_leaves_no_generator_process(tmp_path):
+    args = [f"{k}={json.dumps(v)}" for k, v in {"n_grpo_steps": 50, "out": str(tmp_path / "g")}.items()]
+    base = config(tmp_path / "g")
+    from cs336_alignment.config import dump_yaml
+
+    (tmp_path / "c.yaml").write_text(dump_yaml(base))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("CS336_ALIGNMENT_FAULT", None)
+    parent = subprocess.Popen([sys.executable, "-m", "cs336_alignment", "grpo", "--config", str(tmp_path / "c.yaml"), *args],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        child = None
+        deadline = time.monotonic() + 120
+        while child is None and time.monotonic() < deadline and parent.poll() is None:
+            child = _generator_child(parent.pid)
+            time.sleep(0.2)
+        assert child is not None, "no generator process started"
+        parent.kill()  # SIGKILL: the parent cannot clean up
+        parent.wait()
+        deadline = time.monotonic() + 15
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(child), "the generator process outlived its parent"
+    finally:
+        parent.kill()
+
+
+def _generator_child(pid: int) -> int | None:
+    """The pid of ``pid``'s child that runs multiprocessing's spawn entry point, if any."""
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        for child in (task / "children").read_text().split():
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"spawn_main" in cmdline:
+                return int(child)
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait is missing
+
+
+def test_importance_weights_are_one_when_the_generator_is_the_policy(tiny_model, tiny_tokenizer):
+    from cs336_alignment.data import generate_splits, load_template, make_task
+    from cs336_alignment.generation import NativeEngine, SamplingParams
+    from cs336_alignment.logprobs import get_response_log_probs
+    from cs336_alignment.losses import truncated_importance_weights
+    from cs336_alignment.rollouts import micro_batches, sample_rollouts
+
+    questions, _ = generate_splits(make_task("arithmetic", digits=1), 4, 1, seed=0)
+    engine = NativeEngine(tiny_model, tiny_tokenizer, device="cpu", dtype=torch.float32)  # a frozen fp32 copy
+    rollouts = sample_rollouts(engine, tiny_model, questions, template=load_template("r1_zero"),
+                               sampling=SamplingParams(n=4, max_tokens=16, seed=1))
+    (mb,) = micro_batches(rollouts, train_batch_size=16, micro_batch_size=16, pad_id=0)
+    with torch.no_grad():
+        pi = get_response_log_probs(tiny_model, mb.input_ids, mb.labels, positions_mask=mb.response_mask)["log_probs"]
+    w, truncated = truncated_importance_weights(pi, mb.generator_logprobs, cap=2.0)  # min(pi / mu, 2) per token
+    assert (w[mb.response_mask] - 1).abs().max().item() <= 1e-5 and not truncated.any()
+    assert mb.response_mask.sum() > 32
+
+
+def test_the_synchronous_truncated_importance_weight_changes_nothing_when_mu_is_pi(tmp_path):
+    # fp32 engine and policy on the CPU: pi_old / mu = 1 up to rounding, so min(., 2) leaves the loss as it was
+    sync = dict(async_rollouts=False, generator_device="same", n_grpo_steps=1, train_batch_size=8, control={"progress": False},
+                data={**ARITH, "reward": REWARD.replace("contains_one", "contains_e")})  # rewards vary: a learning signal
+    train_grpo(config(tmp_path / "a", **sync))
+    train_grpo(config(tmp_path / "b", tis_cap=2.0, **sync))
+    a = [r for r in read_jsonl(tmp_path / "a" / "metrics.jsonl") if r["kind"] == "train"]
+    b = [r for r in read_jsonl(tmp_path / "b" / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(a) == len(b) == 2 and any(r["grad_norm"] > 0 for r in a)  # two optimizer steps: the second is off-policy
+    for x, y in zip(a, b):
+        assert math.isclose(x["loss"], y["loss"], rel_tol=1e-4, abs_tol=1e-6)
+        assert math.isclose(x["grad_norm"], y["grad_norm"], rel_tol=1e-4)
+    assert all(y["truncated_fraction"] == 0 and abs(y["behaviour_kl"]) < 1e-4 for y in b)
+    assert "truncated_fraction" not in a[0]  # logged only with a correction
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"generator_device": "same"}, "async_rollouts needs a generator of its own: set generator_device to its device"),
+    ({"loss_type": "reinforce_with_baseline"}, "async_rollouts with loss_type=reinforce_with_baseline: the samples come "
+                                               "from older weights"),
+    ({"max_staleness": 0}, "max_staleness must be >= 1, got 0"),
+    ({"tis_cap": 0.0}, "tis_cap must be a finite number > 0"),
+    ({"backend": "vllm"}, "async_rollouts runs the native engine in its process; backend='vllm' is not supported"),
+])
+def test_async_settings_that_cannot_work_are_refused_in_one_line(tmp_path, fields, message):
+    from cs336_alignment.config import ConfigError
+
+    with pytest.raises((ValueError, ConfigError), match=message):
+        config(tmp_path / "x", **fields)
+    config(tmp_path / "x", loss_type="reinforce_with_baseline", tis_cap=2.0)  # with the correction: accepted
