@@ -77,6 +77,7 @@ class GeneratorProcess:
         self._results = mp.Queue()
         device = torch.device(device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        self._dtype = dtype  # weights travel in the engine's dtype: half the bytes of fp32 master weights in bf16
         self._process = mp.Process(
             target=_serve, name="cs336-generator", daemon=True,
             args=(model_config, tokenizer, str(device), dtype, max_num_seqs, kv_cache_memory_fraction, threads,
@@ -90,11 +91,12 @@ class GeneratorProcess:
         return self._process.pid
 
     def push_weights(self, version: int, policy: torch.nn.Module) -> None:
-        """Queue ``policy``'s current weights as ``version`` (a CPU copy, gathered when sharded);
-        waits while ``max_pending_weights`` versions are queued."""
+        """Queue ``policy``'s current weights as ``version`` (a CPU copy in the engine's dtype,
+        gathered when sharded); waits while ``max_pending_weights`` versions are queued."""
         from ..distributed import full_weights
 
-        state = {name: tensor.detach().to("cpu", copy=True) for bucket in full_weights(policy) for name, tensor in bucket}
+        state = {name: tensor.detach().to("cpu", dtype=self._dtype if tensor.is_floating_point() else None, copy=True)
+                 for bucket in full_weights(policy) for name, tensor in bucket}
         self._put(self._weights, (version, state))
 
     def request(self, batch: int, prompts: Sequence[str], sampling: SamplingParams, *, version: int) -> None:
