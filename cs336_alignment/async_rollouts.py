@@ -22,6 +22,7 @@ checkpoint's, and are not kept anywhere else.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -37,6 +38,8 @@ from .rollouts import RolloutBatch, rollouts_from_results
 __all__ = [
     "AsyncRollouts",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 class AsyncRollouts:
@@ -67,6 +70,8 @@ class AsyncRollouts:
         self.max_staleness = max_staleness
         self.total = total
         self._asked: list[int] = []  # batches asked for and not yet received, in order
+        self._first = 0  # the step this session started at (start())
+        self.restore_threads: int | None = None  # torch threads this process had before it shared the CPU with the child
         self._ready: dict[int, tuple[list[GenerationResult], int, float]] = {}  # received: results, version, seconds
 
     def version_of(self, batch: int) -> int:
@@ -74,24 +79,23 @@ class AsyncRollouts:
         return max(0, batch - self.max_staleness)
 
     def start(self, step: int, policy: torch.nn.Module, saved: dict[str, Any] | None = None) -> None:
-        """Begin at ``step`` (steps done) with ``policy``'s weights as version ``step``: batches
+        """Begin at ``step`` (steps done) with ``policy``'s weights as version ``step``; batches
         ``step .. step + s - 1`` come from ``saved`` (a checkpoint's :meth:`state`) when there,
-        else are asked for."""
+        else are asked for with the first :meth:`sample_rollouts` (a run whose budget is already
+        spent asks for none)."""
         self.process.push_weights(step, policy)
+        self._first = step
         for batch, (results, version, seconds) in _load_batches(saved or {}).items():
             self._ready[batch] = (results, version, seconds)
-        for batch in range(step, min(step + self.max_staleness, self.total)):
-            if batch not in self._ready:  # (a checkpoint without them: sampled with this step's weights)
-                self._ask(batch, version=max(self.version_of(batch), step))
 
     def sample_rollouts(self, step: int) -> RolloutBatch:
-        """Batch ``step``: first ask for batch ``step + s`` (its version, ``step``, was pushed at the
-        end of the previous step), then wait for this one. Its ``seconds`` are the wait (the
-        generation not hidden behind training); ``extra`` holds its staleness (step - version),
-        weights version and the generator's own seconds."""
-        ahead = step + self.max_staleness
-        if ahead < self.total and ahead not in self._asked and ahead not in self._ready:
-            self._ask(ahead)
+        """Batch ``step``: first ask for every batch up to ``step + s`` not yet asked for (batch
+        ``step + s`` takes version ``step``, pushed at the end of the previous step), then wait for
+        this one. Its ``seconds`` are the wait (the generation not hidden behind training);
+        ``extra`` holds its staleness (step - version), weights version and the generator's own seconds."""
+        for batch in range(step, min(step + self.max_staleness + 1, self.total)):
+            if batch not in self._asked and batch not in self._ready:  # (a first step after a resume: from this
+                self._ask(batch, version=max(self.version_of(batch), self._first))  # step's weights at the oldest)
         t0 = time.perf_counter()
         results, version, seconds = self._receive(step)
         waited = time.perf_counter() - t0
@@ -108,13 +112,19 @@ class AsyncRollouts:
 
     def state(self) -> dict[str, Any]:
         """The batches in flight, waited for, as plain values (what a checkpoint keeps)."""
+        if self._asked:
+            logger.info("checkpoint: waiting for %d rollout batch(es) in flight, which it keeps", len(self._asked))
         for batch in list(self._asked):
             self._receive_into_ready(batch)
         return {"async_batches": {str(batch): _dump(results, version, seconds)
                                   for batch, (results, version, seconds) in sorted(self._ready.items())}}
 
     def close(self) -> None:
+        """Stop the generator process; give this process back the threads it lent it."""
         self.process.close()
+        if self.restore_threads is not None:
+            torch.set_num_threads(self.restore_threads)
+            self.restore_threads = None
 
     def _ask(self, batch: int, version: int | None = None) -> None:
         questions, sampling = self.batch_of(batch)

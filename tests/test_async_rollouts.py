@@ -9,7 +9,6 @@ rule makes runs reproduce whatever the timing.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -149,22 +148,6 @@ def test_importance_weights_are_one_when_the_generator_is_the_policy(tiny_model,
     assert mb.response_mask.sum() > 32
 
 
-def test_the_synchronous_truncated_importance_weight_changes_nothing_when_mu_is_pi(tmp_path):
-    # fp32 engine and policy on the CPU: pi_old / mu = 1 up to rounding, so min(., 2) leaves the loss as it was
-    sync = dict(async_rollouts=False, generator_device="same", n_grpo_steps=1, train_batch_size=8, control={"progress": False},
-                data={**ARITH, "reward": REWARD.replace("contains_one", "contains_e")})  # rewards vary: a learning signal
-    train_grpo(config(tmp_path / "a", **sync))
-    train_grpo(config(tmp_path / "b", tis_cap=2.0, **sync))
-    a = [r for r in read_jsonl(tmp_path / "a" / "metrics.jsonl") if r["kind"] == "train"]
-    b = [r for r in read_jsonl(tmp_path / "b" / "metrics.jsonl") if r["kind"] == "train"]
-    assert len(a) == len(b) == 2 and any(r["grad_norm"] > 0 for r in a)  # two optimizer steps: the second is off-policy
-    for x, y in zip(a, b):
-        assert math.isclose(x["loss"], y["loss"], rel_tol=1e-4, abs_tol=1e-6)
-        assert math.isclose(x["grad_norm"], y["grad_norm"], rel_tol=1e-4)
-    assert all(y["truncated_fraction"] == 0 and abs(y["behaviour_kl"]) < 1e-4 for y in b)
-    assert "truncated_fraction" not in a[0]  # logged only with a correction
-
-
 @pytest.mark.parametrize(("fields", "message"), [
     ({"generator_device": "same"}, "async_rollouts needs a generator of its own: set generator_device to its device"),
     ({"loss_type": "reinforce_with_baseline"}, "async_rollouts with loss_type=reinforce_with_baseline: the samples come "
@@ -188,3 +171,130 @@ def test_async_rollouts_under_torchrun_are_refused_before_the_run(tmp_path, monk
     with pytest.raises(DistributedError, match=r"^async_rollouts runs in one process"):
         train_grpo(config(tmp_path / "g"))
     assert not (tmp_path / "g").exists()
+
+
+class FakeProcess:
+    """Stands in for the generator process: records pushes and requests, answers in order."""
+
+    def __init__(self) -> None:
+        self.pushed: list[int] = []
+        self.requests: list[tuple[int, int]] = []  # (batch, version)
+        self.closed = False
+
+    def push_weights(self, version, policy) -> None:
+        self.pushed.append(version)
+
+    def request(self, batch, prompts, sampling, *, version) -> None:
+        assert version <= self.pushed[-1], "asked for a version not pushed yet: the child would wait forever"
+        self.requests.append((batch, version))
+
+    def result(self, batch):
+        from cs336_alignment.generation import Completion, GenerationResult
+
+        asked = dict(self.requests)
+        done = [GenerationResult(prompt="p", prompt_token_ids=[1], completions=[Completion("x", [2], "eos", [-0.5])])]
+        return done, asked[batch], 0.25
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _pipeline(process, s, total):
+    from cs336_alignment.async_rollouts import AsyncRollouts
+    from cs336_alignment.data import Example
+    from cs336_alignment.generation import SamplingParams
+
+    return AsyncRollouts(process, batch_of=lambda k: ([Example(question=f"q{k}", ground_truth="1")], SamplingParams()),
+                         template="{question}", max_staleness=s, total=total)
+
+
+@pytest.mark.parametrize("s", [1, 2])
+def test_batch_k_is_asked_for_with_version_k_minus_the_staleness_and_resume_keeps_the_rule(s):
+    fresh = FakeProcess()
+    pipeline = _pipeline(fresh, s, total=6)
+    pipeline.start(0, policy=None)
+    assert fresh.requests == []  # asked lazily: a resumed run whose budget is spent asks for nothing
+    staleness = []
+    for k in range(3):
+        batch = pipeline.sample_rollouts(k)
+        staleness.append(batch.extra["staleness"])
+        pipeline.load_weights(None, version=k + 1)
+    # batch k with version max(0, k - s); asked s batches ahead
+    assert fresh.requests == [(k, max(0, k - s)) for k in range(3 + s)]
+    assert staleness == [min(k, s) for k in range(3)] and max(staleness) <= s
+    saved = pipeline.state()  # the checkpoint after step 3: batches 3 .. 3 + s - 1 in flight, kept
+    assert sorted(saved["async_batches"]) == [str(b) for b in range(3, 3 + s)]
+    assert torch.load(_roundtrip(saved), weights_only=True) == saved  # plain values: loadable without unpickling code
+    resumed = FakeProcess()
+    again = _pipeline(resumed, s, total=6)
+    again.start(3, policy=None, saved=saved)
+    for k in range(3, 6):
+        again.sample_rollouts(k)
+        again.load_weights(None, version=k + 1)
+    # kept batches are not asked for again; the rest with the same versions as in an uninterrupted run
+    assert resumed.requests == [(k, max(0, k - s)) for k in range(3 + s, 6)]
+    assert resumed.pushed[0] == 3
+    again.close()
+    assert resumed.closed
+
+
+def _roundtrip(value):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_the_correction_weighs_tokens_and_the_bypass_takes_mu_as_the_old_policy(tiny_model):
+    from cs336_alignment.recipes.grpo import accumulate_gradients
+    from cs336_alignment.rollouts import Rollout, pack_rollouts
+
+    g = torch.Generator().manual_seed(0)
+    rollouts = [Rollout(group=0, prompt="p", prompt_token_ids=torch.randint(3, 60, (5,), generator=g).tolist(), response="r",
+                        response_token_ids=torch.randint(3, 60, (6,), generator=g).tolist(), ground_truth=None,
+                        finish_reason="eos", generator_logprobs=[-1.0] * 6, advantage=a) for a in (1.0, -1.0)]
+    mb = pack_rollouts(rollouts, pad_id=0)
+
+    def run(**fields):
+        tiny_model.zero_grad()
+        sums = accumulate_gradients(tiny_model, [mb], config(Path("/tmp/unused"), gradient_accumulation_steps=None,
+                                                             **fields), tokens=12, gap=None)
+        return sums, torch.cat([p.grad.flatten() for p in tiny_model.parameters() if p.grad is not None])
+
+    plain, grad_plain = run(async_rollouts=False, generator_device="same")
+    # mu = e^-1 per token while the tiny model's pi is about 1/vocab: pi_old / mu < 1, so a cap of 1e9 truncates nothing
+    loose, grad_loose = run(async_rollouts=False, generator_device="same", tis_cap=1e9)
+    tight, grad_tight = run(async_rollouts=False, generator_device="same", tis_cap=1e-12)  # below every pi_old / mu
+    assert loose["truncated_tokens"] == 0 and tight["truncated_tokens"] == 12
+    assert 0 < loose["weight_sum"] / 12 < 1  # w = pi_old / mu, applied
+    assert not torch.allclose(grad_loose, grad_plain)
+    assert torch.allclose(grad_tight / 1e-12, grad_plain, rtol=1e-4, atol=1e-7)  # w = C on every token: C x the gradient
+    bypass, _ = run()  # async grpo_clip without tis_cap: pi_old = mu, so the ratio is pi / mu, far from 1
+    assert abs(bypass["ratio_sum"] / 12 - 1) > 0.5 and abs(plain["ratio_sum"] / 12 - 1) < 1e-6
+    assert bypass["behaviour_kl_sum"] > 0 and plain["behaviour_kl_sum"] == 0  # logged with a correction only
+
+
+def test_the_generator_process_ignores_stop_signals_and_closes_at_once(tiny_model, tiny_tokenizer):
+    import signal as signals
+
+    from cs336_alignment.generation import SamplingParams
+    from cs336_alignment.generation.process import GeneratorProcess, _pack, _unpack
+
+    packed = _pack(iter([[("a", tiny_model.model.embed_tokens.weight), ("b", tiny_model.lm_head.weight)]]), torch.float32)
+    assert len(packed[0]) == 1 and packed[0][torch.float32].numel() == tiny_model.lm_head.weight.numel()  # tied: once
+    assert torch.equal(_unpack(packed)["b"], tiny_model.lm_head.weight.detach())
+    process = GeneratorProcess(tiny_model.config, tiny_tokenizer, device="cpu", threads=1)
+    try:
+        process.push_weights(0, tiny_model)
+        for signum in (signals.SIGINT, signals.SIGTERM):  # what Ctrl-C and SLURM send to the whole process group
+            os.kill(process.pid, signum)
+        for batch in range(3):  # three requests queued; close() must not wait for them all
+            process.request(batch, ["1 + 1 ="] * 4, SamplingParams(max_tokens=8, n=2, seed=batch), version=0)
+        results, version, _ = process.result(0)
+        assert version == 0 and len(results) == 4 and process._process.is_alive()
+    finally:
+        t0 = time.monotonic()
+        process.close()
+    assert time.monotonic() - t0 < 4 and not process._process.is_alive()

@@ -8,23 +8,28 @@
 
 The child applies the pushed versions in order, each only when a request asks for it, so a batch
 is always sampled with exactly the version it names, whatever the timing: runs reproduce. It
-talks to the parent over three queues (requests, weights, results); a weights push waits while
-``max_pending_weights`` versions are queued. The child ignores SIGINT (the parent decides when to
-stop) and exits when the parent is gone (it checks once a second), so that a parent killed with
-SIGKILL leaves no orphan. A child that dies makes the parent's next call raise
-:class:`GeneratorDied` (one line); an exception in the child reaches the parent with its traceback.
+talks to the parent over three queues (requests, weights, results); a weights push (one flat
+buffer per dtype, so a version costs a few shared-memory files, not one per tensor) waits while
+``max_pending_weights`` versions are queued. The child ignores SIGINT and SIGTERM from birth (they
+reach the whole process group; the parent decides when to stop) and dies with its parent (Linux's
+parent-death signal, and a check between batches elsewhere), so that a parent killed with SIGKILL
+leaves no orphan. A child that dies makes the parent's next call raise :class:`GeneratorDied` (one
+line); an exception in the child reaches the parent with its traceback.
 
 Glossary: none; weights are named tensors, results :class:`~cs336_alignment.generation.types.GenerationResult`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import queue
 import signal
+import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -75,15 +80,17 @@ class GeneratorProcess:
         self._requests = mp.Queue()
         self._weights = mp.Queue(maxsize=max_pending_weights)
         self._results = mp.Queue()
+        self._stop = mp.Event()  # set by close(): the child answers no further request
         device = torch.device(device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         self._dtype = dtype  # weights travel in the engine's dtype: half the bytes of fp32 master weights in bf16
         self._process = mp.Process(
             target=_serve, name="cs336-generator", daemon=True,
             args=(model_config, tokenizer, str(device), dtype, max_num_seqs, kv_cache_memory_fraction, threads,
-                  self._requests, self._weights, self._results, os.getpid()),
+                  self._requests, self._weights, self._results, self._stop, os.getpid()),
         )
-        self._process.start()
+        with _stop_signals_ignored():  # inherited from birth: a Ctrl-C or SIGTERM while the child imports is the parent's
+            self._process.start()
         self._closed = False
 
     @property
@@ -95,9 +102,7 @@ class GeneratorProcess:
         gathered when sharded); waits while ``max_pending_weights`` versions are queued."""
         from ..distributed import full_weights
 
-        state = {name: tensor.detach().to("cpu", dtype=self._dtype if tensor.is_floating_point() else None, copy=True)
-                 for bucket in full_weights(policy) for name, tensor in bucket}
-        self._put(self._weights, (version, state))
+        self._put(self._weights, (version, _pack(full_weights(policy), self._dtype)))
 
     def request(self, batch: int, prompts: Sequence[str], sampling: SamplingParams, *, version: int) -> None:
         """Ask for ``sampling.n`` completions of each prompt, sampled with weights ``version`` (the
@@ -122,18 +127,17 @@ class GeneratorProcess:
         return results, version, seconds
 
     def close(self) -> None:
-        """Stop the child (idempotent): asked first, then terminated, then killed."""
+        """Stop the child (idempotent): asked to (it finishes the batch it is sampling, if any,
+        and answers no further request), killed after 5 s (it ignores SIGTERM)."""
         if self._closed:
             return
         self._closed = True
+        self._stop.set()
         if self._process.is_alive():
             try:
                 self._requests.put(None)
             except (OSError, ValueError):
                 pass
-            self._process.join(timeout=5)
-        if self._process.is_alive():
-            self._process.terminate()
             self._process.join(timeout=5)
         if self._process.is_alive():
             self._process.kill()
@@ -169,10 +173,12 @@ class GeneratorProcess:
 
 def _serve(
     model_config: Any, tokenizer: Any, device: str, dtype: torch.dtype, max_num_seqs: int, kv_cache_memory_fraction: float,
-    threads: int | None, requests: Any, weights: Any, results: Any, parent: int,
+    threads: int | None, requests: Any, weights: Any, results: Any, stop: Any, parent: int,
 ) -> None:
     """The child's loop: build the engine, then answer requests in order until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    for signum in (signal.SIGINT, signal.SIGTERM):  # sent to the whole process group (Ctrl-C, SLURM): the parent decides
+        signal.signal(signum, signal.SIG_IGN)
+    _die_with_parent(parent)
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -188,14 +194,14 @@ def _serve(
         version = -1
         while True:
             message = _get(requests, parent)
-            if message is None:
+            if message is None or stop.is_set():
                 return
             batch, prompts, sampling, wanted = message
             fault_point("generator", batch)  # the kill tests: the child dies before sampling this batch
             while version < wanted:  # versions arrive in order; apply each up to the one asked for
-                version, state = _get(weights, parent)
+                version, packed = _get(weights, parent)
                 with torch.no_grad():
-                    model.load_state_dict(state)
+                    model.load_state_dict(_unpack(packed))
             if version != wanted:
                 raise RuntimeError(f"batch {batch} asks for weights version {wanted}, but version {version} is loaded")
             t0 = time.perf_counter()
@@ -213,3 +219,58 @@ def _get(q: Any, parent: int) -> Any:
         except queue.Empty:
             if os.getppid() != parent:  # reparented: the parent died (even by SIGKILL)
                 os._exit(0)
+
+
+@contextlib.contextmanager
+def _stop_signals_ignored() -> Iterator[None]:
+    """SIGINT and SIGTERM ignored in this process for the block (on the main thread; elsewhere
+    nothing changes): a process started inside inherits the ignored dispositions through exec,
+    so it never dies of a signal meant for the run, not even before its own code runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux), even mid-batch; exit now
+    if the parent is already gone. Elsewhere the child checks its parent between batches only."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+def _pack(buckets: Iterator[list[tuple[str, torch.Tensor]]], dtype: torch.dtype) -> tuple[dict[Any, torch.Tensor], list]:
+    """Named tensors as one flat CPU buffer per dtype (floating ones cast to ``dtype``) and an
+    index of (name, dtype, offset, shape): a version crosses the queue as a few shared-memory
+    files instead of one per tensor (a 1.5B model has about 340). Tied tensors are stored once."""
+    index, flat_parts, sizes, seen = [], {}, {}, {}
+    for bucket in buckets:
+        for name, tensor in bucket:
+            key = id(tensor)
+            if key in seen:
+                index.append((name, *seen[key]))
+                continue
+            t = tensor.detach().to("cpu", dtype=dtype if tensor.is_floating_point() else None).reshape(-1)
+            offset = sizes.get(t.dtype, 0)
+            flat_parts.setdefault(t.dtype, []).append(t)
+            sizes[t.dtype] = offset + t.numel()
+            seen[key] = (t.dtype, offset, tuple(tensor.shape))
+            index.append((name, *seen[key]))
+    return {d: torch.cat(parts) for d, parts in flat_parts.items()}, index
+
+
+def _unpack(packed: tuple[dict[Any, torch.Tensor], list]) -> dict[str, torch.Tensor]:
+    """The named tensors of :func:`_pack`, as views into its buffers."""
+    buffers, index = packed
+    return {name: buffers[d][offset:offset + math.prod(shape)].view(shape) for name, d, offset, shape in index}

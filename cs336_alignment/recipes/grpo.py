@@ -169,6 +169,10 @@ class GRPOConfig:
             problems.append("n_grpo_steps and epochs_per_rollout_batch must be >= 1")
         if self.max_staleness < 1:
             problems.append(f"max_staleness must be >= 1, got {self.max_staleness}")
+        if (self.async_rollouts or self.tis_cap is not None) and self.sampling_temperature != 1.0:
+            problems.append(f"async_rollouts and tis_cap need sampling_temperature 1 (got {self.sampling_temperature}): the "
+                            "generator's log-probs mu are those of temperature 1, the correction's importance ratios need "
+                            "those of the distribution actually sampled")
         if self.tis_cap is not None and not (math.isfinite(self.tis_cap) and self.tis_cap > 0):
             problems.append(f"tis_cap must be a finite number > 0 (e.g. 2.0), or null to turn it off; got {self.tis_cap}")
         if self.async_rollouts:
@@ -178,6 +182,9 @@ class GRPOConfig:
             if self.backend != "native":
                 problems.append(f"async_rollouts runs the native engine in its process; backend={self.backend!r} is not "
                                 "supported with it yet")
+            if self.generator_device == self.device and self.generator_device.startswith("cuda"):
+                problems.append(f"async_rollouts needs a generator of its own: generator_device={self.generator_device!r} is "
+                                "the policy's GPU, where training would take the memory the generator sized its cache by")
             if self.loss_type in ("no_baseline", "reinforce_with_baseline") and self.tis_cap is None:
                 problems.append(f"async_rollouts with loss_type={self.loss_type}: the samples come from older weights "
                                 "and this loss has no ratio to correct for it; set tis_cap (e.g. 2.0) or use grpo_clip")
@@ -244,14 +251,19 @@ def start_async_rollouts(
 ) -> AsyncRollouts:
     """The generator process on ``cfg.generator_device`` and the pipeline that keeps
     ``max_staleness`` batches in flight (:mod:`~cs336_alignment.async_rollouts`). On the CPU the
-    process gets half of this process's threads."""
+    process gets half of this process's threads, and this process keeps the other half until the
+    pipeline closes."""
     device = resolve_device(cfg.generator_device)
     threads = max(1, torch.get_num_threads() // 2) if device.type == "cpu" else None
     process = GeneratorProcess(policy.config, tokenizer, device=device, max_num_seqs=cfg.max_num_seqs,
                                kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,
                                max_pending_weights=cfg.max_staleness + 1, threads=threads)
-    return AsyncRollouts(process, batch_of=batch_of, template=template, max_staleness=cfg.max_staleness,
-                         total=cfg.n_grpo_steps)
+    pipeline = AsyncRollouts(process, batch_of=batch_of, template=template, max_staleness=cfg.max_staleness,
+                             total=cfg.n_grpo_steps)
+    if threads is not None and next(policy.parameters()).device.type == "cpu":  # the cores are shared: half each
+        pipeline.restore_threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, torch.get_num_threads() - threads))
+    return pipeline
 
 
 def check_data_parallel(cfg: GRPOConfig, world_size: int) -> None:
@@ -354,6 +366,7 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
                                  op="max")  # the slowest rank's
             shared = rollout_batch_metrics(
                 rollouts, cfg, gap=gap.all_reduce(ctx), grader=grader, rollout_seconds=seconds["rollout"],
+                generation_seconds=batch.extra.get("generation_seconds", seconds["rollout"]),
                 old_logprob_seconds=seconds["old_logprob"], train_seconds=seconds["train"], wall_clock_train=loop.stop_clock(),
                 skipped_steps=loop.state.skipped_steps,
             ) | batch.extra  # async: the batch's staleness and weights version
@@ -440,6 +453,7 @@ class StepStats:
     ratio_sum: float  # sum of pi / pi_old over response tokens (grpo_clip, grpo_no_clip)
     lr: float  # learning rate of the step
     truncated_tokens: float = 0.0  # response tokens whose importance weight pi_old / mu was cut to tis_cap
+    weight_sum: float = 0.0  # sum over response tokens of the importance weight min(pi_old / mu, tis_cap) (tis_cap)
     behaviour_kl_sum: float = 0.0  # sum over response tokens of the k3 estimate of KL(mu || pi), mu the generator
 
     @property
@@ -463,6 +477,7 @@ class StepStats:
             record["clip_fraction"] = self.clipped_tokens / max(self.tokens, 1)
         if correction:
             record["truncated_fraction"] = self.truncated_tokens / max(self.tokens, 1)
+            record["importance_weight_mean"] = self.weight_sum / max(self.tokens, 1) if self.weight_sum else None
             record["behaviour_kl"] = self.behaviour_kl_sum / max(self.tokens, 1)
         return record
 
@@ -532,10 +547,10 @@ def accumulate_gradients(
 
     Returns the step's sums over its response tokens, read from the device once, named as
     :class:`StepStats` fields: loss, entropy_sum, clipped_tokens, ratio_sum, truncated_tokens,
-    behaviour_kl_sum (the k3 estimate of KL(mu || pi)).
+    weight_sum, behaviour_kl_sum (the k3 estimate of KL(mu || pi)).
     """
     device = next(policy.parameters()).device
-    names = ("loss", "entropy_sum", "clipped_tokens", "ratio_sum", "truncated_tokens", "behaviour_kl_sum")
+    names = ("loss", "entropy_sum", "clipped_tokens", "ratio_sum", "truncated_tokens", "weight_sum", "behaviour_kl_sum")
     sums = {name: torch.zeros((), device=device) for name in names}  # () each
     for mb in step_batches:
         with autocast(device):
@@ -552,6 +567,7 @@ def accumulate_gradients(
         if cfg.tis_cap is not None:
             weights, truncated = truncated_importance_weights(old, mb.generator_logprobs, cfg.tis_cap)  # (b, T) each
             sums["truncated_tokens"] += (truncated & mb.response_mask).sum()
+            sums["weight_sum"] += torch.where(mb.response_mask, weights, torch.zeros((), device=device)).sum()
         loss, meta = grpo_microbatch_train_step(
             log_probs, mb.response_mask, gradient_accumulation_steps=cfg.gradient_accumulation_steps, loss_type=cfg.loss_type,
             raw_rewards=mb.raw_rewards, advantages=mb.advantages, old_log_probs=old, cliprange=cfg.cliprange,
@@ -577,13 +593,16 @@ def rollout_batch_metrics(
     gap: LogprobGap,
     grader: GraderFailures,
     rollout_seconds: float,
+    generation_seconds: float,
     old_logprob_seconds: float,
     train_seconds: float,
     wall_clock_train: float,
     skipped_steps: int,
 ) -> dict[str, Any]:
     """The metrics a GRPO step shares among its optimizer steps' records: the rollouts' rewards,
-    lengths and degeneracy, the generator-vs-policy gap, each phase's time and throughput."""
+    lengths and degeneracy, the generator-vs-policy gap, each phase's time and throughput.
+    ``rollout_seconds`` is what the rollout phase cost the trainer (sampling, or with async
+    rollouts the wait for the batch); throughput is over ``generation_seconds``, the sampling's own."""
     rollout_tokens = sum(r.num_tokens for r in rollouts)
     train_tokens = cfg.epochs_per_rollout_batch * rollout_tokens  # every epoch trains on every rollout
     return {
@@ -592,7 +611,7 @@ def rollout_batch_metrics(
         "generator_policy_logprob_gap_mean": gap.mean,
         "generator_policy_logprob_gap_max": gap.max,
         "rollout_seconds": rollout_seconds,
-        "rollout_tokens_per_second": rollout_tokens / rollout_seconds if rollout_seconds > 0 else None,
+        "rollout_tokens_per_second": rollout_tokens / generation_seconds if generation_seconds > 0 else None,
         "old_logprob_seconds": old_logprob_seconds,
         "train_seconds": train_seconds,
         "train_tokens_per_second": train_tokens / train_seconds if train_seconds > 0 else None,
