@@ -17,6 +17,11 @@ it, nothing downloaded; the tokenizer is the offline tiny one, the vocabulary th
   grpo_step  one GRPO step at the handout's defaults, seconds and peak memory per phase
              (generate, rollouts, old log-probs, train, sync), colocated
   grpo_step_2gpu  the same with the generator on a second GPU ("skipped: needs 2 GPUs" otherwise)
+  grpo_async_2gpu  GRPO steps with the generator on a second GPU, synchronous (an engine in this
+             process) vs asynchronous (a generator process sampling the next batch with the
+             previous weights, max_staleness 1, as ``async_rollouts``): seconds per step after a
+             warm-up step, the trainer's wait, the generator's sampling ("skipped: needs 2 GPUs"
+             otherwise; its code runs on CPU with ``grpo_sync_vs_async(ctx, torch.device("cpu"))``)
   fsdp_ws1   world size 1 through the FSDP2 path (a one-process nccl group; gloo on CPU): a sharded
              copy of the policy against the plain one, two training steps on the same batches (full
              logits, then chunked log-probs; max |diff| of loss, gradients, parameters), and one
@@ -58,6 +63,7 @@ import train_step as train_step_bench  # noqa: E402
 
 from cs336_alignment.distributed import DistContext, full_weights, shard_policy  # noqa: E402
 from cs336_alignment.generation import NativeEngine, SamplingParams  # noqa: E402
+from cs336_alignment.generation.process import GeneratorProcess  # noqa: E402
 from cs336_alignment.logprobs import get_response_log_probs  # noqa: E402
 from cs336_alignment.losses import grpo_microbatch_train_step  # noqa: E402
 from cs336_alignment.models import resolve_device  # noqa: E402
@@ -77,6 +83,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "train_micro_batch": 2, "train_seq_len": 1024, "train_prompt_len": 128, "train_chunk_size": 1024,
         "train_steps": 3, "train_warmup": 1, "peak_size": 8192,
         "grpo_prompts": 32, "grpo_group": 8, "grpo_prompt_len": 128, "grpo_new_tokens": 512, "grpo_micro_batch": 2,
+        "async_prompts": 16, "async_steps": 2,  # grpo_async_2gpu: half the handout's batch, 1 + 2 steps a mode
         "fsdp_steps": 2,
     },
     "dry_run": {
@@ -87,6 +94,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "train_micro_batch": 2, "train_seq_len": 24, "train_prompt_len": 8, "train_chunk_size": 16,
         "train_steps": 1, "train_warmup": 1, "peak_size": 128,
         "grpo_prompts": 1, "grpo_group": 2, "grpo_prompt_len": 8, "grpo_new_tokens": 4, "grpo_micro_batch": 2,
+        "async_prompts": 1, "async_steps": 2,
         "fsdp_steps": 2,
     },
 }
@@ -275,6 +283,91 @@ def grpo_step(ctx: Context) -> Figures:
 @section("grpo_step_2gpu", "one GRPO step with the generator on a second GPU", gpus=2)
 def grpo_step_2gpu(ctx: Context) -> Figures:
     return _grpo_step(ctx, torch.device("cuda", (ctx.device.index or 0) + 1))
+
+
+@section("grpo_async_2gpu", "GRPO steps, generator on a second GPU: synchronous vs asynchronous (max_staleness 1)", gpus=2)
+def grpo_async_2gpu(ctx: Context) -> Figures:
+    return grpo_sync_vs_async(ctx, torch.device("cuda", (ctx.device.index or 0) + 1))
+
+
+def grpo_sync_vs_async(ctx: Context, generator_device: torch.device) -> Figures:
+    """``async_steps`` GRPO steps after one warm-up step, each mode on the same policy: sync samples
+    with an engine on ``generator_device`` in this process, then trains, then loads the new
+    weights into it; async asks a generator process on ``generator_device`` for batch k + 1
+    (weights version k, pushed at the end of step k - 1), waits for batch k, trains, pushes
+    version k + 1: the recipes' ``async_rollouts`` schedule (GeneratorProcess, as AsyncRollouts
+    drives it). Step time = wall clock from the start of a step to its end, both devices synced."""
+    s = ctx.sizes
+    precision = "fp32-master-autocast" if ctx.device.type == "cuda" else "fp32"
+    param_dtype, autocast = train_step_bench.precision_setup(precision, ctx.device)
+    policy, tokenizer = ctx.model(param_dtype)
+    group, new_tokens, rollouts = s["grpo_group"], s["grpo_new_tokens"], s["async_prompts"] * s["grpo_group"]
+    prompts = ctx.prompts(s["async_prompts"], s["grpo_prompt_len"])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    options = {"chunk_size": s["train_chunk_size"], "positions_mask": "response"}
+    optimizer = make_optimizer(policy, 1e-6, 0.0, (0.9, 0.95))
+    total = 1 + s["async_steps"]  # a warm-up step, then the timed ones
+
+    def params(step: int) -> SamplingParams:  # fixed lengths: the same work in both modes
+        return SamplingParams(temperature=1.0, max_tokens=new_tokens, ignore_eos=True, n=group, seed=step)
+
+    def train_on(results: list[Any]) -> None:
+        samples = [(r.prompt_token_ids, c.token_ids, c.text, c.logprobs) for r in results for c in r.completions]
+        batches = grpo_step_bench.make_micro_batches(samples, group, s["grpo_micro_batch"], pad_id, ctx.device)
+        grpo_step_bench.train(policy, optimizer, batches, options, autocast)
+
+    def synced() -> float:
+        for device in {ctx.device, generator_device}:
+            train_step_bench.sync(device)
+        return time.perf_counter()
+
+    sync_s: list[float] = []
+    engine = NativeEngine(policy, tokenizer, device=generator_device, max_num_seqs=rollouts, kv_cache_memory_fraction=0.3)
+    for step in range(total):
+        t0 = synced()
+        train_on(engine.generate(prompts, params(step)))
+        engine.load_weights(policy)
+        sync_s.append(synced() - t0)
+    del engine
+    free_memory(generator_device)
+    async_s, waits, generation, pushes = [], [], [], []
+    threads = 1 if generator_device.type == "cpu" else None  # the dry run: one CPU thread for the child
+    with GeneratorProcess(policy.config, tokenizer, device=generator_device, max_num_seqs=rollouts,
+                          kv_cache_memory_fraction=0.3, max_pending_weights=2, threads=threads) as process:
+        process.push_weights(0, policy)
+        process.request(0, prompts, params(0), version=0)
+        for step in range(total):
+            t0 = synced()
+            if step + 1 < total:
+                process.request(step + 1, prompts, params(step + 1), version=step)  # one step stale
+            results, version, seconds = process.result(step)
+            t1 = time.perf_counter()
+            train_on(results)
+            t2 = synced()
+            process.push_weights(step + 1, policy)
+            async_s.append(synced() - t0)
+            waits.append(t1 - t0)
+            generation.append(seconds)
+            pushes.append(time.perf_counter() - t2)
+            assert version == max(0, step - 1), (step, version)
+    optimizer.state.clear()  # AdamW's moments, freed before the next section
+    free_memory(ctx.device)
+
+    def per_step(values: list[float]) -> float:
+        return sum(values[1:]) / (total - 1)  # the warm-up step left out
+
+    shape = f"{rollouts} x ({s['grpo_prompt_len']} + {new_tokens})"
+    return [
+        (f"sync step, engine on {generator_device} in this process (mean of {total - 1} after 1)", per_step(sync_s), "s"),
+        (f"async step, generator process on {generator_device}, max_staleness 1 (mean of {total - 1} after 1)",
+         per_step(async_s), "s"),
+        ("sync / async step time", per_step(sync_s) / per_step(async_s), "x"),
+        ("async: trainer's wait for the batch, per step", per_step(waits), "s"),
+        ("async: generator's sampling, per step", per_step(generation), "s"),
+        ("async: weights push (CPU copy to the process), per step", per_step(pushes), "s"),
+        ("async: warm-up step (process start-up, first batch unhidden)", async_s[0], "s"),
+        ("rollouts x (prompt + response) tokens", shape, ""),
+    ]
 
 
 PG_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")

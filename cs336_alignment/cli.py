@@ -71,6 +71,9 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="The reduced size the test suite runs (about a minute)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="DemoConfig fields as key=value (e.g. grpo_steps=100)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars; only warnings and errors on the console."),
+    asynchronous: bool = typer.Option(
+        False, "--async", help="GRPO with asynchronous rollouts: a generator process samples the next batch with "
+        "one-step-old weights while the trainer trains (max_staleness 1, tis_cap 2.0; half the CPU threads each)."),
 ) -> None:
     """The main job: SFT then GRPO on a tiny model, on CPU, showing validation reward rise (about 2 minutes)."""
     from .config import to_dict
@@ -78,6 +81,7 @@ def demo(
 
     set_quiet(quiet)
     base = DemoConfig.quick(str(out)) if quick else DemoConfig(out=str(out))
+    base.async_rollouts = asynchronous
     with _user_errors():
         cfg = load_config(DemoConfig, None, [f"{k}={v}" for k, v in to_dict(base).items()] + list(overrides or []))
         summary = run_demo(cfg)

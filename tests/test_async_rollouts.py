@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -48,8 +45,24 @@ def comparable(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run; its generator process gets the SIGINT and SIGTERM that Ctrl-C and SLURM
+    send to a whole process group, after its first batch: it must ignore them (the run decides)."""
+    import signal as signals
+
+    from cs336_alignment.generation.process import GeneratorProcess
+
     out = tmp_path_factory.mktemp("async") / "g"
-    train_grpo(config(out))
+    push = GeneratorProcess.push_weights
+
+    def push_then_signal(self, version, policy):
+        push(self, version, policy)
+        if version == 1:  # the child is up and has served batch 0
+            for signum in (signals.SIGINT, signals.SIGTERM):
+                os.kill(self.pid, signum)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GeneratorProcess, "push_weights", push_then_signal)
+        train_grpo(config(out))  # a child that died of them would end the run with GeneratorDied
     return out
 
 
@@ -81,37 +94,14 @@ def test_a_killed_generator_stops_the_run_in_one_line_and_resume_reproduces(refe
     assert comparable(tmp_path / "g" / "metrics.jsonl") == comparable(reference / "metrics.jsonl")
 
 
-def test_a_killed_run_leaves_no_generator_process(tmp_path):
-    args = [f"{k}={json.dumps(v)}" for k, v in {"n_grpo_steps": 50, "out": str(tmp_path / "g")}.items()]
-    base = config(tmp_path / "g")
-    from cs336_alignment.config import dump_yaml
-
-    (tmp_path / "c.yaml").write_text(dump_yaml(base))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("CS336_ALIGNMENT_FAULT", None)
-    parent = subprocess.Popen([sys.executable, "-m", "cs336_alignment", "grpo", "--config", str(tmp_path / "c.yaml"), *args],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        child = None
-        deadline = time.monotonic() + 120
-        while child is None and time.monotonic() < deadline and parent.poll() is None:
-            child = _generator_child(parent.pid)
-            time.sleep(0.2)
-        assert child is not None, "no generator process started"
-        parent.kill()  # SIGKILL: the parent cannot clean up
-        parent.wait()
-        deadline = time.monotonic() + 15
-        while _alive(child) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _alive(child), "the generator process outlived its parent"
-    finally:
-        parent.kill()
-
-
 def _generator_child(pid: int) -> int | None:
     """The pid of ``pid``'s child that runs multiprocessing's spawn entry point, if any."""
     for task in Path(f"/proc/{pid}/task").glob("*"):
-        for child in (task / "children").read_text().split():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        for child in children:
             try:
                 cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
             except OSError:
@@ -276,25 +266,21 @@ def test_the_correction_weighs_tokens_and_the_bypass_takes_mu_as_the_old_policy(
     assert bypass["behaviour_kl_sum"] > 0 and plain["behaviour_kl_sum"] == 0  # logged with a correction only
 
 
-def test_the_generator_process_ignores_stop_signals_and_closes_at_once(tiny_model, tiny_tokenizer):
+def test_the_generator_process_is_born_ignoring_stop_signals_and_leaves_when_its_parent_does(monkeypatch):
     import signal as signals
 
-    from cs336_alignment.generation import SamplingParams
-    from cs336_alignment.generation.process import GeneratorProcess, _pack, _unpack
+    from cs336_alignment.generation import process
 
-    packed = _pack(iter([[("a", tiny_model.model.embed_tokens.weight), ("b", tiny_model.lm_head.weight)]]), torch.float32)
-    assert len(packed[0]) == 1 and packed[0][torch.float32].numel() == tiny_model.lm_head.weight.numel()  # tied: once
-    assert torch.equal(_unpack(packed)["b"], tiny_model.lm_head.weight.detach())
-    process = GeneratorProcess(tiny_model.config, tiny_tokenizer, device="cpu", threads=1)
-    try:
-        process.push_weights(0, tiny_model)
-        for signum in (signals.SIGINT, signals.SIGTERM):  # what Ctrl-C and SLURM send to the whole process group
-            os.kill(process.pid, signum)
-        for batch in range(3):  # three requests queued; close() must not wait for them all
-            process.request(batch, ["1 + 1 ="] * 4, SamplingParams(max_tokens=8, n=2, seed=batch), version=0)
-        results, version, _ = process.result(0)
-        assert version == 0 and len(results) == 4 and process._process.is_alive()
-    finally:
-        t0 = time.monotonic()
-        process.close()
-    assert time.monotonic() - t0 < 4 and not process._process.is_alive()
+    with process._stop_signals_ignored():  # what a child started inside inherits through exec
+        assert signals.getsignal(signals.SIGINT) == signals.SIG_IGN == signals.getsignal(signals.SIGTERM)
+    assert signals.getsignal(signals.SIGINT) is not signals.SIG_IGN  # the run's own handling is back
+    exits = []
+    monkeypatch.setattr(process.os, "_exit", lambda code: exits.append(code) or (_ for _ in ()).throw(SystemExit(code)))
+    monkeypatch.setattr(process.os, "getppid", lambda: 1)  # reparented: the parent died, even by SIGKILL
+    import queue as queues
+
+    with pytest.raises(SystemExit):
+        process._get(queues.Queue(), parent=12345)  # an idle child notices within a second
+    with pytest.raises(SystemExit):
+        process._die_with_parent(12345)  # a child whose parent is already gone when it starts
+    assert exits == [0, 0]

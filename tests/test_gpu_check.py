@@ -3,8 +3,8 @@
 Nothing here asserts a timing; only that every section ran and recorded finite figures, that
 the engine's log-probs match the policy's in fp32, that the FSDP2 path at world size 1 (a
 one-process gloo group) trains exactly as the plain model and leaves no process group or
-torchrun variable behind, that the two-GPU section says why it is skipped, and that the JSON is
-rewritten after every section (a failing one loses nothing).
+torchrun variable behind, that the two-GPU sections say why they are skipped, and that the JSON
+is rewritten after every section (a failing one loses nothing).
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def test_dry_run_runs_every_section_and_records_its_figures(gpu_check, tmp_path,
     record = json.loads(out.read_text())
     assert record["dry_run"] and record["device"].startswith("CPU") and record["date"] and record["torch"]
     assert list(record["sections"]) == list(gpu_check.SECTIONS)  # every registered section, in order
-    assert record["sections"]["grpo_step_2gpu"]["status"] == "skipped: needs 2 GPUs"
+    for name in ("grpo_step_2gpu", "grpo_async_2gpu"):
+        assert record["sections"][name]["status"] == "skipped: needs 2 GPUs" and not record["sections"][name]["figures"]
     for name in ("numerics", "generate", "train", "grpo_step", "fsdp_ws1"):
         section = record["sections"][name]
         assert section["status"] == "ok", (name, section["status"])
@@ -76,6 +77,7 @@ def test_dry_run_runs_every_section_and_records_its_figures(gpu_check, tmp_path,
         "MASTER_ADDR": None, "MASTER_PORT": "1", "RANK": None, "WORLD_SIZE": None}
     printed = capsys.readouterr().out
     assert "| grpo_step_2gpu | skipped: needs 2 GPUs | |" in printed and "DRY RUN" in printed
+    assert "| grpo_async_2gpu | skipped: needs 2 GPUs | |" in printed
 
 
 def test_the_one_process_group_is_destroyed_and_the_environment_restored_even_on_failure(gpu_check, monkeypatch):
