@@ -45,6 +45,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling results_file.py
+from results_file import write_results  # noqa: E402
+
 from cs336_alignment.console import set_quiet
 from cs336_alignment.demo import ASYNC_GRPO, DemoConfig, run_demo
 
@@ -165,12 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fresh = not args.append or not out.exists() or out.stat().st_size == 0
-        with open(out, "w" if fresh else "a", encoding="utf-8") as f:
-            f.write((HEADER.format(cores=os.cpu_count()) if fresh else "") + "\n" + text)
-        print(f"wrote {out}")
+        write_results(args.out, text, header=HEADER.format(cores=os.cpu_count()), append=args.append)
     return {"sync": sync, "async": asyn, "runs": runs}
 
 

@@ -40,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script train_step.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts train_step.py, results_file.py
+from results_file import write_results  # noqa: E402
 from train_step import sync, train_step  # noqa: E402
 
 from cs336_alignment.distributed import (  # noqa: E402
@@ -221,13 +222,8 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fresh = not args.append or not out.exists() or out.stat().st_size == 0
-        with open(out, "w" if fresh else "a", encoding="utf-8") as f:
-            header = HEADER + (CPU_NOTE.format(cores=os.cpu_count()) if device.type == "cpu" else "") + "\n"
-            f.write((header if fresh else "\n") + text)
-        print(f"wrote {out}")
+        write_results(args.out, text, header=HEADER + (CPU_NOTE.format(cores=os.cpu_count()) if device.type == "cpu" else ""),
+                      append=args.append)
 
 
 if __name__ == "__main__":
