@@ -19,6 +19,7 @@ validate. The ``eval`` command (its config, loading a model, writing the run dir
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -39,6 +40,8 @@ __all__ = [
     "evaluate",
     "evaluation_metrics",
     "log_generations",
+    "majority_vote",
+    "pass_at_k",
     "response_entropies",
     "score_results",
     "summarize",
@@ -118,6 +121,46 @@ def response_entropies(
 
 def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimate of pass@k from ``n`` samples of which ``c`` are correct (Chen et al.,
+    2021, "Evaluating Large Language Models Trained on Code", arXiv:2107.03374): the chance that at
+    least one of k samples drawn without replacement from the n is correct,
+
+        pass@k = 1 - C(n - c, k) / C(n, k) = 1 - prod_{i = n - c + 1}^{n} (1 - k / i)
+
+    (the product form avoids huge binomials). pass@1 = c / n, the mean accuracy of the samples.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def majority_vote(answers: Sequence[Any], correct: Sequence[bool], equivalent: Callable[[Any, Any], bool]) -> bool:
+    """maj@k for one question: whether the most common answer among its k samples is correct.
+
+    Answers are grouped by ``equivalent`` (e.g. the grader's equality, so "0.5" and "\\frac{1}{2}"
+    vote together): each joins the first group whose first answer it equals. The largest group
+    wins, the earliest among equal sizes; it is correct when its first answer is. None answers
+    (nothing extracted) do not vote; with no votes the result is False.
+    """
+    groups: list[list[int]] = []  # indices of the answers in each group, the first one its representative
+    for i, answer in enumerate(answers):
+        if answer is None:
+            continue
+        for group in groups:
+            if equivalent(answers[group[0]], answer):
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    if not groups:
+        return False
+    winner = max(groups, key=len)  # max keeps the first of equal sizes
+    return bool(correct[winner[0]])
 
 
 def summarize(records: Sequence[GenerationRecord], max_tokens: int | None = None) -> dict[str, Any]:

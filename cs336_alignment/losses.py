@@ -197,26 +197,37 @@ def compute_grpo_clip_loss(
     policy_log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
     cliprange: float,
+    *,
+    cliprange_high: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token GRPO-Clip (PPO-style clipped surrogate) loss.
 
     ratio = pi / pi_old = exp(log pi - log pi_old)
-    loss  = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)
+    loss  = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
+
+    eps_low = ``cliprange``; eps_high = ``cliprange_high``, or ``cliprange`` when None (the
+    handout's symmetric clip). A larger eps_high is DAPO's "clip-higher" (Yu et al., 2025,
+    arXiv:2503.14476): tokens whose probability the update raises (A > 0) may rise further
+    before their gradient stops, which keeps exploration from collapsing.
 
     Args:
         advantages: (B, 1).
         policy_log_probs, old_log_probs: (B, T).
-        cliprange: eps.
+        cliprange: eps_low (and eps_high unless ``cliprange_high``).
     Returns:
         (loss (B, T), metadata) with metadata["clipped"] (B, T) bool, True where the
-        clipped term is strictly smaller (the token gets no gradient), and
-        metadata["ratio"] (B, T), both detached.
+        clipped term is strictly smaller (the token gets no gradient): "clipped_high" where
+        that is at 1 + eps_high (A > 0), "clipped_low" at 1 - eps_low (A < 0); and
+        metadata["ratio"] (B, T), all detached.
     """
+    high = cliprange if cliprange_high is None else cliprange_high
     ratio = torch.exp(policy_log_probs - old_log_probs)  # (B, T)
     unclipped = ratio * advantages  # (B, T)
-    clipped = torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange) * advantages  # (B, T)
+    clipped = torch.clamp(ratio, 1.0 - cliprange, 1.0 + high) * advantages  # (B, T)
     loss = -torch.minimum(unclipped, clipped)  # (B, T)
-    return loss, {"clipped": (clipped < unclipped).detach(), "ratio": ratio.detach()}
+    taken = (clipped < unclipped).detach()  # (B, T)
+    return loss, {"clipped": taken, "clipped_high": taken & (advantages > 0), "clipped_low": taken & (advantages < 0),
+                  "ratio": ratio.detach()}
 
 
 def compute_grpo_no_clip_loss(
@@ -264,6 +275,8 @@ def compute_policy_gradient_loss(
     advantages: torch.Tensor | None = None,
     old_log_probs: torch.Tensor | None = None,
     cliprange: float | None = None,
+    *,
+    cliprange_high: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Dispatch to the per-token loss named by ``loss_type``.
 
@@ -290,7 +303,8 @@ def compute_policy_gradient_loss(
         need("advantages", advantages)
         need("old_log_probs", old_log_probs)
         need("cliprange", cliprange)
-        return compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs=old_log_probs, cliprange=cliprange)
+        return compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs=old_log_probs, cliprange=cliprange,
+                                      cliprange_high=cliprange_high)
     if loss_type == "grpo_no_clip":
         need("advantages", advantages)
         need("old_log_probs", old_log_probs)
@@ -312,6 +326,7 @@ def grpo_microbatch_train_step(
     normalize_constant: float | None = None,
     num_tokens: float | None = None,
     importance_weights: torch.Tensor | None = None,
+    cliprange_high: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Policy-gradient loss for one micro-batch; calls backward().
 
@@ -337,6 +352,7 @@ def grpo_microbatch_train_step(
         importance_weights: (B, T) detached per-token weights w of the loss, e.g. the truncated
             importance weights min(pi_old / mu, C) of tokens sampled from a behaviour policy mu
             (:func:`truncated_importance_weights`); None: 1.
+        cliprange_high: grpo_clip's upper epsilon (None: ``cliprange``); see :func:`compute_grpo_clip_loss`.
     Returns:
         (loss, metadata): the back-propagated scalar (detached); metadata holds detached
         tensors: "loss_unscaled", "num_response_tokens", and for ratio-based losses
@@ -345,7 +361,7 @@ def grpo_microbatch_train_step(
     _check_accumulation(gradient_accumulation_steps)
     per_token_loss, loss_meta = compute_policy_gradient_loss(
         policy_log_probs, loss_type, raw_rewards=raw_rewards, advantages=advantages, old_log_probs=old_log_probs,
-        cliprange=cliprange,
+        cliprange=cliprange, cliprange_high=cliprange_high,
     )  # (B, T)
     if importance_weights is not None:
         per_token_loss = importance_weights.detach() * per_token_loss  # (B, T)
@@ -381,6 +397,8 @@ def grpo_microbatch_train_step(
     if "clipped" in loss_meta:
         metadata["clipped_tokens"] = masked_normalize(loss_meta["clipped"].float(), response_mask)  # ()
         metadata["clip_fraction"] = metadata["clipped_tokens"] / count
+        for side in ("high", "low"):  # at 1 + eps_high (A > 0) and at 1 - eps_low (A < 0)
+            metadata[f"clipped_{side}_tokens"] = masked_normalize(loss_meta[f"clipped_{side}"].float(), response_mask)  # ()
     return loss.detach(), metadata
 
 

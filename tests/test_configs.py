@@ -117,3 +117,27 @@ def test_bad_study_files_are_clear(tmp_path):
     s.write_text("base: x.yaml\nout: o\n")
     with pytest.raises(ConfigError, match="field 'grid': missing"):
         expand_sweep(s)
+
+
+SNAPSHOT = Path(__file__).resolve().parent / "fixtures" / "config_snapshot.json"
+# Fields added after the snapshot (tests/fixtures/config_snapshot.json, the configs as issue 24 found
+# them): each must hold its documented off value in every config, so the handout's studies run as before.
+NEW_FIELDS_OFF = {
+    "cliprange_low": None,  # None: cliprange
+    "cliprange_high": None,  # None: cliprange
+}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_configs_resolve_as_in_the_snapshot_and_new_knobs_are_off(path, monkeypatch):
+    import json
+
+    for name in ("CS336_MODEL", "CS336_DATA", "CS336_RUNS"):
+        monkeypatch.delenv(name, raising=False)
+    snapshot = json.loads(SNAPSHOT.read_text())[path.name]
+    study = load_study(path)
+    now = json.loads(json.dumps(_flat(to_dict(study.config)), default=str))
+    assert study.recipe == snapshot["recipe"]
+    assert {k: now.get(k, "<missing>") for k in snapshot["fields"]} == snapshot["fields"]  # every existing key, same value
+    added = {k: v for k, v in now.items() if k not in snapshot["fields"]}
+    assert added == {k: NEW_FIELDS_OFF[k] for k in added}, "a new field is not in NEW_FIELDS_OFF or not off"

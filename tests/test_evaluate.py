@@ -141,3 +141,35 @@ def test_generation_benchmark_runs_on_cpu(tmp_path):
     assert record["results"]["native_engine"]["new_tokens"] == 32
     assert record["results"]["transformers_generate_dynamic_cache"]["new_tokens"] == 32
     assert record["torch"] and record["date"]
+
+
+def test_pass_at_k_hand_values():
+    from cs336_alignment.evaluate import pass_at_k
+
+    # n = 4 samples, c = 1 correct: pass@1 = 1/4; pass@2 = 1 - C(3,2)/C(4,2) = 1 - 3/6 = 0.5; pass@4 = 1
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)
+    assert pass_at_k(4, 1, 4) == 1.0
+    # n = 5, c = 2: pass@2 = 1 - C(3,2)/C(5,2) = 1 - 3/10 = 0.7; none correct: 0; all correct: 1
+    assert pass_at_k(5, 2, 2) == pytest.approx(0.7)
+    assert pass_at_k(5, 0, 3) == 0.0 and pass_at_k(5, 5, 1) == 1.0
+    # pass@1 from 8 samples is their mean accuracy, for every count of correct ones
+    assert all(pass_at_k(8, c, 1) == pytest.approx(c / 8) for c in range(9))
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        pass_at_k(4, 1, 5)
+
+
+def test_majority_vote_groups_equivalent_answers():
+    from cs336_alignment.evaluate import majority_vote
+
+    def same(a, b):  # a stand-in for the grader's equality: 0.5 and 1/2 are one answer
+        value = {"1/2": 0.5, "0.5": 0.5, "2": 2.0, "3": 3.0}
+        return value[a] == value[b]
+
+    # 0.5 and 1/2 vote together (2 votes) against 2 (1 vote) and 3 (1 vote): the majority is right
+    assert majority_vote(["0.5", "2", "1/2", "3"], [True, False, True, False], same) is True
+    # a tie (2 vs 2): the group seen first wins
+    assert majority_vote(["2", "0.5", "2", "1/2"], [False, True, False, True], same) is False
+    # answers nothing could be extracted from do not vote; no vote at all is wrong
+    assert majority_vote([None, None, "1/2"], [False, False, True], same) is True
+    assert majority_vote([None, None], [False, False], same) is False

@@ -408,3 +408,23 @@ def test_importance_weights_scale_each_tokens_loss_and_gradient():
     loss_ones, _ = grpo_microbatch_train_step(lp, mask, 1, "reinforce_with_baseline", advantages=adv,
                                               importance_weights=torch.ones(1, 3))
     assert math.isclose(loss_ones.item(), (-2 * math.log(0.5) - 2 * math.log(0.25)) / 2, rel_tol=1e-6)  # w = 1: unchanged
+
+
+def test_clip_higher_moves_the_upper_bound_only():
+    from cs336_alignment.losses import compute_grpo_clip_loss
+
+    # ratios 1.5, 1.25, 0.5, 0.75 (log pi - log pi_old); advantages +1 for row 0, -1 for row 1
+    old = torch.zeros(2, 2)
+    lp = torch.log(torch.tensor([[1.5, 1.25], [0.5, 0.75]]))
+    adv = torch.tensor([[1.0], [-1.0]])
+    symmetric, meta = compute_grpo_clip_loss(adv, lp, old, cliprange=0.2)
+    # eps 0.2 both sides: A > 0 caps the ratio at 1.2 -> -1.2, -1.2; A < 0 floors it at 0.8 -> +0.8, +0.8 (min(-r, -0.8))
+    assert torch.allclose(symmetric, torch.tensor([[-1.2, -1.2], [0.8, 0.8]]))
+    assert meta["clipped_high"].tolist() == [[True, True], [False, False]]
+    assert meta["clipped_low"].tolist() == [[False, False], [True, True]]
+    higher, meta = compute_grpo_clip_loss(adv, lp, old, cliprange=0.2, cliprange_high=0.28)
+    # eps_high 0.28: 1.25 is now inside (-1.25, unclipped), 1.5 is cut at 1.28; the lower side is unchanged
+    assert torch.allclose(higher, torch.tensor([[-1.28, -1.25], [0.8, 0.8]]))
+    assert meta["clipped_high"].tolist() == [[True, False], [False, False]]
+    assert meta["clipped_low"].tolist() == [[False, False], [True, True]]
+    assert torch.equal(meta["clipped"], meta["clipped_high"] | meta["clipped_low"])

@@ -97,6 +97,8 @@ class GRPOConfig:
     use_std_normalization: bool = True  # divide advantages by the group std
     length_normalization: LengthNormalization = "masked_mean"  # or masked_normalize (/ max tokens), token_mean; losses.py
     cliprange: float = 0.2  # epsilon of grpo_clip
+    cliprange_low: float | None = None  # grpo_clip's lower epsilon: ratio >= 1 - cliprange_low (None: cliprange)
+    cliprange_high: float | None = None  # its upper epsilon, ratio <= 1 + cliprange_high (None: cliprange); DAPO's clip-higher
     weight_decay: float = 0.0  # AdamW weight decay
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     max_grad_norm: float = 1.0  # gradient clipping
@@ -163,6 +165,13 @@ class GRPOConfig:
             problems.append("use_std_normalization needs group_size >= 2")
         if self.loss_type == "grpo_clip" and not self.cliprange > 0:
             problems.append(f"grpo_clip needs cliprange > 0, got {self.cliprange}")
+        for name in ("cliprange_low", "cliprange_high"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                problems.append(f"{name} must be a finite number > 0, or null for cliprange; got {value}")
+        if self.cliprange_low is not None and self.cliprange_low >= 1:
+            problems.append(f"cliprange_low must be < 1 (the ratio's lower bound 1 - cliprange_low > 0); "
+                            f"got {self.cliprange_low}")
         if not 0 <= self.sampling_min_tokens <= self.sampling_max_tokens:
             problems.append("sampling_min_tokens must be between 0 and sampling_max_tokens")
         if self.n_grpo_steps < 1 or self.epochs_per_rollout_batch < 1:
@@ -229,6 +238,21 @@ class GRPOConfig:
         return self.optimizer_steps_per_rollout_batch > 1
 
     @property
+    def clip_low(self) -> float:
+        """grpo_clip's lower epsilon: cliprange_low, else cliprange."""
+        return self.cliprange if self.cliprange_low is None else self.cliprange_low
+
+    @property
+    def clip_high(self) -> float:
+        """grpo_clip's upper epsilon: cliprange_high, else cliprange."""
+        return self.cliprange if self.cliprange_high is None else self.cliprange_high
+
+    @property
+    def asymmetric_clip(self) -> bool:
+        """Whether either clip bound is set on its own (its clipped share is then logged apart)."""
+        return self.cliprange_low is not None or self.cliprange_high is not None
+
+    @property
     def corrected(self) -> bool:
         """Whether the steps log the behaviour-policy correction (truncated share, pi/mu KL)."""
         return self.async_rollouts or self.tis_cap is not None
@@ -269,9 +293,13 @@ def start_async_rollouts(
 def check_data_parallel(cfg: GRPOConfig, world_size: int) -> None:
     """Refuse (DistributedError, exit 2) a batch that several processes cannot split evenly: each
     rank generates whole groups for an equal share of the questions, and runs an equal share of
-    each optimizer step's micro-batches (each a collective). One process: nothing to check."""
+    each optimizer step's micro-batches (each a collective); and async_rollouts, which runs in one
+    process. One process: nothing to check."""
     if world_size == 1:
         return
+    if cfg.async_rollouts:
+        raise DistributedError("async_rollouts runs in one process; with several processes each rank already generates "
+                               "its own share: set async_rollouts: false")
     problems = []
     if cfg.n_prompts_per_rollout_batch % world_size:
         problems.append(f"rollout_batch_size / group_size = {cfg.n_prompts_per_rollout_batch} questions per step do not "
@@ -295,9 +323,6 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     check_fits(cfg.model, data.template, data.train + data.val, new_tokens=cfg.sampling_max_tokens,
                new_tokens_field="sampling_max_tokens")  # an over-long prompt is refused now, not mid-run
     check_data_parallel(cfg, world_size())  # several processes: the batch must split evenly, refused now
-    if cfg.async_rollouts and world_size() > 1:
-        raise DistributedError("async_rollouts runs in one process; with several processes each rank already generates "
-                               "its own share: set async_rollouts: false")
     with RunLoop(cfg, "GRPO") as loop:  # the run directory is locked until the end
         device, colocated, ctx = loop.device, cfg.generator_device == "same", loop.ctx
         gen_device = device if colocated or cfg.async_rollouts else resolve_device(cfg.generator_device)  # async: validation's
@@ -373,7 +398,8 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
             for step_stats in steps:
                 loop.state.optimizer_step += 1
                 loop.sink.log("train", loop.state.optimizer_step,
-                              {"grpo_step": grpo_step, **step_stats.record(cfg.loss_type, correction=cfg.corrected), **shared})
+                              {"grpo_step": grpo_step, **step_stats.record(cfg.loss_type, correction=cfg.corrected,
+                                                                           split_clip=cfg.asymmetric_clip), **shared})
             last = steps[-1] if steps else StepStats.nan()
             loop.end_of_step(
                 f"reward {shared['train_reward_mean']:.3f} (format {shared['train_format_reward_mean']:.3f}), "
@@ -452,6 +478,8 @@ class StepStats:
     clipped_tokens: float  # response tokens whose clipped term was taken (grpo_clip)
     ratio_sum: float  # sum of pi / pi_old over response tokens (grpo_clip, grpo_no_clip)
     lr: float  # learning rate of the step
+    clipped_high_tokens: float = 0.0  # of clipped_tokens: those at 1 + cliprange_high (A > 0)
+    clipped_low_tokens: float = 0.0  # of clipped_tokens: those at 1 - cliprange_low (A < 0)
     truncated_tokens: float = 0.0  # response tokens whose importance weight pi_old / mu was cut to tis_cap
     weight_sum: float = 0.0  # sum over response tokens of the importance weight min(pi_old / mu, tis_cap) (tis_cap)
     behaviour_kl_sum: float = 0.0  # sum over response tokens of the k3 estimate of KL(mu || pi), mu the generator
@@ -466,15 +494,19 @@ class StepStats:
         return cls(epoch=0, tokens=0, loss=float("nan"), grad_norm=float("nan"), entropy_sum=float("nan"),
                    clipped_tokens=0.0, ratio_sum=0.0, lr=float("nan"))
 
-    def record(self, loss_type: str, correction: bool = False) -> dict[str, float]:
+    def record(self, loss_type: str, correction: bool = False, split_clip: bool = False) -> dict[str, float]:
         """The step's metrics as logged: per-token means of the sums; with ``correction`` (async
-        rollouts or tis_cap) also the truncated share and the pi/mu KL."""
+        rollouts or tis_cap) also the truncated share and the pi/mu KL; with ``split_clip``
+        (cliprange_low or cliprange_high set) the clipped shares at each bound."""
         record = {"epoch": self.epoch, "loss": self.loss, "grad_norm": self.grad_norm,
                   "token_entropy": self.token_entropy, "lr": self.lr}
         if loss_type in ("grpo_clip", "grpo_no_clip"):
             record["ratio_mean"] = self.ratio_sum / max(self.tokens, 1)
         if loss_type == "grpo_clip":
             record["clip_fraction"] = self.clipped_tokens / max(self.tokens, 1)
+            if split_clip:
+                record["clip_fraction_high"] = self.clipped_high_tokens / max(self.tokens, 1)
+                record["clip_fraction_low"] = self.clipped_low_tokens / max(self.tokens, 1)
         if correction:
             record["truncated_fraction"] = self.truncated_tokens / max(self.tokens, 1)
             record["importance_weight_mean"] = self.weight_sum / max(self.tokens, 1) if self.weight_sum else None
@@ -550,7 +582,8 @@ def accumulate_gradients(
     weight_sum, behaviour_kl_sum (the k3 estimate of KL(mu || pi)).
     """
     device = next(policy.parameters()).device
-    names = ("loss", "entropy_sum", "clipped_tokens", "ratio_sum", "truncated_tokens", "weight_sum", "behaviour_kl_sum")
+    names = ("loss", "entropy_sum", "clipped_tokens", "clipped_high_tokens", "clipped_low_tokens", "ratio_sum",
+             "truncated_tokens", "weight_sum", "behaviour_kl_sum")
     sums = {name: torch.zeros((), device=device) for name in names}  # () each
     for mb in step_batches:
         with autocast(device):
@@ -570,13 +603,16 @@ def accumulate_gradients(
             sums["weight_sum"] += torch.where(mb.response_mask, weights, torch.zeros((), device=device)).sum()
         loss, meta = grpo_microbatch_train_step(
             log_probs, mb.response_mask, gradient_accumulation_steps=cfg.gradient_accumulation_steps, loss_type=cfg.loss_type,
-            raw_rewards=mb.raw_rewards, advantages=mb.advantages, old_log_probs=old, cliprange=cfg.cliprange,
+            raw_rewards=mb.raw_rewards, advantages=mb.advantages, old_log_probs=old, cliprange=cfg.clip_low,
+            cliprange_high=cfg.clip_high,
             length_normalization=cfg.length_normalization, normalize_constant=float(cfg.sampling_max_tokens),
             num_tokens=tokens if cfg.length_normalization == "token_mean" else None, importance_weights=weights,
         )
         sums["loss"] += loss
         sums["entropy_sum"] += (out["token_entropy"].detach() * mb.response_mask).sum()  # ()
         sums["clipped_tokens"] += meta.get("clipped_tokens", 0.0)
+        sums["clipped_high_tokens"] += meta.get("clipped_high_tokens", 0.0)
+        sums["clipped_low_tokens"] += meta.get("clipped_low_tokens", 0.0)
         sums["ratio_sum"] += meta.get("ratio_sum", 0.0)
         if cfg.corrected:
             kl = k3_kl(log_probs.detach(), mb.generator_logprobs)  # (b, T) KL(mu || pi) per token

@@ -137,7 +137,7 @@ FIXED_FIELDS = frozenset({  # what the completed steps computed with: refused un
     "sampling_max_tokens", "epochs_per_rollout_batch", "train_batch_size", "loss_type", "use_std_normalization",
     "length_normalization", "cliprange", "backend", "n_examples", "filter_correct", "batch_size", "max_seq_len",
     "normalize", "normalize_constant", "batch_questions", "rollouts_per_question", "dedupe_correct", "sft_epochs",
-    "fresh_optimizer", "async_rollouts", "max_staleness", "tis_cap",
+    "fresh_optimizer", "async_rollouts", "max_staleness", "tis_cap", "cliprange_low", "cliprange_high",
 })
 
 
