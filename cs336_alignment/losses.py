@@ -349,7 +349,7 @@ def grpo_microbatch_train_step(
             length) or "token_mean" (sum / ``num_tokens``, the optimizer batch's response
             token count; when ``num_tokens`` is given the result is not divided by
             ``gradient_accumulation_steps``, because it is already a share of the batch).
-        importance_weights: (B, T) detached per-token weights w of the loss, e.g. the truncated
+        importance_weights: (B, T) (or (B, 1), per sequence) detached weights w of the loss, e.g. the truncated
             importance weights min(pi_old / mu, C) of tokens sampled from a behaviour policy mu
             (:func:`truncated_importance_weights`); None: 1.
         cliprange_high: grpo_clip's upper epsilon (None: ``cliprange``); see :func:`compute_grpo_clip_loss`.

@@ -125,6 +125,7 @@ SNAPSHOT = Path(__file__).resolve().parent / "fixtures" / "config_snapshot.json"
 NEW_FIELDS_OFF = {
     "cliprange_low": None,  # None: cliprange
     "cliprange_high": None,  # None: cliprange
+    "overlong_filter": False,
 }
 
 

@@ -38,3 +38,30 @@ def test_clip_higher_moves_the_upper_clipped_share_apart_from_the_lower(tmp_path
     assert sym[first]["clip_fraction"] == sym[first]["clip_fraction_high"] + sym[first]["clip_fraction_low"]
     default = config(tmp_path / "d")  # off by default: both bounds are cliprange, and nothing new is logged
     assert (default.clip_low, default.clip_high, default.asymmetric_clip) == (0.2, 0.2, False)
+
+
+def test_overlong_filter_gives_a_response_cut_at_the_length_limit_no_gradient(tiny_model, tmp_path):
+    import dataclasses
+
+    import torch
+
+    from cs336_alignment.recipes.grpo import accumulate_gradients
+    from cs336_alignment.rollouts import Rollout, pack_rollouts
+
+    g = torch.Generator().manual_seed(0)
+    rollouts = [Rollout(group=0, prompt="p", prompt_token_ids=torch.randint(3, 60, (5,), generator=g).tolist(), response="r",
+                        response_token_ids=torch.randint(3, 60, (6,), generator=g).tolist(), ground_truth=None,
+                        finish_reason=reason, generator_logprobs=[-1.0] * 6, advantage=a)
+                for reason, a in (("eos", 1.0), ("length", -1.0))]
+
+    def gradient(batch_rollouts, **fields):
+        tiny_model.zero_grad()
+        cfg = config(tmp_path / "x", loss_type="reinforce_with_baseline", gradient_accumulation_steps=None, **fields)
+        accumulate_gradients(tiny_model, [pack_rollouts(batch_rollouts, pad_id=0)], cfg, tokens=12, gap=None)
+        return torch.cat([p.grad.flatten() for p in tiny_model.parameters() if p.grad is not None])
+
+    filtered = gradient(rollouts, overlong_filter=True)
+    # the same as if the truncated response had advantage 0: its tokens weigh nothing (the batch mean still counts it)
+    silenced = gradient([rollouts[0], dataclasses.replace(rollouts[1], advantage=0.0)])
+    assert torch.allclose(filtered, silenced, atol=1e-8)
+    assert not torch.allclose(filtered, gradient(rollouts), atol=1e-6)  # off by default: it does weigh

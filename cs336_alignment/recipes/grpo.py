@@ -99,6 +99,7 @@ class GRPOConfig:
     cliprange: float = 0.2  # epsilon of grpo_clip
     cliprange_low: float | None = None  # grpo_clip's lower epsilon: ratio >= 1 - cliprange_low (None: cliprange)
     cliprange_high: float | None = None  # its upper epsilon, ratio <= 1 + cliprange_high (None: cliprange); DAPO's clip-higher
+    overlong_filter: bool = False  # responses cut at sampling_max_tokens get zero loss weight (DAPO's overlong filtering)
     weight_decay: float = 0.0  # AdamW weight decay
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     max_grad_norm: float = 1.0  # gradient clipping
@@ -575,7 +576,9 @@ def accumulate_gradients(
 
     pi_old is the recomputed old policy (off-policy), else the current one (detached), or, in
     async bypass mode, the generator's mu. With ``tis_cap`` each token's loss is weighed by
-    min(pi_old / mu, tis_cap) (:func:`~cs336_alignment.losses.truncated_importance_weights`).
+    min(pi_old / mu, tis_cap) (:func:`~cs336_alignment.losses.truncated_importance_weights`);
+    with ``overlong_filter`` a response that ended at the length limit weighs 0 (DAPO, Yu et al.,
+    2025, arXiv:2503.14476; the normalisers still count its tokens).
 
     Returns the step's sums over its response tokens, read from the device once, named as
     :class:`StepStats` fields: loss, entropy_sum, clipped_tokens, ratio_sum, truncated_tokens,
@@ -601,6 +604,9 @@ def accumulate_gradients(
             weights, truncated = truncated_importance_weights(old, mb.generator_logprobs, cfg.tis_cap)  # (b, T) each
             sums["truncated_tokens"] += (truncated & mb.response_mask).sum()
             sums["weight_sum"] += torch.where(mb.response_mask, weights, torch.zeros((), device=device)).sum()
+        if cfg.overlong_filter:  # a response cut off mid-answer says nothing about its answer: no gradient from it
+            complete = torch.tensor([[r.finish_reason != "length"] for r in mb.rollouts], device=device)  # (b, 1)
+            weights = complete.float() if weights is None else weights * complete  # (b, T) or (b, 1)
         loss, meta = grpo_microbatch_train_step(
             log_probs, mb.response_mask, gradient_accumulation_steps=cfg.gradient_accumulation_steps, loss_type=cfg.loss_type,
             raw_rewards=mb.raw_rewards, advantages=mb.advantages, old_log_probs=old, cliprange=cfg.clip_low,

@@ -138,6 +138,7 @@ FIXED_FIELDS = frozenset({  # what the completed steps computed with: refused un
     "length_normalization", "cliprange", "backend", "n_examples", "filter_correct", "batch_size", "max_seq_len",
     "normalize", "normalize_constant", "batch_questions", "rollouts_per_question", "dedupe_correct", "sft_epochs",
     "fresh_optimizer", "async_rollouts", "max_staleness", "tis_cap", "cliprange_low", "cliprange_high",
+    "overlong_filter",
 })
 
 
