@@ -494,8 +494,8 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     path = Path(path)
     with open(path / ".metadata", "rb") as f:
         metadata = _SafeMetadata(f).load()
-    if not any(key.startswith("optimizer.") for key in getattr(metadata, "state_dict_metadata", {"optimizer.": None})):
-        optimizer = None  # saved before the optimizer's first step: it stays as it is (fresh)
+    if not any(key.startswith("optimizer.") for key in metadata.state_dict_metadata):
+        optimizer = None  # saved without optimizer state (before its first step): it stays as it is (fresh)
     if optimizer is None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 

@@ -111,14 +111,6 @@ def _generator_child(pid: int) -> int | None:
     return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"  # a zombie has exited; only its parent's wait is missing
-
-
 def test_importance_weights_are_one_when_the_generator_is_the_policy(tiny_model, tiny_tokenizer):
     from cs336_alignment.data import generate_splits, load_template, make_task
     from cs336_alignment.generation import NativeEngine, SamplingParams

@@ -250,6 +250,7 @@ class RunLoop:
         self.run: RunDir | None = None
         self.sink: MetricsSink | _NoSink | None = None
         self._console = contextlib.ExitStack()  # log lines above the progress bars while the run is open
+        self._owned = contextlib.ExitStack()  # what the run closes at its end (own())
         self.checkpoints = Checkpointer(checked_out_dir(cfg.out), cfg.control.keep_last)
         try:  # rank 0 alone opens the run directory; every rank learns which checkpoint to resume, or its error
             self._latest: Path | None = on_main(lambda: self._open_run_dir(cfg), self.ctx)
@@ -262,7 +263,6 @@ class RunLoop:
         self.state = RunState()
         self.saved_state: dict[str, Any] = {}  # the checkpoint's trainer state when resuming (attach)
         self._extra_state: Callable[[], dict[str, Any]] | None = None
-        self._owned = contextlib.ExitStack()  # what the run closes at its end (own())
         self._policy: torch.nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._tokenizer: Any = None
@@ -361,8 +361,7 @@ class RunLoop:
     def close(self) -> None:
         """Close what the run owns, the metrics sink and the log, release the directory's lock,
         and leave the process group this run joined (idempotent)."""
-        if hasattr(self, "_owned"):
-            self._owned.close()
+        self._owned.close()
         self._close_run_dir()
         if self._owns_group:
             close_distributed(self.ctx)
