@@ -126,6 +126,7 @@ NEW_FIELDS_OFF = {
     "cliprange_low": None,  # None: cliprange
     "cliprange_high": None,  # None: cliprange
     "overlong_filter": False,
+    "eval_n_samples": 1,
 }
 
 

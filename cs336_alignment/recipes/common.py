@@ -129,7 +129,7 @@ _RANGES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
     (("betas",), lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
     (("sampling_temperature", "temperature"), lambda v: math.isfinite(v) and v >= 0, ">= 0 (0 is greedy)"),
     (("top_p",), lambda v: 0 < v <= 1, "in (0, 1]"),
-    (("max_num_seqs", "sampling_max_tokens", "eval_max_tokens", "max_tokens"), lambda v: v >= 1, ">= 1"),
+    (("max_num_seqs", "sampling_max_tokens", "eval_max_tokens", "max_tokens", "eval_n_samples"), lambda v: v >= 1, ">= 1"),
     (("logprob_chunk_size",), lambda v: v is None or v >= 1, ">= 1, or null for the whole sequence at once"),
     (("kv_cache_memory_fraction",), lambda v: 0 < v < 1, "in (0, 1)"),
     (("gpu_memory_utilization",), lambda v: 0 < v <= 1, "in (0, 1]"),

@@ -88,6 +88,7 @@ class EIConfig:
     eval_at_start: bool = False  # also validate the starting policy (step 0): curves start there
     n_eval_examples: int = 1024  # validation subset, evaluated after every EI step
     eval_seed: int = 1234  # seed of that subset and of validation sampling
+    eval_n_samples: int = 1  # responses per validation question (> 1: pass@k for every k <= it, and maj@k)
     final_eval_full: bool = True  # validate on the whole validation set at the end
     device: str = "auto"  # policy device
     gradient_checkpointing: bool = False  # trade compute for activation memory
@@ -141,7 +142,7 @@ def train_ei(cfg: EIConfig) -> dict[str, Any]:
             temperature=cfg.sampling_temperature, max_tokens=cfg.sampling_max_tokens, min_tokens=cfg.sampling_min_tokens,
             n=cfg.rollouts_per_question,
         )
-        eval_sampling = SamplingParams.r1_zero(max_tokens=cfg.sampling_max_tokens, seed=cfg.eval_seed)
+        eval_sampling = SamplingParams.r1_zero(max_tokens=cfg.sampling_max_tokens, seed=cfg.eval_seed, n=cfg.eval_n_samples)
         loop.logger.info(
             "EI: %d steps, %d questions x %d rollouts, %d SFT epoch(s) per step, %s optimizer, duplicates %s",
             cfg.n_ei_steps, n_questions, cfg.rollouts_per_question, cfg.sft_epochs,

@@ -112,6 +112,7 @@ class GRPOConfig:
     eval_at_start: bool = False  # also validate the starting policy (step 0)
     n_eval_examples: int = 1024  # size of the fixed, seeded validation subset
     eval_seed: int = 1234  # seed of that subset and of validation sampling
+    eval_n_samples: int = 1  # responses per validation question (> 1: pass@k for every k <= it, and maj@k)
     final_eval_full: bool = True  # validate on the whole validation set after the last step
     log_rollout_examples: int = 4  # example rollouts written to the log per validation
     # -- placement and memory
@@ -348,7 +349,7 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         loop.attach(policy, optimizer, tokenizer=tokenizer, generator=generator,  # resume: the generator gets the weights
                     extra_state=source.state)  # async: checkpoints keep the batches in flight
         source.start(loop.state.step, policy, saved=loop.saved_state)
-        eval_sampling = SamplingParams.r1_zero(max_tokens=cfg.sampling_max_tokens, seed=cfg.eval_seed)
+        eval_sampling = SamplingParams.r1_zero(max_tokens=cfg.sampling_max_tokens, seed=cfg.eval_seed, n=cfg.eval_n_samples)
         loop.logger.info(
             "GRPO: %d steps, %d questions x %d responses, %d optimizer step(s) per rollout batch (%s), micro-batch %d, "
             "policy on %s, generator on %s (%s)",

@@ -123,7 +123,7 @@ FREE_FIELDS = frozenset({  # how the run is watched, placed or fitted in memory:
     "logprob_chunk_size", "length_grouping",
     "max_num_seqs", "kv_cache_memory_fraction", "gpu_memory_utilization", "micro_batch_size",
     "gradient_accumulation_steps", "eval_every", "eval_at_start", "n_eval_examples", "eval_seed", "final_eval_full",
-    "log_rollout_examples", "eval_max_tokens", "log_entropy", "wandb_project", "run_name", "trackers",
+    "log_rollout_examples", "eval_max_tokens", "eval_n_samples", "log_entropy", "wandb_project", "run_name", "trackers",
     "control.resume", "control.checkpoint_every", "control.keep_last", "control.time_budget", "control.budget_clock",
     "control.skip_nonfinite", "control.progress", "control.overwrite", "control.allow_config_change",
 })

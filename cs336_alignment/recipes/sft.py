@@ -100,6 +100,7 @@ class SFTConfig:
     n_eval_examples: int = 1024  # size of the fixed, seeded validation subset
     final_eval_full: bool = True  # validate on the whole validation set after the last step
     eval_seed: int = 1234  # seed of that subset and of validation sampling
+    eval_n_samples: int = 1  # responses per validation question (> 1: pass@k for every k <= it, and maj@k)
     eval_max_tokens: int = 1024  # validation sampling: maximum new tokens
     device: str = "auto"  # "auto", "cpu", "cuda", ...
     generator_device: str = "same"  # validation generator: "same" device as the policy, or its own ("cuda:1")
@@ -183,7 +184,7 @@ def train_sft(cfg: SFTConfig) -> dict[str, Any]:
         if not loop.resuming:
             loop.sink.log("data", 0, {"n_examples": len(examples.pairs), "n_available": examples.n_available,
                                       "n_cut": examples.n_cut, "loss_normalization": cfg.normalize})
-        eval_sampling = SamplingParams.r1_zero(max_tokens=cfg.eval_max_tokens, seed=cfg.eval_seed)
+        eval_sampling = SamplingParams.r1_zero(max_tokens=cfg.eval_max_tokens, seed=cfg.eval_seed, n=cfg.eval_n_samples)
 
         def validate(step: int, examples: list[Example] = val_subset, tag: str = "subset") -> dict[str, Any]:
             if not examples:
