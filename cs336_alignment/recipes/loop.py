@@ -126,6 +126,7 @@ FREE_FIELDS = frozenset({  # how the run is watched, placed or fitted in memory:
     "log_rollout_examples", "eval_max_tokens", "eval_n_samples", "log_entropy", "wandb_project", "run_name", "trackers",
     "control.resume", "control.checkpoint_every", "control.keep_last", "control.time_budget", "control.budget_clock",
     "control.skip_nonfinite", "control.progress", "control.overwrite", "control.allow_config_change",
+    "reference_device", "log_kl",
 })
 STEP_COUNT_FIELDS = frozenset({"n_grpo_steps", "n_ei_steps", "epochs", "max_steps"})  # only with a constant learning rate
 FIXED_FIELDS = frozenset({  # what the completed steps computed with: refused unless control.allow_config_change
@@ -138,7 +139,9 @@ FIXED_FIELDS = frozenset({  # what the completed steps computed with: refused un
     "length_normalization", "cliprange", "backend", "n_examples", "filter_correct", "batch_size", "max_seq_len",
     "normalize", "normalize_constant", "batch_questions", "rollouts_per_question", "dedupe_correct", "sft_epochs",
     "fresh_optimizer", "async_rollouts", "max_staleness", "tis_cap", "cliprange_low", "cliprange_high",
-    "overlong_filter",
+    "overlong_filter", "kl_coef", "kl_estimator", "reference_dtype", "drop_all_equal_groups", "max_resample_rounds",
+    "overlong_buffer", "overlong_penalty", "preset", "train_filter.min_pass", "train_filter.max_pass", "curriculum",
+    "pass_rate_samples", "pass_rates",
 })
 
 
