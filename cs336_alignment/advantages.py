@@ -13,10 +13,12 @@ import torch
 from .rewards import score_pairs
 
 __all__ = [
+    "all_equal_groups",
     "compute_group_normalized_rewards",
     "frac_groups_all_equal",
     "group_normalize",
     "score_responses",
+    "soft_overlong_penalty",
 ]
 
 
@@ -60,13 +62,43 @@ def group_normalize(
     return centred.reshape(-1)  # (B*G,)
 
 
+def all_equal_groups(raw_rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Which groups have rewards all equal: every member gets advantage 0, so no signal
+    (DAPO's dynamic sampling drops them; Yu et al., 2025, arXiv:2503.14476).
+
+    Args: raw_rewards (B*G,), laid out group by group. Returns: (B,) bool.
+    """
+    grouped = raw_rewards.view(-1, group_size)  # (B, G)
+    return grouped.max(dim=1).values == grouped.min(dim=1).values  # (B,)
+
+
 def frac_groups_all_equal(raw_rewards: torch.Tensor, group_size: int) -> float:
-    """Share of groups whose rewards are all equal: every member gets advantage 0, so no signal.
+    """Share of groups whose rewards are all equal (:func:`all_equal_groups`).
 
     Args: raw_rewards (B*G,), laid out group by group.
     """
-    grouped = raw_rewards.view(-1, group_size)  # (B, G)
-    return (grouped.max(dim=1).values == grouped.min(dim=1).values).float().mean().item()
+    return all_equal_groups(raw_rewards, group_size).float().mean().item()
+
+
+def soft_overlong_penalty(lengths: torch.Tensor, max_tokens: int, buffer: int, penalty: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al., 2025, arXiv:2503.14476), added to the reward:
+    nothing up to ``max_tokens - buffer`` tokens, then a penalty growing linearly to ``-penalty``
+    at ``max_tokens``:
+
+    R(|y|) = 0                                          |y| <= L - C
+           = penalty * ((L - C) - |y|) / C              L - C < |y| <= L
+           = -penalty                                   |y| > L
+
+    L = ``max_tokens``, C = ``buffer`` (C = 0: no penalty).
+
+    Args: lengths (N,) response lengths in tokens. Returns: (N,) fp32, each in [-penalty, 0].
+    """
+    lengths = lengths.float()  # (N,)
+    if buffer <= 0:
+        return torch.zeros_like(lengths)  # (N,)
+    start = max_tokens - buffer
+    ramp = penalty * (start - lengths) / buffer  # (N,)
+    return torch.where(lengths <= start, torch.zeros_like(lengths), ramp.clamp(min=-penalty))  # (N,)
 
 
 def compute_group_normalized_rewards(

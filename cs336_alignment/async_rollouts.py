@@ -47,7 +47,7 @@ class AsyncRollouts:
 
     Args:
         process: the generator process.
-        batch_of: step -> (the step's questions, its sampling parameters); the same at every call.
+        batch_of: (step, round) -> (the questions, their sampling parameters); the same at every call.
         template: the prompt template.
         max_staleness: s >= 1; batch k is sampled with weights version max(0, k - s).
         total: the run's number of steps (no batch is asked for beyond it).
@@ -57,7 +57,7 @@ class AsyncRollouts:
         self,
         process: GeneratorProcess,
         *,
-        batch_of: Callable[[int], tuple[Sequence[Example], SamplingParams]],
+        batch_of: Callable[..., tuple[Sequence[Example], SamplingParams]],
         template: str,
         max_staleness: int,
         total: int,
@@ -69,10 +69,10 @@ class AsyncRollouts:
         self.template = template
         self.max_staleness = max_staleness
         self.total = total
-        self._asked: list[int] = []  # batches asked for and not yet received, in order
+        self._asked: list[int | tuple[int, int]] = []  # batches (and extra rounds) asked for, not yet received, in order
         self._first = 0  # the step this session started at (start())
         self.restore_threads: int | None = None  # torch threads this process had before it shared the CPU with the child
-        self._ready: dict[int, tuple[list[GenerationResult], int, float]] = {}  # received: results, version, seconds
+        self._ready: dict[Any, tuple[list[GenerationResult], int, float]] = {}  # received: results, version, seconds
 
     def version_of(self, batch: int) -> int:
         """The weights version batch ``batch`` is sampled with: max(0, batch - max_staleness)."""
@@ -88,11 +88,17 @@ class AsyncRollouts:
         for batch, (results, version, seconds) in _load_batches(saved or {}).items():
             self._ready[batch] = (results, version, seconds)
 
-    def sample_rollouts(self, step: int) -> RolloutBatch:
+    def sample_rollouts(self, step: int, round: int = 0) -> RolloutBatch:
         """Batch ``step``: first ask for every batch up to ``step + s`` not yet asked for (batch
         ``step + s`` takes version ``step``, pushed at the end of the previous step), then wait for
         this one. Its ``seconds`` are the wait (the generation not hidden behind training);
-        ``extra`` holds its staleness (step - version), weights version and the generator's own seconds."""
+        ``extra`` holds its staleness (step - version), weights version and the generator's own seconds.
+
+        ``round`` > 0: an extra round of step ``step``'s questions (dynamic sampling), sampled by
+        the generator process with the trainer's current weights (version ``step``: staleness 0)
+        while the trainer waits; nothing of it is in flight at a checkpoint."""
+        if round:
+            return self._extra_round(step, round)
         for batch in range(step, min(step + self.max_staleness + 1, self.total)):
             if batch not in self._asked and batch not in self._ready:  # (a first step after a resume: from this
                 self._ask(batch, version=max(self.version_of(batch), self._first))  # step's weights at the oldest)
@@ -104,6 +110,18 @@ class AsyncRollouts:
         rollouts = rollouts_from_results(questions, prompts, results)
         return RolloutBatch(rollouts=rollouts, seconds=waited,
                             extra={"staleness": step - version, "weights_version": version, "generation_seconds": seconds})
+
+    def _extra_round(self, step: int, round: int) -> RolloutBatch:
+        questions, sampling = self.batch_of(step, round)
+        prompts = format_prompts(self.template, list(questions))
+        label = (step, round)  # requests are answered in order; this one after the batches already asked for
+        t0 = time.perf_counter()
+        self.process.request(label, prompts, sampling, version=step)
+        self._asked.append(label)
+        self._receive_into_ready(label)
+        results, version, seconds = self._ready.pop(label)
+        return RolloutBatch(rollouts=rollouts_from_results(questions, prompts, results), seconds=time.perf_counter() - t0,
+                            extra={"generation_seconds": seconds})
 
     def load_weights(self, policy: torch.nn.Module, version: int) -> None:
         """Hand the generator process ``policy``'s weights after ``version`` steps (it applies them

@@ -246,6 +246,13 @@ def from_dict(
     lines = lines or {}
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
+    presets = getattr(cls, "PRESETS", None)
+    if presets is not None and "preset" in data:  # a named set of fields, under the ones given explicitly
+        name = data["preset"]
+        if name not in presets:
+            raise ConfigError(f"{_where(source, lines, _prefix + ('preset',))}: unknown preset {name!r} "
+                              f"(known: {', '.join(presets)})")
+        data = {**presets[name], **data}
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs: dict[str, Any] = {}

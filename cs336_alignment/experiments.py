@@ -116,6 +116,7 @@ SMOKE_FIELDS = frozenset(
         "batch_questions", "sampling_max_tokens", "eval_max_tokens", "max_tokens", "n_eval_examples", "limit",
         "final_eval_full", "max_num_seqs", "kv_cache_memory_fraction", "gradient_checkpointing", "data",
         "control.progress", "control.time_budget", "control.checkpoint_every", "wandb_project", "max_seq_len",
+        "overlong_buffer",
     }
 )
 
@@ -141,13 +142,15 @@ def smoke_overrides(recipe: str, cfg: Any) -> list[str]:
         return _kv({**common, **data, "n_ei_steps": 1, "batch_questions": 4, "sampling_max_tokens": 16, "batch_size": 4,
                     "micro_batch_size": 2, "n_eval_examples": 4, "final_eval_full": False, "control.progress": False})
     if recipe == "grpo":
-        # Shrink the batch sizes by one factor so their ratios (on- vs off-policy) stay the same.
+        # Shrink the batch sizes by one factor so their ratios (on- vs off-policy) stay the same, and the
+        # overlong penalty's buffer with the length limit (the same share of it).
         factor = max(1, cfg.rollout_batch_size // (4 * cfg.group_size))
         while factor > 1 and (cfg.train_batch_size % factor or cfg.train_batch_size // factor < cfg.group_size):
             factor //= 2
         train = cfg.train_batch_size // factor
         micro = next(m for m in (4, 2, 1) if train % m == 0)
-        return _kv({**common, **data, "generator_device": "same", "n_grpo_steps": 1,
+        shrunk = {"overlong_buffer": cfg.overlong_buffer * 16 // cfg.sampling_max_tokens} if cfg.overlong_buffer else {}
+        return _kv({**common, **data, **shrunk, "generator_device": "same", "n_grpo_steps": 1,
                     "rollout_batch_size": cfg.rollout_batch_size // factor, "train_batch_size": train,
                     "micro_batch_size": micro, "gradient_accumulation_steps": None, "sampling_max_tokens": 16,
                     "n_eval_examples": 4, "final_eval_full": False, "control.progress": False, "control.time_budget": ""})

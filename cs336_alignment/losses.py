@@ -16,6 +16,10 @@ that keeps the handout's names; each value selects, with a plain ``if`` in
 - ``"token_mean"`` -> :func:`token_mean_loss`: the sum over all response tokens divided by a
   token count: the whole optimizer batch's when given (an exact global token mean across
   micro-batches), else the micro-batch's own.
+
+Beyond the handout, each off by default: asymmetric clipping (``cliprange_high``, DAPO), the
+sequence-level ratio of GSPO (``loss_type="gspo"``, :func:`compute_gspo_loss`), and a KL
+penalty to a frozen reference policy (``kl_coef``, :func:`kl_penalty`).
 """
 
 from __future__ import annotations
@@ -25,16 +29,20 @@ from typing import Literal, get_args
 import torch
 
 __all__ = [
+    "KL_ESTIMATORS",
+    "KlEstimator",
     "LENGTH_NORMALIZATIONS",
     "LOSS_TYPES",
     "LengthNormalization",
     "LossType",
     "compute_grpo_clip_loss",
     "compute_grpo_no_clip_loss",
+    "compute_gspo_loss",
     "compute_naive_policy_gradient_loss",
     "compute_policy_gradient_loss",
     "grpo_microbatch_train_step",
     "k3_kl",
+    "kl_penalty",
     "masked_mean",
     "masked_mean_loss",
     "masked_normalize",
@@ -45,10 +53,12 @@ __all__ = [
 ]
 
 
-LossType = Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip"]
+LossType = Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip", "gspo"]
 LengthNormalization = Literal["masked_mean", "masked_normalize", "token_mean"]
+KlEstimator = Literal["k1", "k3"]
 LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 LENGTH_NORMALIZATIONS: tuple[str, ...] = get_args(LengthNormalization)
+KL_ESTIMATORS: tuple[str, ...] = get_args(KlEstimator)
 
 
 # ---------------------------------------------------------------------------------------
@@ -242,6 +252,67 @@ def compute_grpo_no_clip_loss(
     return -ratio * advantages, {"ratio": ratio.detach()}
 
 
+def compute_gspo_loss(
+    advantages: torch.Tensor,
+    policy_log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    cliprange: float,
+    *,
+    cliprange_high: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO's sequence-level clipped surrogate (Zheng et al., 2025, "Group Sequence Policy
+    Optimization", arXiv:2507.18071), as a per-token loss.
+
+    s_b    = (pi(y_b) / pi_old(y_b)) ** (1 / |y_b|) = exp( sum_t m_bt (log pi_bt - log pi_old_bt) / |y_b| )
+    loss_b = -min(s_b * A_b, clip(s_b, 1 - eps_low, 1 + eps_high) * A_b)
+
+    The importance ratio is the response's length-normalised likelihood ratio, clipped per
+    sequence: a whole response is kept or dropped, never some of its tokens. The per-token loss
+    is loss_b on every response token of row b, so ``masked_mean`` length normalisation gives
+    the paper's mean over sequences. Its ratios stay much closer to 1 than token ratios: the
+    paper clips at eps_low = 3e-4, eps_high = 4e-4.
+
+    Args:
+        advantages: (B, 1). policy_log_probs, old_log_probs: (B, T). response_mask: (B, T) bool.
+        cliprange: eps_low (and eps_high unless ``cliprange_high``).
+    Returns:
+        (loss (B, T), metadata) with the sequence's "ratio" s_b, "clipped" (the clipped term
+        taken: the sequence gets no gradient), "clipped_high" (A > 0) and "clipped_low" (A < 0)
+        spread over its tokens as (B, T), all detached.
+    """
+    high = cliprange if cliprange_high is None else cliprange_high
+    mask = response_mask.bool()  # (B, T)
+    lengths = mask.sum(dim=-1, keepdim=True).clamp(min=1)  # (B, 1) an empty response counts as 1: s = 1
+    log_ratio = _masked(policy_log_probs - old_log_probs, mask).sum(dim=-1, keepdim=True) / lengths  # (B, 1)
+    ratio = torch.exp(log_ratio)  # (B, 1)
+    unclipped = ratio * advantages  # (B, 1)
+    clipped = torch.clamp(ratio, 1.0 - cliprange, 1.0 + high) * advantages  # (B, 1)
+    loss = -torch.minimum(unclipped, clipped).expand_as(policy_log_probs)  # (B, 1) -> (B, T)
+    taken = (clipped < unclipped).detach().expand_as(mask)  # (B, T)
+    return loss, {"clipped": taken, "clipped_high": taken & (advantages > 0), "clipped_low": taken & (advantages < 0),
+                  "ratio": ratio.detach().expand_as(policy_log_probs)}
+
+
+def kl_penalty(policy_log_probs: torch.Tensor, ref_log_probs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman, "Approximating
+    KL divergence", 2020), the penalty that keeps the policy near a frozen reference:
+
+    k1 = log pi - log pi_ref                               (unbiased; any sign, high variance)
+    k3 = (pi_ref / pi - 1) - log(pi_ref / pi)              (unbiased, >= 0, low variance; as in the GRPO
+                                                            paper, Shao et al., 2024, arXiv:2402.03300)
+
+    Differentiable in ``policy_log_probs``; ``ref_log_probs`` are constants.
+
+    Args: policy_log_probs, ref_log_probs (B, T); estimator "k1" or "k3". Returns (B, T).
+    """
+    if estimator == "k1":
+        return policy_log_probs - ref_log_probs.detach()  # (B, T)
+    if estimator == "k3":
+        return k3_kl(ref_log_probs.detach(), policy_log_probs)  # (B, T) KL(pi || pi_ref): samples from pi
+    raise ValueError(f"unknown kl_estimator {estimator!r}; expected one of {', '.join(KL_ESTIMATORS)}")
+
+
 def truncated_importance_weights(
     old_log_probs: torch.Tensor, behaviour_log_probs: torch.Tensor, cap: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,6 +348,7 @@ def compute_policy_gradient_loss(
     cliprange: float | None = None,
     *,
     cliprange_high: float | None = None,
+    response_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Dispatch to the per-token loss named by ``loss_type``.
 
@@ -284,6 +356,8 @@ def compute_policy_gradient_loss(
     - "reinforce_with_baseline": -A * log pi, needs ``advantages`` (B, 1).
     - "grpo_clip": clipped surrogate, needs ``advantages``, ``old_log_probs``, ``cliprange``.
     - "grpo_no_clip": -(pi / pi_old) * A, needs ``advantages`` and ``old_log_probs``.
+    - "gspo": GSPO's sequence-level clipped surrogate, needs ``advantages``, ``old_log_probs``,
+      ``cliprange`` and ``response_mask`` (B, T) (:func:`compute_gspo_loss`).
 
     Returns (per-token loss (B, T), metadata). A missing required argument raises
     ValueError naming it.
@@ -309,6 +383,13 @@ def compute_policy_gradient_loss(
         need("advantages", advantages)
         need("old_log_probs", old_log_probs)
         return compute_grpo_no_clip_loss(advantages, policy_log_probs, old_log_probs)
+    if loss_type == "gspo":
+        need("advantages", advantages)
+        need("old_log_probs", old_log_probs)
+        need("cliprange", cliprange)
+        need("response_mask", response_mask)
+        return compute_gspo_loss(advantages, policy_log_probs, old_log_probs=old_log_probs, response_mask=response_mask,
+                                 cliprange=cliprange, cliprange_high=cliprange_high)
     raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
 
 
@@ -327,12 +408,16 @@ def grpo_microbatch_train_step(
     num_tokens: float | None = None,
     importance_weights: torch.Tensor | None = None,
     cliprange_high: float | None = None,
+    ref_log_probs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Policy-gradient loss for one micro-batch; calls backward().
 
-    loss = normalise(w * per_token_loss, response_mask) / gradient_accumulation_steps
+    loss = normalise(w * per_token_loss + beta * kl, response_mask) / gradient_accumulation_steps
 
-    (w = 1 unless ``importance_weights`` is given.)
+    (w = 1 unless ``importance_weights`` is given; beta = ``kl_coef``, kl = :func:`kl_penalty`
+    of the policy to ``ref_log_probs``, 0 unless both are given.)
 
     With the defaults, normalise = :func:`masked_mean_loss` (masked mean over each
     sequence, then mean over the batch), exactly the handout's step, except that a sequence
@@ -352,19 +437,27 @@ def grpo_microbatch_train_step(
         importance_weights: (B, T) (or (B, 1), per sequence) detached weights w of the loss, e.g. the truncated
             importance weights min(pi_old / mu, C) of tokens sampled from a behaviour policy mu
             (:func:`truncated_importance_weights`); None: 1.
-        cliprange_high: grpo_clip's upper epsilon (None: ``cliprange``); see :func:`compute_grpo_clip_loss`.
+        cliprange_high: grpo_clip's and gspo's upper epsilon (None: ``cliprange``); see :func:`compute_grpo_clip_loss`.
+        ref_log_probs: (B, T) log-probs of a frozen reference policy; with them "kl_sum", the
+            masked sum of the k3 estimate of KL(pi || pi_ref), is in the metadata (whatever ``kl_coef``).
+        kl_coef: beta, the weight of the KL penalty in the loss (0: logged only).
+        kl_estimator: the penalty's estimator, "k1" or "k3" (:func:`kl_penalty`).
     Returns:
         (loss, metadata): the back-propagated scalar (detached); metadata holds detached
         tensors: "loss_unscaled", "num_response_tokens", and for ratio-based losses
-        "ratio_mean" (over response tokens) and, for grpo_clip, "clip_fraction".
+        "ratio_mean" (over response tokens) and, for grpo_clip and gspo, "clip_fraction".
     """
     _check_accumulation(gradient_accumulation_steps)
     per_token_loss, loss_meta = compute_policy_gradient_loss(
         policy_log_probs, loss_type, raw_rewards=raw_rewards, advantages=advantages, old_log_probs=old_log_probs,
-        cliprange=cliprange, cliprange_high=cliprange_high,
+        cliprange=cliprange, cliprange_high=cliprange_high, response_mask=response_mask,
     )  # (B, T)
     if importance_weights is not None:
         per_token_loss = importance_weights.detach() * per_token_loss  # (B, T)
+    if kl_coef and ref_log_probs is None:
+        raise ValueError(f"kl_coef={kl_coef} needs ref_log_probs, the reference policy's log-probs")
+    if kl_coef:
+        per_token_loss = per_token_loss + kl_coef * kl_penalty(policy_log_probs, ref_log_probs, kl_estimator)  # (B, T)
     scale = gradient_accumulation_steps
     if length_normalization == "masked_mean":
         unscaled = masked_mean_loss(per_token_loss, response_mask)
@@ -391,6 +484,8 @@ def grpo_microbatch_train_step(
         "num_response_tokens": response_mask.sum().detach(),
     }
     count = response_mask.sum().clamp(min=1)  # () 0 / 1 = 0 for an empty mask
+    if ref_log_probs is not None:
+        metadata["kl_sum"] = masked_normalize(k3_kl(ref_log_probs, policy_log_probs.detach()), response_mask)  # ()
     if "ratio" in loss_meta:
         metadata["ratio_sum"] = masked_normalize(loss_meta["ratio"], response_mask)  # ()
         metadata["ratio_mean"] = metadata["ratio_sum"] / count

@@ -55,8 +55,10 @@ class Rollout:
     reward: float = 0.0
     format_reward: float = 0.0
     answer_reward: float = 0.0
+    overlong_penalty: float = 0.0  # DAPO's soft overlong penalty (<= 0), already included in reward
     advantage: float = 0.0  # group-normalised reward, filled after scoring
     old_logprobs: torch.Tensor | None = None  # (L,) log pi_old of each response token (off-policy GRPO), on the device
+    ref_logprobs: torch.Tensor | None = None  # (L,) log pi_ref of each response token (a KL to a reference), on the device
 
     @property
     def num_tokens(self) -> int:
@@ -75,6 +77,7 @@ class MicroBatch:
     generator_logprobs: torch.Tensor  # (b, T) fp32, zero outside the response
     num_response_tokens: int = 0  # response tokens in the micro-batch (known on the host, no device sync)
     old_log_probs: torch.Tensor | None = None  # (b, T) fp32, set when the loss or logging needs them
+    ref_log_probs: torch.Tensor | None = None  # (b, T) fp32, the reference policy's, when the run has one
     rollouts: list[Rollout] = dataclasses.field(default_factory=list)  # the b records packed here, in row order
 
 
@@ -94,7 +97,7 @@ class LocalRollouts:
 
     Args:
         generator: this process's engine; ``policy``: the model trained (eval mode while sampling).
-        batch_of: step -> (the step's questions, its sampling parameters), the same on every rank.
+        batch_of: (step, round) -> (the questions, their sampling parameters), the same on every rank.
         template: the prompt template; ``ctx``: this rank; ``colocated_device``: see :func:`sample_rollouts`.
     """
 
@@ -103,7 +106,7 @@ class LocalRollouts:
         generator: Generator,
         policy: torch.nn.Module,
         *,
-        batch_of: Callable[[int], tuple[Sequence[Example], SamplingParams]],
+        batch_of: Callable[[int, int], tuple[Sequence[Example], SamplingParams]],
         template: str,
         ctx: DistContext = ONE,
         colocated_device: torch.device | None = None,
@@ -114,9 +117,10 @@ class LocalRollouts:
     def start(self, step: int, policy: torch.nn.Module, saved: dict[str, Any] | None = None) -> None:
         """Nothing to start: the generator already holds the policy's weights."""
 
-    def sample_rollouts(self, step: int) -> RolloutBatch:
-        """Sample step ``step``'s batch (this rank's share of its questions) now."""
-        questions, sampling = self.batch_of(step)
+    def sample_rollouts(self, step: int, round: int = 0) -> RolloutBatch:
+        """Sample step ``step``'s batch (this rank's share of its questions) now; ``round`` > 0:
+        that step's extra round of questions (dynamic sampling)."""
+        questions, sampling = self.batch_of(step, round)
         mine = share(questions, self.ctx)  # all of them in one process
         sampling = dataclasses.replace(sampling, prompt_offset=self.ctx.rank * len(mine))
         t0 = time.perf_counter()
@@ -203,10 +207,7 @@ def pack_rollouts(rollouts: Sequence[Rollout], pad_id: int, device: torch.device
     gen = torch.zeros(mask.shape, dtype=torch.float32)  # (b, T)
     # Response positions of a row are contiguous and in order, so row-major fill lines up.
     gen[mask] = torch.tensor([lp for r in rollouts for lp in r.generator_logprobs], dtype=torch.float32)
-    old = None
-    if rollouts and all(r.old_logprobs is not None for r in rollouts):  # computed once, re-packed every epoch
-        old = torch.zeros(mask.shape, dtype=torch.float32, device=device)  # (b, T)
-        old[mask.to(device)] = torch.cat([r.old_logprobs.float() for r in rollouts]).to(device)
+    old = _packed([r.old_logprobs for r in rollouts], mask, device)  # (b, T) or None
     return MicroBatch(
         input_ids=packed["input_ids"].to(device),
         labels=packed["labels"].to(device),
@@ -216,8 +217,19 @@ def pack_rollouts(rollouts: Sequence[Rollout], pad_id: int, device: torch.device
         generator_logprobs=gen.to(device),
         num_response_tokens=sum(r.num_tokens for r in rollouts),
         old_log_probs=old,
+        ref_log_probs=_packed([r.ref_logprobs for r in rollouts], mask, device),  # (b, T) or None
         rollouts=list(rollouts),
     )
+
+
+def _packed(per_rollout: Sequence[torch.Tensor | None], mask: torch.Tensor, device: torch.device | str) -> torch.Tensor | None:
+    """Per-rollout (L,) log-probs computed once (old, reference) laid out as (b, T) like
+    ``mask``, 0 elsewhere; None unless every rollout has them (they are re-packed every epoch)."""
+    if not per_rollout or any(lp is None for lp in per_rollout):
+        return None
+    packed = torch.zeros(mask.shape, dtype=torch.float32, device=device)  # (b, T)
+    packed[mask.to(device)] = torch.cat([lp.float() for lp in per_rollout]).to(device)
+    return packed
 
 
 def micro_batches(

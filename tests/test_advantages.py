@@ -60,3 +60,22 @@ def test_errors_are_clear():
         compute_group_normalized_rewards(reward_from_text, ["a"], ["a"], 1, 1e-6, True)
     with pytest.raises(ValueError, match="'reward' key"):
         compute_group_normalized_rewards(lambda r, g: {"score": 1.0}, ["a", "b"], ["a", "b"], 2, 1e-6, False)
+
+
+def test_soft_overlong_penalty_hand_values():
+    from cs336_alignment.advantages import soft_overlong_penalty
+
+    lengths = torch.tensor([5, 6, 7, 8, 10, 12])
+    # L = 10, C = 4: free up to L - C = 6 tokens, then (6 - |y|) / 4: 7 -> -0.25, 8 -> -0.5, 10 -> -1; beyond L: -1
+    assert soft_overlong_penalty(lengths, max_tokens=10, buffer=4).tolist() == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
+    # penalty 0.5 scales the ramp: 8 -> 0.5 * (6 - 8) / 4 = -0.25, 10 -> -0.5
+    assert soft_overlong_penalty(lengths, max_tokens=10, buffer=4, penalty=0.5).tolist() == [0, 0, -0.125, -0.25, -0.5, -0.5]
+    assert soft_overlong_penalty(lengths, max_tokens=10, buffer=0).tolist() == [0.0] * 6  # buffer 0: off
+
+
+def test_all_equal_groups_hand_values():
+    from cs336_alignment.advantages import all_equal_groups, frac_groups_all_equal
+
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.5, 0.5])  # groups of 2: equal, mixed, equal, equal
+    assert all_equal_groups(rewards, 2).tolist() == [True, False, True, True]
+    assert frac_groups_all_equal(rewards, 2) == 0.75

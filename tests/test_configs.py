@@ -127,10 +127,28 @@ NEW_FIELDS_OFF = {
     "cliprange_high": None,  # None: cliprange
     "overlong_filter": False,
     "eval_n_samples": 1,
+    "preset": "handout",  # the handout's knobs: every field at its default
+    "overlong_buffer": 0,  # no soft overlong penalty
+    "overlong_penalty": 1.0,  # its size, when on
+    "drop_all_equal_groups": False,
+    "max_resample_rounds": 4,  # dynamic sampling's bound, when on
+    "kl_coef": 0.0,  # no KL penalty
+    "kl_estimator": "k3",  # its estimator, when on
+    "log_kl": False,  # no reference loaded
+    "reference_device": "same",
+    "reference_dtype": "auto",
+    "train_filter.min_pass": 0.0,  # every training question kept
+    "train_filter.max_pass": 1.0,
+    "curriculum": "none",
+    "pass_rate_samples": 8,  # used only when a filter or curriculum is on
+    "pass_rates": "",
 }
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+PRESET_EXAMPLES = {"grpo_dapo.yaml": "dapo", "grpo_dr_grpo.yaml": "dr_grpo"}  # configs added with issue 24's presets
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name not in PRESET_EXAMPLES], ids=lambda p: p.stem)
 def test_configs_resolve_as_in_the_snapshot_and_new_knobs_are_off(path, monkeypatch):
     import json
 
@@ -143,3 +161,16 @@ def test_configs_resolve_as_in_the_snapshot_and_new_knobs_are_off(path, monkeypa
     assert {k: now.get(k, "<missing>") for k in snapshot["fields"]} == snapshot["fields"]  # every existing key, same value
     added = {k: v for k, v in now.items() if k not in snapshot["fields"]}
     assert added == {k: NEW_FIELDS_OFF[k] for k in added}, "a new field is not in NEW_FIELDS_OFF or not off"
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_EXAMPLES))
+def test_each_preset_has_an_example_config_that_resolves_to_it(name):
+    from cs336_alignment.recipes.grpo import PRESETS
+
+    study = load_study(Path(__file__).resolve().parents[1] / "configs" / name)
+    preset = PRESET_EXAMPLES[name]
+    assert study.recipe == "grpo" and study.config.preset == preset
+    expanded = {k: getattr(study.config, k) for k in PRESETS[preset]}
+    derived = {"overlong_buffer": study.config.sampling_max_tokens // 5}  # None in the preset: derived
+    assert expanded == {k: derived.get(k, v) if v is None else v for k, v in PRESETS[preset].items()}
+    assert set(PRESET_EXAMPLES.values()) | {"handout"} == set(PRESETS)  # every preset has its example (grpo.yaml: handout)

@@ -428,3 +428,78 @@ def test_clip_higher_moves_the_upper_bound_only():
     assert meta["clipped_high"].tolist() == [[True, False], [False, False]]
     assert meta["clipped_low"].tolist() == [[False, False], [True, True]]
     assert torch.equal(meta["clipped"], meta["clipped_high"] | meta["clipped_low"])
+
+
+def test_gspo_loss_hand_values_clips_whole_sequences():
+    from cs336_alignment.losses import compute_gspo_loss
+
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    old = torch.zeros(2, 3)
+    # row 0: log ratios ln 2, 0 (the third position is padding, its 999 must not count)
+    #   s_0 = exp((ln 2 + 0) / 2) = sqrt(2) = 1.41421
+    # row 1: log ratios 0.1, -0.1, 0.3 -> s_1 = exp(0.3 / 3) = exp(0.1) = 1.10517
+    lp = torch.tensor([[math.log(2.0), 0.0, 999.0], [0.1, -0.1, 0.3]], requires_grad=True)
+    adv = torch.tensor([[1.0], [-2.0]])
+    loss, meta = compute_gspo_loss(adv, lp, old, mask, cliprange=0.2)
+    s0, s1 = math.sqrt(2.0), math.exp(0.1)
+    # row 0: -min(1.41421 * 1, clip(1.41421, 0.8, 1.2) * 1) = -1.2, on every token: the whole response is clipped
+    # row 1: -min(1.10517 * -2, 1.10517 * -2) = 2.21034 (inside the range)
+    assert torch.allclose(loss, torch.tensor([[-1.2] * 3, [2 * s1] * 3]), atol=1e-5)
+    assert meta["clipped"].tolist() == [[True] * 3, [False] * 3]
+    assert meta["clipped_high"][0].all() and not meta["clipped_low"].any()
+    assert torch.allclose(meta["ratio"], torch.tensor([[s0] * 3, [s1] * 3]), atol=1e-5)
+    # gradient of the masked mean per row, then the mean over the 2 rows: row 0 gets none (clipped);
+    # row 1: d/d lp_1t [-A s_1] / 2 = 2 * s_1 * (1/3) / 2 = 0.36839 on each of its 3 tokens
+    masked_mean_loss(loss, mask).backward()
+    assert torch.allclose(lp.grad, torch.tensor([[0.0] * 3, [s1 / 3] * 3]), atol=1e-5)
+    # clip-higher applies per sequence too: eps_high = 0.5 keeps s_0 = 1.41421 < 1.5 unclipped
+    higher, meta = compute_gspo_loss(adv, lp.detach(), old, mask, cliprange=0.2, cliprange_high=0.5)
+    assert torch.allclose(higher[0], torch.full((3,), -s0), atol=1e-5) and not meta["clipped"].any()
+
+
+def test_gspo_through_the_dispatch_needs_the_response_mask():
+    lp, old, adv = torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 1)
+    with pytest.raises(ValueError, match="needs response_mask"):
+        compute_policy_gradient_loss(lp, "gspo", advantages=adv, old_log_probs=old, cliprange=0.2)
+    loss, meta = compute_policy_gradient_loss(lp, "gspo", advantages=adv, old_log_probs=old, cliprange=0.2,
+                                              response_mask=torch.ones(1, 2, dtype=torch.bool))
+    assert loss.tolist() == [[-1.0, -1.0]] and meta["ratio"].tolist() == [[1.0, 1.0]]  # s = 1: -A
+
+
+def test_kl_penalty_hand_values():
+    from cs336_alignment.losses import kl_penalty
+
+    lp = torch.log(torch.tensor([[0.5, 0.3]]))  # pi of two sampled tokens
+    ref = torch.log(torch.tensor([[0.25, 0.3]]))  # pi_ref of the same tokens
+    # k1 = log pi - log pi_ref = ln(0.5 / 0.25) = ln 2 = 0.693147; 0 where they agree
+    assert torch.allclose(kl_penalty(lp, ref, "k1"), torch.tensor([[math.log(2.0), 0.0]]), atol=1e-6)
+    # k3 = (pi_ref / pi - 1) - ln(pi_ref / pi) = (0.5 - 1) - ln 0.5 = -0.5 + 0.693147 = 0.193147; 0 where they agree
+    assert torch.allclose(kl_penalty(lp, ref, "k3"), torch.tensor([[0.193147, 0.0]]), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown kl_estimator"):
+        kl_penalty(lp, ref, "k2")
+
+
+def test_grpo_step_adds_the_kl_penalty_and_logs_the_kl_without_it():
+    mask = torch.tensor([[True, True]])
+    ref = torch.log(torch.tensor([[0.25, 0.3]]))
+    zero = torch.zeros(1, 1)  # advantage 0: the policy-gradient term is 0, only the penalty remains
+
+    def step(kl_coef, estimator="k3"):
+        lp = torch.log(torch.tensor([[0.5, 0.3]])).requires_grad_()
+        loss, meta = grpo_microbatch_train_step(lp, mask, 1, "reinforce_with_baseline", advantages=zero,
+                                                ref_log_probs=ref, kl_coef=kl_coef, kl_estimator=estimator)
+        return loss, meta, lp.grad
+
+    loss, meta, grad = step(0.1)
+    # masked mean over the 2 tokens of 0.1 * k3 = 0.1 * (0.193147 + 0) / 2 = 0.00965735
+    assert loss.item() == pytest.approx(0.00965735, abs=1e-7)
+    # d k3 / d log pi = 1 - pi_ref / pi: 1 - 0.5 = 0.5 on token 0, 0 on token 1; times 0.1 / 2 tokens = 0.025
+    assert torch.allclose(grad, torch.tensor([[0.025, 0.0]]), atol=1e-6)
+    assert meta["kl_sum"].item() == pytest.approx(0.193147, abs=1e-6)  # the k3 sum, for the log
+    loss, meta, grad = step(0.0)  # not in the loss: logged all the same
+    assert loss.item() == 0.0 and meta["kl_sum"].item() == pytest.approx(0.193147, abs=1e-6) and not grad.any()
+    loss, _, grad = step(0.1, "k1")  # 0.1 * ln 2 / 2 = 0.0346574; d k1 / d log pi = 1 -> 0.1 / 2 = 0.05 per token
+    assert loss.item() == pytest.approx(0.0346574, abs=1e-6) and torch.allclose(grad, torch.tensor([[0.05, 0.05]]))
+    with pytest.raises(ValueError, match="needs ref_log_probs"):
+        grpo_microbatch_train_step(torch.zeros(1, 2, requires_grad=True), mask, 1, "reinforce_with_baseline",
+                                   advantages=zero, kl_coef=0.1)

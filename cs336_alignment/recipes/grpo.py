@@ -21,27 +21,46 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from ..advantages import frac_groups_all_equal, group_normalize
+from ..advantages import all_equal_groups, frac_groups_all_equal, group_normalize, soft_overlong_penalty
 from ..async_rollouts import AsyncRollouts
 from ..checkpoint import NonFiniteError, RunControl
 from ..config import ConfigError
 from ..data import Example, validation_subset
-from ..distributed import ONE, DistContext, DistributedError, all_reduce, gather, share, world_size
-from ..generation import SamplingParams
+from ..difficulty import (
+    check_writable,
+    curriculum_batch,
+    curriculum_order,
+    filter_by_pass_rate,
+    pass_rate_stats,
+    read_pass_rates,
+    score_pass_rates,
+    write_pass_rates,
+)
+from ..distributed import ONE, DistContext, DistributedError, all_reduce, gather, on_main, share, world_size
+from ..generation import Generator, SamplingParams
 from ..generation.process import GeneratorProcess
 from ..logprobs import get_response_log_probs
-from ..losses import LengthNormalization, LossType, grpo_microbatch_train_step, k3_kl, truncated_importance_weights
-from ..models import autocast, resolve_device
+from ..losses import (
+    KlEstimator,
+    LengthNormalization,
+    LossType,
+    grpo_microbatch_train_step,
+    k3_kl,
+    truncated_importance_weights,
+)
+from ..models import autocast, load_model_and_tokenizer, resolve_device
 from ..rewards import GraderFailures, RewardFn
-from ..rollouts import LocalRollouts, MicroBatch, Rollout, micro_batches, rollout_stats, with_rewards
+from ..rollouts import LocalRollouts, MicroBatch, Rollout, RolloutBatch, micro_batches, rollout_stats, with_rewards
 from ..tokenization import pad_token_id
 from ..trackers import check_trackers
 from .common import (
     DataConfig,
+    LoadedData,
     check_common_fields,
     check_fits,
     clip_and_step,
@@ -55,21 +74,63 @@ from .loop import RunLoop
 __all__ = [
     "GRPOConfig",
     "LogprobGap",
+    "PRESETS",
     "StepStats",
+    "TrainFilter",
     "accumulate_gradients",
     "check_data_parallel",
+    "dynamic_sampling",
+    "extra_rounds",
+    "load_reference",
     "old_log_probs",
     "policy_update",
+    "question_batches",
     "rank_batches",
+    "reference_log_probs",
     "reshuffled",
     "rollout_batch_metrics",
     "score",
     "start_async_rollouts",
     "train_grpo",
+    "training_questions",
 ]
 
 
 HANDOUT_GRADIENT_ACCUMULATION_STEPS = 128  # the handout's default: micro-batches of 2 at train_batch_size 256
+
+PRESETS: dict[str, dict[str, Any]] = {  # preset -> the fields it sets; fields set explicitly win
+    "handout": {},  # the handout's GRPO: every field at its default
+    "dr_grpo": {  # Dr. GRPO (Liu et al., 2025, arXiv:2503.20783): no std division, one constant length normaliser
+        "use_std_normalization": False,
+        "length_normalization": "masked_normalize",  # each response's summed loss / sampling_max_tokens
+    },
+    "dapo": {  # DAPO (Yu et al., 2025, arXiv:2503.14476)
+        "loss_type": "grpo_clip",
+        "cliprange_low": 0.2,  # clip-higher: eps_low 0.2, eps_high 0.28
+        "cliprange_high": 0.28,
+        "drop_all_equal_groups": True,  # dynamic sampling
+        "length_normalization": "token_mean",  # token-level policy-gradient loss
+        "overlong_buffer": None,  # soft overlong punishment over the last fifth of sampling_max_tokens (DAPO: 4096 of 20480)
+        "overlong_penalty": 1.0,
+    },
+}
+
+
+@dataclass
+class TrainFilter:
+    """Which training questions GRPO keeps, by their pass rate under the starting policy."""
+
+    min_pass: float = 0.0  # keep questions whose pass rate is >= this (0: keep the never-solved ones too)
+    max_pass: float = 1.0  # and <= this (1: keep the always-solved ones too); both at 0 and 1: no filtering
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_pass <= self.max_pass <= 1.0:
+            raise ValueError(f"train_filter needs 0 <= min_pass <= max_pass <= 1; got min_pass={self.min_pass}, "
+                             f"max_pass={self.max_pass}")
+
+    @property
+    def active(self) -> bool:
+        return self.min_pass > 0.0 or self.max_pass < 1.0
 
 
 @dataclass
@@ -80,6 +141,7 @@ class GRPOConfig:
     out: str = "runs/grpo"  # run directory
     seed: int = 0  # seeds prompt sampling, rollouts and initialisation
     data: DataConfig = field(default_factory=DataConfig)  # questions, prompt template, reward
+    preset: Literal["handout", "dr_grpo", "dapo"] = "handout"  # a named set of the knobs below (PRESETS); explicit fields win
     # -- the handout's hyperparameters
     n_grpo_steps: int = 200  # rollout batches (GRPO steps)
     learning_rate: float = 1e-5  # AdamW learning rate (constant)
@@ -100,6 +162,15 @@ class GRPOConfig:
     cliprange_low: float | None = None  # grpo_clip's lower epsilon: ratio >= 1 - cliprange_low (None: cliprange)
     cliprange_high: float | None = None  # its upper epsilon, ratio <= 1 + cliprange_high (None: cliprange); DAPO's clip-higher
     overlong_filter: bool = False  # responses cut at sampling_max_tokens get zero loss weight (DAPO's overlong filtering)
+    overlong_buffer: int | None = 0  # DAPO's soft overlong penalty over the last this many tokens (0: off; None: max tokens / 5)
+    overlong_penalty: float = 1.0  # that penalty's size: the reward falls linearly by up to this much at sampling_max_tokens
+    drop_all_equal_groups: bool = False  # DAPO's dynamic sampling: drop groups whose rewards are all equal, sample more
+    max_resample_rounds: int = 4  # dynamic sampling: at most this many extra rounds of questions per GRPO step
+    kl_coef: float = 0.0  # beta of the KL(pi || pi_ref) penalty in the loss, pi_ref the frozen starting policy (0: none)
+    kl_estimator: KlEstimator = "k3"  # the penalty's per-token estimator: k1 (log ratio) or k3 (Schulman's, >= 0)
+    log_kl: bool = False  # with kl_coef 0: load the reference anyway and log the KL to it (kl_coef > 0 always logs it)
+    reference_device: str = "same"  # the reference policy's device ("same": the policy's)
+    reference_dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # its dtype ("auto": bf16 on GPU, fp32 on CPU)
     weight_decay: float = 0.0  # AdamW weight decay
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     max_grad_norm: float = 1.0  # gradient clipping
@@ -113,6 +184,11 @@ class GRPOConfig:
     n_eval_examples: int = 1024  # size of the fixed, seeded validation subset
     eval_seed: int = 1234  # seed of that subset and of validation sampling
     eval_n_samples: int = 1  # responses per validation question (> 1: pass@k for every k <= it, and maj@k)
+    # -- training questions by difficulty (scored once with the starting policy)
+    train_filter: TrainFilter = field(default_factory=TrainFilter)  # keep questions by pass rate (default: all)
+    curriculum: Literal["none", "easy_first"] = "none"  # easy_first: step k takes the next questions, easiest first
+    pass_rate_samples: int = 8  # responses per training question when scoring pass rates
+    pass_rates: str = ""  # the pass-rate file, read if it exists, else written ("": <run>/pass_rates.jsonl)
     final_eval_full: bool = True  # validate on the whole validation set after the last step
     log_rollout_examples: int = 4  # example rollouts written to the log per validation
     # -- placement and memory
@@ -135,6 +211,8 @@ class GRPOConfig:
     run_name: str = ""  # the run's name in wandb and trackio ("": theirs)
     trackers: list[str] = field(
         default_factory=lambda: ["jsonl"])  # metrics go to: jsonl (always on, listed or not), wandb, trackio, tensorboard
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = PRESETS  # config.from_dict expands ``preset`` with it
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -165,8 +243,21 @@ class GRPOConfig:
             )
         if self.use_std_normalization and self.group_size < 2:
             problems.append("use_std_normalization needs group_size >= 2")
-        if self.loss_type == "grpo_clip" and not self.cliprange > 0:
-            problems.append(f"grpo_clip needs cliprange > 0, got {self.cliprange}")
+        if self.loss_type in ("grpo_clip", "gspo") and not self.cliprange > 0:
+            problems.append(f"{self.loss_type} needs cliprange > 0, got {self.cliprange}")
+        if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
+            problems.append(f"kl_coef must be a finite number >= 0 (0: no KL penalty), got {self.kl_coef}")
+        if self.overlong_buffer is None:
+            self.overlong_buffer = self.sampling_max_tokens // 5
+        if not 0 <= self.overlong_buffer < self.sampling_max_tokens:
+            problems.append(f"overlong_buffer must be in [0, sampling_max_tokens = {self.sampling_max_tokens}): the "
+                            f"penalty covers the last overlong_buffer tokens before the limit; got {self.overlong_buffer}")
+        if not (math.isfinite(self.overlong_penalty) and self.overlong_penalty >= 0):
+            problems.append(f"overlong_penalty must be a finite number >= 0, got {self.overlong_penalty}")
+        if self.max_resample_rounds < 0:
+            problems.append(f"max_resample_rounds must be >= 0, got {self.max_resample_rounds}")
+        if self.pass_rate_samples < 1:
+            problems.append(f"pass_rate_samples must be >= 1, got {self.pass_rate_samples}")
         for name in ("cliprange_low", "cliprange_high"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -250,6 +341,16 @@ class GRPOConfig:
         return self.cliprange if self.cliprange_high is None else self.cliprange_high
 
     @property
+    def uses_reference(self) -> bool:
+        """Whether the run loads the frozen reference policy (a KL penalty, or the KL logged)."""
+        return self.kl_coef > 0 or self.log_kl
+
+    @property
+    def scores_pass_rates(self) -> bool:
+        """Whether the training questions are scored with the starting policy before the run."""
+        return self.train_filter.active or self.curriculum != "none"
+
+    @property
     def asymmetric_clip(self) -> bool:
         """Whether either clip bound is set on its own (its clipped share is then logged apart)."""
         return self.cliprange_low is not None or self.cliprange_high is not None
@@ -331,17 +432,10 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         val_subset = validation_subset(data.val, cfg.n_eval_examples, cfg.eval_seed)
         policy, tokenizer, optimizer, generator = load_policy_and_generator(cfg, device=device, generator_device=gen_device,
                                                                             ctx=ctx)  # several processes: sharded
+        reference = load_reference(cfg, device) if cfg.uses_reference else None  # frozen starting policy (KL)
         pad_id = pad_token_id(tokenizer)  # pad, else EOS
-        rollout_sampling = SamplingParams.r1_zero(  # stop at </answer> and keep it
-            temperature=cfg.sampling_temperature, max_tokens=cfg.sampling_max_tokens, min_tokens=cfg.sampling_min_tokens,
-            n=cfg.group_size,
-        )
-
-        def batch_of(step: int) -> tuple[list[Example], SamplingParams]:
-            """Step ``step``'s questions (the same on every rank) and sampling, seeded by the step."""
-            questions = random.Random(step_seed(cfg.seed, step)).sample(data.train, cfg.n_prompts_per_rollout_batch)
-            return questions, dataclasses.replace(rollout_sampling, seed=step_seed(cfg.seed, step, 1))
-
+        pool, ordered = training_questions(cfg, data, generator=generator, policy=policy, loop=loop)  # by pass rate
+        batch_of = question_batches(cfg, pool, ordered)  # (step, round) -> questions, sampling
         source = loop.own(  # a generator process sampling ahead of training, or this process's generator
             start_async_rollouts(cfg, policy, tokenizer, batch_of, template=data.template) if cfg.async_rollouts else
             LocalRollouts(generator, policy, batch_of=batch_of, template=data.template, ctx=ctx,
@@ -373,6 +467,10 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
             # ------------------------------------------------------------------ score and advantages
             with loop.grading() as grader:  # timeouts count as wrong answers: logged, never fatal
                 rollouts = gather(score(batch.rollouts, data.reward_fn, cfg), ctx)  # graded where sampled; all on every rank
+                if cfg.drop_all_equal_groups:  # DAPO's dynamic sampling: more questions until every group has signal
+                    more = extra_rounds(source, batch, grpo_step, data.reward_fn, cfg=cfg, ctx=ctx)
+                    rollouts, counts = dynamic_sampling(rollouts, cfg, more=more)  # the same on every rank
+                    batch.extra.update(counts)  # logged with the step
             # ------------------------------------------------------------------ micro-batches, old log-probs
             batches = micro_batches(  # the whole rollout batch's (the same on every rank); each rank runs its share
                 rollouts, train_batch_size=cfg.train_batch_size, micro_batch_size=cfg.micro_train_batch_size, pad_id=pad_id,
@@ -381,6 +479,8 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
             gap = LogprobGap()  # generator-vs-policy log-prob gap over response tokens
             old_lp_seconds = timed(old_log_probs, policy=policy, batches=batches, cfg=cfg, gap=gap,
                                    ctx=ctx)[1] if cfg.recompute_old_log_probs else 0.0
+            ref_lp_seconds = timed(reference_log_probs, reference=reference, batches=batches, cfg=cfg,
+                                   ctx=ctx)[1] if reference is not None else 0.0
             # ------------------------------------------------------------------ update, sync
             steps, train_seconds = timed(
                 policy_update, policy=policy, optimizer=optimizer, batches=batches, cfg=cfg,
@@ -389,19 +489,20 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
             )
             source.load_weights(policy, version=grpo_step + 1)  # the new weights (gathered when sharded)
             # ------------------------------------------------------------------ log, end of step
-            seconds = all_reduce({"rollout": batch.seconds, "old_logprob": old_lp_seconds, "train": train_seconds}, ctx,
-                                 op="max")  # the slowest rank's
+            seconds = all_reduce({"rollout": batch.seconds, "old_logprob": old_lp_seconds, "ref_logprob": ref_lp_seconds,
+                                  "train": train_seconds}, ctx, op="max")  # the slowest rank's
             shared = rollout_batch_metrics(
                 rollouts, cfg, gap=gap.all_reduce(ctx), grader=grader, rollout_seconds=seconds["rollout"],
                 generation_seconds=batch.extra.get("generation_seconds", seconds["rollout"]),
                 old_logprob_seconds=seconds["old_logprob"], train_seconds=seconds["train"], wall_clock_train=loop.stop_clock(),
-                skipped_steps=loop.state.skipped_steps,
+                skipped_steps=loop.state.skipped_steps, ref_logprob_seconds=seconds["ref_logprob"] if reference else None,
             ) | batch.extra  # async: the batch's staleness and weights version
             for step_stats in steps:
                 loop.state.optimizer_step += 1
                 loop.sink.log("train", loop.state.optimizer_step,
                               {"grpo_step": grpo_step, **step_stats.record(cfg.loss_type, correction=cfg.corrected,
-                                                                           split_clip=cfg.asymmetric_clip), **shared})
+                                                                           split_clip=cfg.asymmetric_clip,
+                                                                           reference=cfg.uses_reference), **shared})
             last = steps[-1] if steps else StepStats.nan()
             loop.end_of_step(
                 f"reward {shared['train_reward_mean']:.3f} (format {shared['train_format_reward_mean']:.3f}), "
@@ -413,9 +514,141 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         return loop.finish(policy, tokenizer, final)
 
 
+def question_batches(
+    cfg: GRPOConfig, pool: Sequence[Example], ordered: Sequence[Example] | None = None
+) -> Callable[..., tuple[list[Example], SamplingParams]]:
+    """``batch_of(step, round=0)``: step ``step``'s questions (the same on every rank) and their
+    sampling, seeded by the step: ``n_prompts_per_rollout_batch`` questions drawn from ``pool``,
+    or with an easy-first curriculum (``ordered``) the step's slice of it
+    (:func:`~cs336_alignment.difficulty.curriculum_batch`). ``round`` > 0: an extra round of
+    dynamic sampling, drawn from ``pool`` with seeds of the step and the round."""
+    sampling = SamplingParams.r1_zero(  # stop at </answer> and keep it
+        temperature=cfg.sampling_temperature, max_tokens=cfg.sampling_max_tokens, min_tokens=cfg.sampling_min_tokens,
+        n=cfg.group_size,
+    )
+    size = cfg.n_prompts_per_rollout_batch
+
+    def batch_of(step: int, round: int = 0) -> tuple[list[Example], SamplingParams]:
+        if round:
+            questions = random.Random(step_seed(cfg.seed, step, 3, round)).sample(list(pool), size)
+            return questions, dataclasses.replace(sampling, seed=step_seed(cfg.seed, step, 4, round))
+        if ordered is not None:
+            questions = curriculum_batch(ordered, step, size)
+        else:
+            questions = random.Random(step_seed(cfg.seed, step)).sample(list(pool), size)
+        return questions, dataclasses.replace(sampling, seed=step_seed(cfg.seed, step, 1))
+
+    return batch_of
+
+
+def training_questions(
+    cfg: GRPOConfig, data: LoadedData, *, generator: Generator, policy: torch.nn.Module, loop: RunLoop
+) -> tuple[list[Example], list[Example] | None]:
+    """The questions GRPO trains on, and their easy-first order (None without a curriculum).
+
+    With ``train_filter`` or ``curriculum`` set, each training question is first scored with the
+    starting policy (``pass_rate_samples`` responses through ``generator``) into a pass-rate file
+    (``pass_rates``, or <run>/pass_rates.jsonl; :mod:`~cs336_alignment.difficulty`), which a
+    resumed run or a user-given file is read from instead. Several processes: each rank scores
+    its share, rank 0 reads and writes the file. Otherwise: every training question, no order.
+    """
+    if not cfg.scores_pass_rates:
+        return list(data.train), None
+    ctx = loop.ctx
+    path = Path(cfg.pass_rates) if cfg.pass_rates else Path(cfg.out) / "pass_rates.jsonl"
+
+    def read_or_check() -> list[float] | None:  # rank 0: the file's rates, or None once the path is known writable
+        if path.exists():
+            loop.logger.info("pass rates read from %s (not re-scored)", path)
+            return read_pass_rates(path, data.train, template=data.template)
+        check_writable(path)
+        return None
+
+    rates = on_main(read_or_check, ctx)
+    if rates is None:
+        policy.eval()
+        rates = gather(score_pass_rates(
+            generator, data.reward_fn, share(data.train, ctx), template=data.template, n=cfg.pass_rate_samples,
+            sampling_seed=step_seed(cfg.seed, 5), max_tokens=cfg.sampling_max_tokens, temperature=cfg.sampling_temperature,
+            min_tokens=cfg.sampling_min_tokens, progress=cfg.control.progress and ctx.is_main, log=loop.logger,
+        ), ctx)  # each rank its share of the questions
+        policy.train()
+
+        def write() -> None:  # rank 0; in the run directory the run owns the file (a fresh start removes it)
+            if path.resolve().is_relative_to(loop.run.path.resolve()):
+                loop.run.files.record(path.resolve().relative_to(loop.run.path.resolve()).as_posix())
+            write_pass_rates(path, data.train, rates, template=data.template, n=cfg.pass_rate_samples,
+                             scored_with={"model": cfg.model, "seed": cfg.seed, "max_tokens": cfg.sampling_max_tokens})
+
+        on_main(write, ctx)
+    loop.logger.info("pass rates of %d training questions: %s", len(rates),
+                     ", ".join(f"{k} {v:.3f}" for k, v in pass_rate_stats(rates).items()))
+    try:
+        pool, kept = filter_by_pass_rate(data.train, rates, min_pass=cfg.train_filter.min_pass,
+                                         max_pass=cfg.train_filter.max_pass)
+    except ValueError as e:
+        raise ConfigError(f"field 'train_filter': {e}") from None
+    if len(pool) < cfg.n_prompts_per_rollout_batch:
+        raise ConfigError(f"field 'train_filter': {len(pool)} questions kept of {len(rates)}, too few for one rollout "
+                          f"batch of {cfg.n_prompts_per_rollout_batch} questions; widen the bounds")
+    ordered = curriculum_order(pool, kept, seed=cfg.seed) if cfg.curriculum == "easy_first" else None
+    return pool, ordered
+
+
 # ---------------------------------------------------------------------------------------
 # The phases
 # ---------------------------------------------------------------------------------------
+
+
+def extra_rounds(
+    source: LocalRollouts | AsyncRollouts, batch: RolloutBatch, step: int, reward_fn: RewardFn, *, cfg: GRPOConfig,
+    ctx: DistContext = ONE,
+) -> Callable[[int], list[Rollout]]:
+    """``more(round)`` for :func:`dynamic_sampling`: step ``step``'s extra round of questions from
+    ``source``, scored and gathered like the first (the same rollouts on every rank, so every
+    rank takes the same decision); its seconds join ``batch``'s."""
+
+    def more(round: int) -> list[Rollout]:
+        extra = source.sample_rollouts(step, round)
+        batch.seconds += extra.seconds
+        if "generation_seconds" in batch.extra:
+            batch.extra["generation_seconds"] += extra.extra["generation_seconds"]
+        return gather(score(extra.rollouts, reward_fn, cfg), ctx)
+
+    return more
+
+
+def dynamic_sampling(
+    rollouts: Sequence[Rollout], cfg: GRPOConfig, *, more: Callable[[int], Sequence[Rollout]]
+) -> tuple[list[Rollout], dict[str, int]]:
+    """DAPO's dynamic sampling (Yu et al., 2025, arXiv:2503.14476): drop the groups whose rewards
+    are all equal (every advantage 0: no gradient signal, yet they dilute the batch) and fill the
+    batch from extra rounds of questions, ``more(round)`` for round = 1, 2, ... (each scored,
+    B * G rollouts), until B informative groups are kept or ``max_resample_rounds`` rounds ran.
+
+    Keeps the first B informative groups in sampling order. If the rounds run out first, the
+    batch is topped up with dropped groups (the batch shape, and so every rank's number of
+    micro-batches, never changes) and ``groups_short`` says how many. Returns (B * G rollouts,
+    {"resample_rounds", "groups_dropped", "groups_short"}); groups are renumbered 0 .. B - 1.
+    """
+    size, wanted = cfg.group_size, cfg.n_prompts_per_rollout_batch
+    kept: list[list[Rollout]] = []
+    dropped: list[list[Rollout]] = []
+
+    def split(batch: Sequence[Rollout]) -> None:
+        equal = all_equal_groups(torch.tensor([r.reward for r in batch]), size).tolist()  # (B,)
+        for g, same in enumerate(equal):
+            (dropped if same else kept).append(list(batch[g * size:(g + 1) * size]))
+
+    split(rollouts)
+    rounds = 0
+    while len(kept) < wanted and rounds < cfg.max_resample_rounds:
+        rounds += 1
+        split(more(rounds))
+    short = max(0, wanted - len(kept))
+    groups = kept[:wanted] + dropped[:short]
+    trained = [dataclasses.replace(r, group=g) for g, group in enumerate(groups) for r in group]
+    return trained, {"resample_rounds": rounds, "groups_dropped": len(dropped) - short, "groups_short": short}
 
 
 def score(rollouts: Sequence[Rollout], reward_fn: RewardFn, cfg: GRPOConfig) -> list[Rollout]:
@@ -423,8 +656,14 @@ def score(rollouts: Sequence[Rollout], reward_fn: RewardFn, cfg: GRPOConfig) -> 
 
     A_i = (r_i - mean_group(r)) / (std_group(r) + advantage_eps), or without the division
     when ``use_std_normalization`` is off (:func:`~cs336_alignment.advantages.group_normalize`).
+    With ``overlong_buffer`` the reward first gets DAPO's soft overlong penalty
+    (:func:`~cs336_alignment.advantages.soft_overlong_penalty`), kept in ``overlong_penalty``.
     """
     scored = with_rewards(rollouts, reward_fn)
+    if cfg.overlong_buffer:
+        penalties = soft_overlong_penalty(torch.tensor([r.num_tokens for r in scored]), max_tokens=cfg.sampling_max_tokens,
+                                          buffer=cfg.overlong_buffer, penalty=cfg.overlong_penalty)  # (B*G,)
+        scored = [dataclasses.replace(r, reward=r.reward + p, overlong_penalty=p) for r, p in zip(scored, penalties.tolist())]
     raw = torch.tensor([r.reward for r in scored], dtype=torch.float32)  # (B*G,)
     advantages = group_normalize(
         raw, group_size=cfg.group_size, advantage_eps=cfg.advantage_eps, normalize_by_std=cfg.use_std_normalization
@@ -437,29 +676,64 @@ def old_log_probs(
     policy: torch.nn.Module, batches: Sequence[MicroBatch], cfg: GRPOConfig, *, gap: LogprobGap, ctx: DistContext = ONE
 ) -> None:
     """Old log-probs phase (off-policy only): log pi_old of each response token under the
-    sampling policy, once per rollout batch, into each micro-batch's ``old_log_probs`` (b, T).
-    Several processes: each rank computes its share of ``batches`` (those it trains on first,
-    :func:`rank_batches`) and every rollout then gets its ``old_logprobs`` from the rank that
-    computed them (later epochs re-pack the rollouts differently).
+    sampling policy, once per rollout batch, into each micro-batch's ``old_log_probs`` (b, T)
+    and each rollout's ``old_logprobs`` (L,) (:func:`_log_probs_once`).
 
     On-policy the old policy is the current one: its log-probs come from the update's forward.
     """
-    device = next(policy.parameters()).device
+    _log_probs_once(policy, batches, cfg, ctx=ctx, into="old", gap=gap)
+
+
+@torch.no_grad()
+def reference_log_probs(
+    reference: torch.nn.Module, batches: Sequence[MicroBatch], cfg: GRPOConfig, *, ctx: DistContext = ONE
+) -> None:
+    """Reference log-probs phase (a reference loaded: kl_coef > 0 or log_kl): log pi_ref of each
+    response token under the frozen starting policy, once per rollout batch beside the old
+    log-probs, into ``ref_log_probs`` (b, T) and each rollout's ``ref_logprobs`` (L,)."""
+    _log_probs_once(reference, batches, cfg, ctx=ctx, into="ref")
+
+
+def _log_probs_once(
+    model: torch.nn.Module, batches: Sequence[MicroBatch], cfg: GRPOConfig, *, ctx: DistContext, into: Literal["old", "ref"],
+    gap: LogprobGap | None = None,
+) -> None:
+    """``model``'s log-probs of every response token of a rollout batch, computed once and kept
+    with each micro-batch (``<into>_log_probs`` (b, T)) and each rollout (``<into>_logprobs``
+    (L,): later epochs re-pack the rollouts). Several processes: each rank computes its share
+    of ``batches`` (those it trains on first, :func:`rank_batches`) and every rollout then gets
+    its log-probs from the rank that computed them. ``model`` may sit on another device than
+    the batches (a reference on ``reference_device``)."""
+    device = next(model.parameters()).device
     mine = rank_batches(batches, cfg.gradient_accumulation_steps, ctx)
     with autocast(device):
         for mb in mine:
-            mb.old_log_probs = get_response_log_probs(
-                policy, mb.input_ids, mb.labels, chunk_size=cfg.logprob_chunk_size, positions_mask=mb.response_mask
-            )["log_probs"].float()  # (b, T)
-            gap.add(mb.old_log_probs, mb)
+            log_probs = get_response_log_probs(
+                model, mb.input_ids.to(device), mb.labels.to(device), chunk_size=cfg.logprob_chunk_size,
+                positions_mask=mb.response_mask.to(device),
+            )["log_probs"].float().to(mb.input_ids.device)  # (b, T)
+            setattr(mb, f"{into}_log_probs", log_probs)
+            if gap is not None:
+                gap.add(log_probs, mb)
             for row, rollout in enumerate(mb.rollouts):  # kept with each rollout: later epochs re-pack them
-                rollout.old_logprobs = mb.old_log_probs[row][mb.response_mask[row]]  # (L,)
+                setattr(rollout, f"{into}_logprobs", log_probs[row][mb.response_mask[row]])  # (L,)
     if ctx.world_size > 1:
         rollouts = [r for mb in batches for r in mb.rollouts]  # the same order on every rank
         position = {id(r): i for i, r in enumerate(rollouts)}
-        computed = gather([(position[id(r)], r.old_logprobs.cpu()) for mb in mine for r in mb.rollouts], ctx)
+        computed = gather([(position[id(r)], getattr(r, f"{into}_logprobs").cpu()) for mb in mine for r in mb.rollouts], ctx)
         for i, lp in computed:
-            rollouts[i].old_logprobs = lp.to(device)  # (L,)
+            setattr(rollouts[i], f"{into}_logprobs", lp.to(batches[0].input_ids.device))  # (L,)
+
+
+def load_reference(cfg: GRPOConfig, policy_device: torch.device) -> torch.nn.Module:
+    """The frozen reference policy pi_ref of a KL penalty: the starting policy (``cfg.model``,
+    loaded again, so a resumed run gets the same one) on ``reference_device`` in
+    ``reference_dtype``, in eval mode, without gradients. Each rank holds a whole copy."""
+    device = policy_device if cfg.reference_device == "same" else resolve_device(cfg.reference_device)
+    dtype = None if cfg.reference_dtype == "auto" else getattr(torch, cfg.reference_dtype)
+    reference, _ = load_model_and_tokenizer(cfg.model, device, dtype=dtype, seed=cfg.seed,
+                                            attn_implementation=cfg.attn_implementation)
+    return reference.requires_grad_(False).eval()
 
 
 def rank_batches(batches: Sequence[MicroBatch], per_step: int, ctx: DistContext) -> list[MicroBatch]:
@@ -485,6 +759,7 @@ class StepStats:
     truncated_tokens: float = 0.0  # response tokens whose importance weight pi_old / mu was cut to tis_cap
     weight_sum: float = 0.0  # sum over response tokens of the importance weight min(pi_old / mu, tis_cap) (tis_cap)
     behaviour_kl_sum: float = 0.0  # sum over response tokens of the k3 estimate of KL(mu || pi), mu the generator
+    kl_sum: float = 0.0  # sum over response tokens of the k3 estimate of KL(pi || pi_ref) (a reference loaded)
 
     @property
     def token_entropy(self) -> float:
@@ -496,15 +771,19 @@ class StepStats:
         return cls(epoch=0, tokens=0, loss=float("nan"), grad_norm=float("nan"), entropy_sum=float("nan"),
                    clipped_tokens=0.0, ratio_sum=0.0, lr=float("nan"))
 
-    def record(self, loss_type: str, correction: bool = False, split_clip: bool = False) -> dict[str, float]:
+    def record(self, loss_type: str, correction: bool = False, split_clip: bool = False,
+               reference: bool = False) -> dict[str, float]:
         """The step's metrics as logged: per-token means of the sums; with ``correction`` (async
         rollouts or tis_cap) also the truncated share and the pi/mu KL; with ``split_clip``
-        (cliprange_low or cliprange_high set) the clipped shares at each bound."""
+        (cliprange_low or cliprange_high set) the clipped shares at each bound; with
+        ``reference`` the KL to the reference policy (``ref_kl``)."""
         record = {"epoch": self.epoch, "loss": self.loss, "grad_norm": self.grad_norm,
                   "token_entropy": self.token_entropy, "lr": self.lr}
-        if loss_type in ("grpo_clip", "grpo_no_clip"):
+        if loss_type in ("grpo_clip", "grpo_no_clip", "gspo"):
             record["ratio_mean"] = self.ratio_sum / max(self.tokens, 1)
-        if loss_type == "grpo_clip":
+        if reference:
+            record["ref_kl"] = self.kl_sum / max(self.tokens, 1)
+        if loss_type in ("grpo_clip", "gspo"):
             record["clip_fraction"] = self.clipped_tokens / max(self.tokens, 1)
             if split_clip:
                 record["clip_fraction_high"] = self.clipped_high_tokens / max(self.tokens, 1)
@@ -581,13 +860,16 @@ def accumulate_gradients(
     with ``overlong_filter`` a response that ended at the length limit weighs 0 (DAPO, Yu et al.,
     2025, arXiv:2503.14476; the normalisers still count its tokens).
 
+    With a reference policy (``mb.ref_log_probs``) the loss adds ``kl_coef`` times the KL penalty
+    (:func:`~cs336_alignment.losses.kl_penalty`) and the KL is summed for the log either way.
+
     Returns the step's sums over its response tokens, read from the device once, named as
     :class:`StepStats` fields: loss, entropy_sum, clipped_tokens, ratio_sum, truncated_tokens,
-    weight_sum, behaviour_kl_sum (the k3 estimate of KL(mu || pi)).
+    weight_sum, behaviour_kl_sum (the k3 estimate of KL(mu || pi)), kl_sum (of KL(pi || pi_ref)).
     """
     device = next(policy.parameters()).device
     names = ("loss", "entropy_sum", "clipped_tokens", "clipped_high_tokens", "clipped_low_tokens", "ratio_sum",
-             "truncated_tokens", "weight_sum", "behaviour_kl_sum")
+             "truncated_tokens", "weight_sum", "behaviour_kl_sum", "kl_sum")
     sums = {name: torch.zeros((), device=device) for name in names}  # () each
     for mb in step_batches:
         with autocast(device):
@@ -614,6 +896,7 @@ def accumulate_gradients(
             cliprange_high=cfg.clip_high,
             length_normalization=cfg.length_normalization, normalize_constant=float(cfg.sampling_max_tokens),
             num_tokens=tokens if cfg.length_normalization == "token_mean" else None, importance_weights=weights,
+            ref_log_probs=mb.ref_log_probs, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator,
         )
         sums["loss"] += loss
         sums["entropy_sum"] += (out["token_entropy"].detach() * mb.response_mask).sum()  # ()
@@ -621,6 +904,7 @@ def accumulate_gradients(
         sums["clipped_high_tokens"] += meta.get("clipped_high_tokens", 0.0)
         sums["clipped_low_tokens"] += meta.get("clipped_low_tokens", 0.0)
         sums["ratio_sum"] += meta.get("ratio_sum", 0.0)
+        sums["kl_sum"] += meta.get("kl_sum", 0.0)
         if cfg.corrected:
             kl = k3_kl(log_probs.detach(), mb.generator_logprobs)  # (b, T) KL(mu || pi) per token
             sums["behaviour_kl_sum"] += torch.where(mb.response_mask, kl, torch.zeros((), device=device)).sum()
@@ -641,6 +925,7 @@ def rollout_batch_metrics(
     train_seconds: float,
     wall_clock_train: float,
     skipped_steps: int,
+    ref_logprob_seconds: float | None = None,
 ) -> dict[str, Any]:
     """The metrics a GRPO step shares among its optimizer steps' records: the rollouts' rewards,
     lengths and degeneracy, the generator-vs-policy gap, each phase's time and throughput.
@@ -648,7 +933,12 @@ def rollout_batch_metrics(
     rollouts the wait for the batch); throughput is over ``generation_seconds``, the sampling's own."""
     rollout_tokens = sum(r.num_tokens for r in rollouts)
     train_tokens = cfg.epochs_per_rollout_batch * rollout_tokens  # every epoch trains on every rollout
-    return {
+    optional = {}
+    if cfg.overlong_buffer:
+        optional["overlong_penalty_mean"] = sum(r.overlong_penalty for r in rollouts) / len(rollouts)
+    if ref_logprob_seconds is not None:
+        optional["ref_logprob_seconds"] = ref_logprob_seconds
+    return optional | {
         **{f"train_{k}": v for k, v in rollout_stats(rollouts).items()},
         "frac_groups_all_equal": frac_groups_all_equal(torch.tensor([r.reward for r in rollouts]), cfg.group_size),
         "generator_policy_logprob_gap_mean": gap.mean,
