@@ -111,6 +111,8 @@ def eval_command(
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N examples."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Maximum new tokens per response."),
+    n_samples: Optional[int] = typer.Option(
+        None, "--n-samples", help="Samples per prompt (EvalConfig n); 2 or more also reports pass@1..pass@N and maj@N."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with EvalConfig fields."),
     overrides: Optional[list[str]] = typer.Argument(None, help="More EvalConfig fields as key=value."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars; only warnings and errors on the console."),
@@ -119,13 +121,16 @@ def eval_command(
     from .recipes.eval import EvalConfig, run_evaluation
 
     set_quiet(quiet)
-    flags = {"model": model, "data": data, "prompt": prompt, "out": out, "limit": limit, "seed": seed, "max_tokens": max_tokens}
+    flags = {"model": model, "data": data, "prompt": prompt, "out": out, "limit": limit, "seed": seed, "max_tokens": max_tokens,
+             "n": n_samples}
     extra = [f"{k}={v}" for k, v in flags.items() if v is not None]
     with _user_errors():
         cfg = load_config(EvalConfig, config, extra + list(overrides or []))
         metrics = run_evaluation(cfg)
+    sampled = [k for k in metrics if k.startswith(("pass@", "maj@"))]  # with n >= 2 samples per prompt
     keys = ("n_examples", "accuracy", "format_accuracy", "answer_accuracy", "truncated_fraction",
-            "mean_response_length", "mean_token_entropy", "generation_tokens_per_second")
+            "mean_response_length", "mean_token_entropy", "generation_tokens_per_second",
+            *(["n_samples", *sampled] if sampled else []))
     for key in keys:
         value = metrics.get(key)
         typer.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")

@@ -6,7 +6,9 @@ completion with a reward function, and writes
 - ``generations.jsonl``: one line per completion: prompt, generation, ground truth, finish
   reason, token count, the reward dict (and mean token entropy when a policy is given);
 - ``metrics.json``: counts and accuracies, the three format/answer categories, the share
-  truncated at max_tokens, mean response lengths (all / correct / incorrect), entropy.
+  truncated at max_tokens, mean response lengths (all / correct / incorrect), entropy; with
+  k >= 2 samples per prompt also ``n_samples`` (k), ``pass@1`` .. ``pass@k`` and ``maj@k``
+  (:func:`sampling_metrics`).
 
 ``log_generations`` computes the same per-example records and summary for the handful of
 prompts a training loop logs at each validation.
@@ -30,7 +32,9 @@ import torch
 
 from .generation.types import GenerationResult, Generator, SamplingParams
 from .logprobs import get_response_log_probs
-from .rewards import score_pairs
+from .rewards import grade_answer, score_pairs
+from .rewards.extract import last_boxed_content, r1_zero_answer
+from .rewards.normalize import hendrycks_normalize
 from .run_dir import atomic_write_text
 from .tokenization import pack_prompt_and_output_ids, pad_token_id
 
@@ -39,10 +43,12 @@ __all__ = [
     "RewardFn",
     "evaluate",
     "evaluation_metrics",
+    "final_answer",
     "log_generations",
     "majority_vote",
     "pass_at_k",
     "response_entropies",
+    "sampling_metrics",
     "score_results",
     "summarize",
     "write_evaluation",
@@ -130,10 +136,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
         pass@k = 1 - C(n - c, k) / C(n, k) = 1 - prod_{i = n - c + 1}^{n} (1 - k / i)
 
-    (the product form avoids huge binomials). pass@1 = c / n, the mean accuracy of the samples.
+    (the product form avoids huge binomials). pass@1 = c / n, the mean accuracy of the samples
+    (returned as exactly that quotient).
     """
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}")
+    if k == 1:
+        return c / n
     if n - c < k:
         return 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
@@ -142,10 +151,24 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def majority_vote(answers: Sequence[Any], correct: Sequence[bool], equivalent: Callable[[Any, Any], bool]) -> bool:
     """maj@k for one question: whether the most common answer among its k samples is correct.
 
-    Answers are grouped by ``equivalent`` (e.g. the grader's equality, so "0.5" and "\\frac{1}{2}"
-    vote together): each joins the first group whose first answer it equals. The largest group
-    wins, the earliest among equal sizes; it is correct when its first answer is. None answers
+    Self-consistency (Wang et al., 2022, "Self-Consistency Improves Chain of Thought Reasoning in
+    Language Models", arXiv:2203.11171): sample k reasoning paths, take the answer most of them
+    reach. Over a set of questions q with samples y_{q,1..k} and answers a(y),
+
+        maj@k = mean_q 1[ argmax_a |{j : a(y_{q,j}) ~ a}| is correct ]
+
+    where ``~`` is ``equivalent``. Answers are grouped by it (e.g. the grader's equality, so
+    "0.5" and "\\frac{1}{2}" vote together): each joins the first group whose first answer it
+    equals. The largest group wins; a tie goes to the group whose first answer came earliest
+    in ``answers`` (so with samples in their random sampling order, a random tie-break). The
+    winner is correct when its first answer is (``correct[i]`` of that answer). None answers
     (nothing extracted) do not vote; with no votes the result is False.
+
+    Args:
+        answers: the k samples' answers, in sampling order; None for one that does not vote.
+        correct: whether each sample was graded correct.
+        equivalent: ``equivalent(representative, answer)``: whether ``answer`` votes with the
+            group whose first answer is ``representative``.
     """
     groups: list[list[int]] = []  # indices of the answers in each group, the first one its representative
     for i, answer in enumerate(answers):
@@ -163,12 +186,125 @@ def majority_vote(answers: Sequence[Any], correct: Sequence[bool], equivalent: C
     return bool(correct[winner[0]])
 
 
+def final_answer(response: str) -> str | None:
+    """The final answer of a response, for majority voting: the R1-Zero answer (text inside the
+    last ``<answer>...</answer>``, its ``\\boxed{}`` content if boxed), else the content of the
+    response's last ``\\boxed{}`` (question-only responses); stripped, None when there is none."""
+    _, answer = r1_zero_answer(response)
+    if answer is None:
+        answer = last_boxed_content(response)
+    answer = answer.strip() if answer is not None else None
+    return answer or None
+
+
+class _Correct:
+    """The single vote of every sample graded correct (they all equal the ground truth)."""
+
+    def __repr__(self) -> str:
+        return "<correct>"
+
+
+_CORRECT = _Correct()
+
+
+def _is_correct(record: GenerationRecord) -> bool:
+    """The notion of correct of ``answer_accuracy``: answer_reward (else reward) > 0."""
+    return record.reward.get("answer_reward", record.reward.get("reward", 0.0)) > 0
+
+
+def _normalized(answer: str) -> str:
+    """``hendrycks_normalize(answer)``, or ``answer`` itself should it fail: a metric never stops an evaluation."""
+    try:
+        return hendrycks_normalize(answer) or answer
+    except Exception:  # noqa: BLE001 - an odd answer is still an answer, grouped by its raw text
+        return answer
+
+
+def _question_majority(samples: Sequence[GenerationRecord], graded: dict[tuple[str, str], bool]) -> bool:
+    """maj@k of one question's samples (in sampling order) through :func:`majority_vote`.
+
+    Votes: every correct sample votes for the one correct answer; a wrong one votes for its
+    :func:`final_answer` after ``hendrycks_normalize`` (equal strings: one group), and two wrong
+    groups merge when the grader says their first raw answers are equal (one taken as the
+    truth; ``graded`` caches the verdicts); a wrong sample with no answer does not vote. The
+    grader is only asked when the answer is open: some correct votes, and at least as many
+    wrong ones.
+    """
+    correct = [_is_correct(r) for r in samples]
+    raw: dict[str, str] = {}  # normalised answer -> its first raw answer
+    keys: list[Any] = []
+    for record, ok in zip(samples, correct):
+        if ok:
+            keys.append(_CORRECT)
+            continue
+        answer = final_answer(record.generation)
+        key = _normalized(answer) if answer is not None else None
+        if key is not None:
+            raw.setdefault(key, answer)
+        keys.append(key)
+    n_correct, n_wrong = sum(correct), sum(k is not None and k is not _CORRECT for k in keys)
+    if n_correct == 0 or n_correct > n_wrong:  # decided without merging wrong answers
+        return n_correct > 0
+
+    def equivalent(representative: Any, answer: Any) -> bool:
+        if representative is _CORRECT or answer is _CORRECT:
+            return representative is answer
+        if representative == answer:
+            return True
+        pair = (raw[representative], raw[answer])
+        if pair not in graded:
+            graded[pair] = grade_answer(pair[1], pair[0]).correct  # time-bounded, never raises
+        return graded[pair]
+
+    return majority_vote(keys, correct, equivalent)
+
+
+def sampling_metrics(records: Sequence[GenerationRecord]) -> dict[str, Any]:
+    """pass@k and maj@k of records with several samples per prompt; {} with one.
+
+    With k = the fewest samples any prompt has (k >= 2), returns ``n_samples`` (k),
+    ``pass@1`` .. ``pass@k`` and ``maj@k``:
+
+    - ``pass@k'`` = mean over questions of :func:`pass_at_k` (n_q, c_q, k'), the unbiased
+      estimator of Chen et al. (2021, arXiv:2107.03374) from the question's n_q samples of
+      which c_q are correct (answer_reward > 0, as for ``answer_accuracy``); pass@1 is the mean
+      of c_q / n_q, so ``answer_accuracy`` when every question has k samples.
+    - ``maj@k`` = share of questions whose majority answer over their first k samples (by
+      ``sample_index``) is correct (:func:`majority_vote`, self-consistency of Wang et al.,
+      2022, arXiv:2203.11171). Votes: all correct samples vote together; wrong ones vote for
+      their :func:`final_answer`, grouped by equal ``hendrycks_normalize`` strings, then
+      groups merged when the grader says their representatives are equal; wrong samples with
+      no extractable answer do not vote. Ties: the group whose first vote came earliest (the
+      lower ``sample_index``) wins, e.g. samples (wrong "3", correct, wrong "3", correct) count
+      as not correct and (correct, wrong "3", correct, wrong "3") as correct.
+    """
+    by_prompt: dict[int, list[GenerationRecord]] = {}
+    for r in records:
+        by_prompt.setdefault(r.prompt_index, []).append(r)
+    if not by_prompt:
+        return {}
+    k = min(len(samples) for samples in by_prompt.values())
+    if k < 2:
+        return {}
+    questions = [sorted(samples, key=lambda r: r.sample_index) for samples in by_prompt.values()]
+    counts = [(len(samples), sum(_is_correct(r) for r in samples)) for samples in questions]
+    metrics: dict[str, Any] = {"n_samples": k}
+    for j in range(1, k + 1):
+        metrics[f"pass@{j}"] = sum(pass_at_k(n, c, j) for n, c in counts) / len(counts)
+    if len({n for n, _ in counts}) == 1:  # the same n everywhere: pass@1 is answer_accuracy, to the last bit
+        metrics["pass@1"] = sum(c for _, c in counts) / sum(n for n, _ in counts)
+    graded: dict[tuple[str, str], bool] = {}
+    metrics[f"maj@{k}"] = sum(_question_majority(samples[:k], graded) for samples in questions) / len(questions)
+    return metrics
+
+
 def summarize(records: Sequence[GenerationRecord], max_tokens: int | None = None) -> dict[str, Any]:
     """Counts and means over scored completions (the metrics.json of an evaluation).
 
     Categories: format 1 & answer 1 (correct), format 1 & answer 0 (formatted but wrong),
     format 0 & answer 0 (unformatted); format 0 & answer 1 cannot happen with our graders
-    but is counted if a custom reward produces it.
+    but is counted if a custom reward produces it. With k >= 2 samples per prompt, the
+    :func:`sampling_metrics` (``n_samples``, ``pass@1`` .. ``pass@k``, ``maj@k``) follow.
     """
     n = len(records)
     fmt = [r.reward.get("format_reward", 0.0) for r in records]
@@ -198,6 +334,7 @@ def summarize(records: Sequence[GenerationRecord], max_tokens: int | None = None
     }
     if max_tokens is not None:
         metrics["max_tokens"] = max_tokens
+    metrics.update(sampling_metrics(records))
     return metrics
 
 

@@ -9,7 +9,8 @@
 - ``val_accuracy_vs_step.png`` and ``val_accuracy_vs_wall_clock.png``: validation accuracy of
   every group, one panel per group;
 - ``report.md``: the runs and what varies, the clock of each run's time axis and its validation
-  sampling (temperature, max tokens, examples, seed), final metrics with 95% intervals, every
+  sampling (temperature, max tokens, examples, seed), final metrics with 95% intervals (and
+  pass@1 / pass@k / maj@k for runs that validated with k >= 2 samples per question), every
   figure (relative links), example validation rollouts over time, and for evaluation
   directories the format/answer category table with examples of each category.
 
@@ -101,6 +102,7 @@ __all__ = [
     "load_run",
     "number",
     "panel_series",
+    "pass_at_k_row",
     "pick_examples",
     "prompt_tail",
     "recognise",
@@ -1350,6 +1352,17 @@ def _final_row(run: Run) -> list[str]:
             _fmt(last.get("mean_response_length"), 1), _fmt_duration(wall)]
 
 
+def pass_at_k_row(run: Run) -> list[str] | None:
+    """``[run, k, pass@1, pass@k, maj@k]`` of a run's last validation (an evaluation run's
+    metrics.json), or None when it sampled one response per question (no ``n_samples``)."""
+    last = run.eval_metrics if run.kind == "evaluation" else (run.eval_records() or [{}])[-1]
+    k = number(last.get("n_samples"))
+    if not k or k < 2:
+        return None
+    k = int(k)
+    return [_cell(run.label), str(k), _fmt(last.get("pass@1")), _fmt(last.get(f"pass@{k}")), _fmt(last.get(f"maj@{k}"))]
+
+
 def _interval_text(accuracy: Any, n: Any) -> str:
     """``[low, high]`` of the 95% Wilson interval, or – when accuracy or N is unknown."""
     p, count = number(accuracy), number(n)
@@ -1557,6 +1570,14 @@ def build_markdown(runs: Sequence[Run], groups: Sequence[RunGroup], figures: Rep
     ]
     lines += ["| " + " | ".join(_final_row(run)) + " |" for run in runs]
     lines.append("")
+    sampled_rows = [row for row in map(pass_at_k_row, runs) if row is not None]
+    if sampled_rows:  # only runs that sampled k >= 2 responses per question have these
+        lines += [("Several samples per question (the same validations, k = `n_samples`): pass@1 is their mean "
+                   "accuracy, pass@k the unbiased estimate of the chance that one of k samples is correct (Chen et "
+                   "al., 2021), maj@k the share of questions whose most common answer is correct (self-consistency, "
+                   "Wang et al., 2022)."), "",
+                  "| Run | k | pass@1 | pass@k | maj@k |", "| --- | ---: | ---: | ---: | ---: |",
+                  *("| " + " | ".join(row) + " |" for row in sampled_rows), ""]
     category_rows = []
     for run in training:
         final = next((s for s in reversed(run.snapshots) if (s.path / "metrics.json").exists()), None)

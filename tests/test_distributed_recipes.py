@@ -130,6 +130,9 @@ def test_grpo_at_two_ranks_matches_one_process(two_ranks, one_rank_grpo, one_pro
     train = [r for r in want if r["kind"] == "train"]
     assert len(train) == 12 and {r["grpo_step"] for r in train} == {0, 1, 2}  # 3 GRPO steps x 2 epochs x 2 steps
     assert any(r["train_reward_mean"] > 0 for r in train) and any(r["loss"] != 0 for r in train)
+    # dynamic sampling: the only all-equal groups trained are the top-ups after the last round (4 groups per batch)
+    assert all(r["frac_groups_all_equal"] == r["groups_short"] / 4 for r in train) and any(r["groups_dropped"] for r in train)
+    assert any(r["ref_kl"] > 0 for r in train)  # the KL to the reference, computed by each rank for its share
     assert [r["eval_step"] for r in want if r["kind"] == "eval"] == [2, 3]  # 5 questions: 3 on rank 0, 2 + a repeat on rank 1
     grads = torch.load(two_ranks / "grads_grpo.pt", weights_only=True)
     assert_same_gradients(grads, reference_grads)

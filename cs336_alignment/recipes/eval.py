@@ -4,7 +4,9 @@
 
 Loads the model and the examples, generates with the native engine or vLLM, grades with the
 evaluation core (``evaluate.py``) and writes ``config.yaml``, ``generations.jsonl`` and
-``metrics.json`` into the output directory.
+``metrics.json`` into the output directory. With ``n`` >= 2 samples per prompt (``--n-samples 8``)
+metrics.json also holds pass@1 .. pass@n (Chen et al., 2021) and maj@n (self-consistency, Wang et
+al., 2022); see :func:`cs336_alignment.evaluate.sampling_metrics`.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class EvalConfig:
     reward: str = ""  # reward name or "module:function"; "" = the one matching the prompt (or the task's)
     limit: int | None = None  # evaluate only the first N examples (None: all)
     seed: int = 0  # sampling seed (and the seed of generated task data)
-    n: int = 1  # samples per prompt
+    n: int = 1  # samples per prompt (--n-samples); >= 2 also gives n_samples, pass@1 .. pass@n and maj@n in metrics.json
     temperature: float = 1.0  # sampling temperature (0 = greedy)
     top_p: float = 1.0  # nucleus sampling
     max_tokens: int = 1024  # maximum new tokens per response

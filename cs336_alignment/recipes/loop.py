@@ -112,7 +112,7 @@ __all__ = [
 EVAL_KEYS = (
     "accuracy", "format_accuracy", "answer_accuracy", "mean_token_entropy", "mean_response_length",
     "mean_response_length_correct", "mean_response_length_incorrect", "truncated_fraction", "n_examples",
-)  # the summary of a validation that goes into metrics.jsonl
+)  # the summary of a validation that goes into metrics.jsonl (with n_samples, pass@1..pass@k, maj@k when k >= 2)
 
 
 # How each config field may change when a run is resumed. Every field of the SFT, EI and GRPO
@@ -572,7 +572,10 @@ class RunLoop:
         """Evaluate ``policy`` through ``generator`` (which must hold its weights) on ``examples``.
 
         Writes <run>/eval/<tag>_stepNNNNN/{generations.jsonl,metrics.json}, logs an eval record
-        (:data:`EVAL_KEYS`, split, seconds) and ``n_logged`` example rollouts; returns the record.
+        (:data:`EVAL_KEYS`, split, seconds; with ``sampling.n`` = k >= 2 samples per question also
+        ``n_samples``, ``pass@1`` .. ``pass@k`` and ``maj@k``, see
+        :func:`~cs336_alignment.evaluate.sampling_metrics`) and ``n_logged`` example rollouts;
+        returns the record.
         """
         t0 = time.perf_counter()
         mine, n_real = padded_share(examples, self.ctx)  # several processes: each validates its share, in step
@@ -591,7 +594,8 @@ class RunLoop:
                                  self.ctx, op="max")  # the slowest rank's
             metrics = evaluation_metrics(records, sampling, generation_seconds=seconds["generation"],
                                          scoring_seconds=seconds["scoring"])
-        record = {k: metrics[k] for k in EVAL_KEYS} | {"split": tag, "seconds": time.perf_counter() - t0}
+        sampled = {k: v for k, v in metrics.items() if k == "n_samples" or k.startswith(("pass@", "maj@"))}  # k >= 2
+        record = {k: metrics[k] for k in EVAL_KEYS} | sampled | {"split": tag, "seconds": time.perf_counter() - t0}
         self._eval_seconds_per_example = record["seconds"] / max(1, len(examples))
         if not self.ctx.is_main:
             return record
@@ -601,8 +605,11 @@ class RunLoop:
         self.sink.log("eval", step, record)
         for r in records[:n_logged]:
             self.logger.info("eval step %d example: reward=%s | %r -> %r", step, r.reward, r.prompt[-80:], r.generation[:300])
-        self.logger.info("eval step %d (%s): accuracy %.4f, format %.4f", step, tag, record["accuracy"],
-                         record["format_accuracy"])
+        k = sampled.get("n_samples")
+        shown = ("pass@1", f"pass@{k}", f"maj@{k}") if k else ()
+        extra = "".join(f", {name} {sampled[name]:.4f}" for name in shown if name in sampled)
+        self.logger.info("eval step %d (%s): accuracy %.4f, format %.4f%s", step, tag, record["accuracy"],
+                         record["format_accuracy"], extra)
         return record
 
     def finish(self, policy: torch.nn.Module, tokenizer: Any, final: dict[str, Any]) -> dict[str, Any]:
