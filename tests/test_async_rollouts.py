@@ -29,12 +29,14 @@ CLOCKS = ("time", "wall_clock", "wall_clock_train")
 
 def config(out: Path, **kw) -> GRPOConfig:
     """3 async GRPO steps of 4 questions x 4 responses, grpo_clip with the generator's log-probs as
-    pi_old, a checkpoint every step."""
+    pi_old, a checkpoint every step; with dynamic sampling (its extra rounds from the generator
+    process, at the trainer's current weights)."""
     base = dict(
         model="tiny", out=str(out), device="cpu", seed=3, n_grpo_steps=3, learning_rate=1e-3, data=ARITH,
         rollout_batch_size=16, group_size=4, train_batch_size=16, micro_batch_size=4, loss_type="grpo_clip",
         sampling_max_tokens=12, eval_every=0, n_eval_examples=4, final_eval_full=False, log_rollout_examples=0,
         async_rollouts=True, generator_device="cpu", control={"checkpoint_every": 1, "progress": False},
+        drop_all_equal_groups=True, max_resample_rounds=2,
     )
     return load_config(GRPOConfig, None, [f"{k}={json.dumps(v)}" for k, v in {**base, **kw}.items()])
 
@@ -70,6 +72,8 @@ def test_each_batch_is_sampled_with_the_weights_of_the_step_before(reference):
     train = [r for r in read_jsonl(reference / "metrics.jsonl") if r["kind"] == "train"]
     # batch k with the weights after step max(0, k - 1): versions 0, 0, 1; staleness 0, 1, 1
     assert [(r["grpo_step"], r["weights_version"], r["staleness"]) for r in train] == [(0, 0, 0), (1, 0, 1), (2, 1, 1)]
+    assert any(r["resample_rounds"] for r in train)  # extra rounds came from the generator process
+    assert all(r["frac_groups_all_equal"] == r["groups_short"] / 4 for r in train)  # only top-ups are all-equal
     assert all(r["generation_seconds"] > 0 and r["rollout_seconds"] >= 0 for r in train)
     # batch 0 came from the starting weights, which the policy still has: mu = pi (both fp32 on the CPU)
     assert abs(train[0]["behaviour_kl"]) < 1e-6 and abs(train[0]["ratio_mean"] - 1) < 1e-5
@@ -186,8 +190,21 @@ def _pipeline(process, s, total):
     from cs336_alignment.data import Example
     from cs336_alignment.generation import SamplingParams
 
-    return AsyncRollouts(process, batch_of=lambda k: ([Example(question=f"q{k}", ground_truth="1")], SamplingParams()),
+    return AsyncRollouts(process, batch_of=lambda k, r=0: ([Example(question=f"q{k}.{r}", ground_truth="1")], SamplingParams()),
                          template="{question}", max_staleness=s, total=total)
+
+
+def test_an_extra_round_is_sampled_with_the_current_weights_and_never_left_in_flight():
+    process = FakeProcess()
+    pipeline = _pipeline(process, 1, total=4)
+    pipeline.start(0, policy=None)
+    pipeline.sample_rollouts(0)
+    pipeline.load_weights(None, version=1)
+    pipeline.sample_rollouts(1)  # asks for batch 2 (version 1), waits for batch 1 (version 0)
+    extra = pipeline.sample_rollouts(1, 1)  # step 1's first extra round: the trainer's weights now, version 1
+    assert process.requests[-1] == ((1, 1), 1) and extra.extra == {"generation_seconds": 0.25}
+    assert [r.prompt for r in extra.rollouts] == ["q1.1"]
+    assert sorted(pipeline.state()["async_batches"]) == ["2"]  # batch 2 in flight and kept; the round is not
 
 
 @pytest.mark.parametrize("s", [1, 2])
