@@ -116,6 +116,7 @@ def score_pass_rates(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: bool = False,
     log: logging.Logger | None = None,
+    first_index: int = 0,
 ) -> list[float]:
     """Each question's pass rate under ``generator``'s current weights: ``c_i / n``, where ``c_i`` of
     ``n`` sampled responses to question ``i`` are correct (:func:`is_correct` of ``reward_fn``).
@@ -123,9 +124,11 @@ def score_pass_rates(
     Sampling is the R1-Zero one (:meth:`SamplingParams.r1_zero`: top-p 1, stop at ``</answer>``)
     with ``temperature``, ``max_tokens``, ``min_tokens`` and seed ``sampling_seed``. Questions go
     to the generator ``chunk_size`` at a time (each chunk graded before the next is sampled, one
-    log line per chunk on ``log``); a chunk's ``prompt_offset`` is its first question's index, so
-    with the native engine (streams keyed on seed, question index and sample index) the rates do
-    not depend on ``chunk_size``. ``progress`` shows the generator's progress bar.
+    log line per chunk on ``log``); a chunk's ``prompt_offset`` is its first question's index
+    (``first_index`` + its position: a rank scoring its share of a training set passes the share's
+    first index), so with the native engine (streams keyed on seed, question index and sample
+    index) the rates depend neither on ``chunk_size`` nor on how the set is shared among ranks.
+    ``progress`` shows the generator's progress bar.
 
     Returns one rate per example, in order; each is a multiple of ``1 / n``.
     """
@@ -142,7 +145,8 @@ def score_pass_rates(
     for start in range(0, len(examples), chunk_size):
         chunk = examples[start : start + chunk_size]
         prompts = format_prompts(template, chunk)
-        results = generator.generate(prompts, dataclasses.replace(sampling, prompt_offset=start), progress=progress)
+        results = generator.generate(prompts, dataclasses.replace(sampling, prompt_offset=first_index + start),
+                                     progress=progress)
         if len(results) != len(chunk) or any(len(r.completions) != n for r in results):
             got = sorted({len(r.completions) for r in results})
             raise ValueError(f"the generator returned {len(results)} results with {got} completions each "

@@ -42,15 +42,16 @@ def grpo_config(out: Path, **kw: Any) -> GRPOConfig:
     """3 GRPO steps of 4 questions x 4 responses, each rollout batch trained for 2 epochs in train
     batches of 8 (micro-batches of 2): 12 optimizer steps; a checkpoint after the last step (the
     kill test asks for one every step: the metrics do not depend on it). With dynamic sampling
-    (each rank its share of every extra round; the decision the same on every rank) and a KL
-    penalty (each rank the reference log-probs of its share of the micro-batches)."""
+    (each rank its share of every extra round; the decision the same on every rank), a KL
+    penalty (each rank the reference log-probs of its share of the micro-batches) and an
+    easy-first curriculum (each rank scores its share of the questions, rank 0 writes the file)."""
     base = dict(
         model="tiny", out=str(out), device="cpu", seed=3, n_grpo_steps=GRPO_STEPS, learning_rate=LR,
         data={**ARITH, "reward": REWARD, "reward_in_process": True}, rollout_batch_size=16, group_size=4,
         train_batch_size=8, micro_batch_size=2, epochs_per_rollout_batch=2, loss_type="grpo_clip",
         length_normalization="token_mean", sampling_max_tokens=12, eval_every=2, n_eval_examples=5, final_eval_full=False,
         log_rollout_examples=0, control={"checkpoint_every": 0, "progress": False}, drop_all_equal_groups=True,
-        kl_coef=0.01,
+        kl_coef=0.01, curriculum="easy_first", pass_rate_samples=2,
     )
     return load_config(GRPOConfig, None, [f"{k}={json.dumps(v)}" for k, v in {**base, **kw}.items()])
 

@@ -78,7 +78,8 @@ def _is_timing(key: str) -> bool:
 def assert_same_records(got: list[dict], want: list[dict], tol: float = 1e-5) -> None:
     """Record by record: the same kinds, steps and keys; every value that is no clock reading
     equal: a loss within 1e-5, other numbers within ``tol`` or a relative 1e-6 (float32 sums in
-    another order)."""
+    another order) over the first 3 steps, a relative 1e-5 later (the rounding differences of
+    the first steps move the weights a little: see :func:`assert_same_gradients`)."""
     assert [(r["kind"], _step(r)) for r in got] == [(r["kind"], _step(r)) for r in want]
     for g, w in zip(got, want):
         assert g.keys() == w.keys(), (g["kind"], _step(g), set(g) ^ set(w))
@@ -88,7 +89,8 @@ def assert_same_records(got: list[dict], want: list[dict], tol: float = 1e-5) ->
             if key == "loss":  # the acceptance's measure: |loss difference| <= 1e-5
                 assert abs(g[key] - w[key]) <= 1e-5, (w["kind"], _step(w), g[key], w[key])
             elif isinstance(w[key], float) and isinstance(g[key], float):
-                assert math.isclose(g[key], w[key], rel_tol=1e-6, abs_tol=tol) or (math.isnan(g[key]) and math.isnan(w[key])), \
+                rel = 1e-6 if _step(w) <= 3 else 1e-5
+                assert math.isclose(g[key], w[key], rel_tol=rel, abs_tol=tol) or (math.isnan(g[key]) and math.isnan(w[key])), \
                     (w["kind"], _step(w), key, g[key], w[key])
             else:
                 assert g[key] == w[key], (w["kind"], _step(w), key, g[key], w[key])
@@ -133,6 +135,8 @@ def test_grpo_at_two_ranks_matches_one_process(two_ranks, one_rank_grpo, one_pro
     # dynamic sampling: the only all-equal groups trained are the top-ups after the last round (4 groups per batch)
     assert all(r["frac_groups_all_equal"] == r["groups_short"] / 4 for r in train) and any(r["groups_dropped"] for r in train)
     assert any(r["ref_kl"] > 0 for r in train)  # the KL to the reference, computed by each rank for its share
+    # the curriculum's pass rates: each rank scored its share, keyed on the global question index: the same file
+    assert (two_ranks / "grpo" / "pass_rates.jsonl").read_text() == (reference / "pass_rates.jsonl").read_text()
     assert [r["eval_step"] for r in want if r["kind"] == "eval"] == [2, 3]  # 5 questions: 3 on rank 0, 2 + a repeat on rank 1
     grads = torch.load(two_ranks / "grads_grpo.pt", weights_only=True)
     assert_same_gradients(grads, reference_grads)

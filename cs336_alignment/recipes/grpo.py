@@ -41,7 +41,17 @@ from ..difficulty import (
     score_pass_rates,
     write_pass_rates,
 )
-from ..distributed import ONE, DistContext, DistributedError, all_reduce, gather, on_main, share, world_size
+from ..distributed import (
+    ONE,
+    DistContext,
+    DistributedError,
+    all_reduce,
+    gather,
+    on_main,
+    padded_share,
+    share,
+    world_size,
+)
 from ..generation import Generator, SamplingParams
 from ..generation.process import GeneratorProcess
 from ..logprobs import get_response_log_probs
@@ -566,12 +576,14 @@ def training_questions(
 
     rates = on_main(read_or_check, ctx)
     if rates is None:
+        mine, n_real = padded_share(data.train, ctx)  # each rank its share of the questions (the last padded)
         policy.eval()
         rates = gather(score_pass_rates(
-            generator, data.reward_fn, share(data.train, ctx), template=data.template, n=cfg.pass_rate_samples,
+            generator, data.reward_fn, mine, template=data.template, n=cfg.pass_rate_samples,
             sampling_seed=step_seed(cfg.seed, 5), max_tokens=cfg.sampling_max_tokens, temperature=cfg.sampling_temperature,
             min_tokens=cfg.sampling_min_tokens, progress=cfg.control.progress and ctx.is_main, log=loop.logger,
-        ), ctx)  # each rank its share of the questions
+            first_index=ctx.rank * len(mine),  # streams keyed on the question's index in the whole set
+        )[:n_real], ctx)
         policy.train()
 
         def write() -> None:  # rank 0; in the run directory the run owns the file (a fresh start removes it)
