@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import logging
 import os
 import re
 import types
@@ -249,9 +250,14 @@ def from_dict(
     presets = getattr(cls, "PRESETS", None)
     if presets is not None and "preset" in data:  # a named set of fields, under the ones given explicitly
         name = data["preset"]
-        if name not in presets:
+        if not isinstance(name, str) or name not in presets:
             raise ConfigError(f"{_where(source, lines, _prefix + ('preset',))}: unknown preset {name!r} "
                               f"(known: {', '.join(presets)})")
+        overridden = [f"{k}={data[k]!r}" for k, v in presets[name].items() if k in data and data[k] != v and v is not None]
+        if overridden:  # what a study file states wins; say so, since it may leave the preset half applied
+            logging.getLogger("cs336_alignment").warning(
+                "preset %s: %s given explicitly instead of the preset's value%s", name, ", ".join(overridden),
+                "s" if len(overridden) > 1 else "")
         data = {**presets[name], **data}
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}

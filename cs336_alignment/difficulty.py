@@ -282,15 +282,22 @@ def _read(path: Path, examples: Sequence[Example], template: str) -> tuple[list[
     return rates, header
 
 
-def read_pass_rates(path: str | Path, examples: Sequence[Example], *, template: str) -> list[float]:
+def read_pass_rates(
+    path: str | Path, examples: Sequence[Example], *, template: str, n: int | None = None, log: logging.Logger | None = None
+) -> list[float]:
     """The pass rates of ``examples`` from the pass-rate file at ``path``, each ``correct / n``.
 
     The file must describe exactly these questions, in this order, formatted with ``template``
     (same count, same :func:`question_sha` on every line). Otherwise, or for a malformed line (bad
     JSON, a missing or ill-typed field, ``pass_rate`` not ``correct / n``), raises
-    :class:`PassRateFileError` naming the file and the first bad line.
+    :class:`PassRateFileError` naming the file and the first bad line. With ``n``, a file scored
+    with another number of samples per question is used with a warning on ``log``.
     """
-    return _read(Path(path), examples, template)[0]
+    rates, header = _read(Path(path), examples, template)
+    if n is not None and header.get("n") != n:
+        (log or logger).warning("%s: scored with n=%s samples per question, not pass_rate_samples=%d; using the file as "
+                                "it is", path, header.get("n"), n)
+    return rates
 
 
 def check_writable(path: str | Path) -> None:
@@ -331,10 +338,7 @@ def load_or_score_pass_rates(
     """
     path, log = Path(path), log or logger
     if path.exists():
-        rates, header = _read(path, examples, template)
-        if header.get("n") != n:
-            log.warning("%s: scored with n=%s samples per question, not pass_rate_samples=%d; using the file as it is",
-                        path, header.get("n"), n)
+        rates = read_pass_rates(path, examples, template=template, n=n, log=log)
         log.info("pass rates of %d questions read from %s (not re-scored)", len(rates), path)
         return rates
     check_writable(path)

@@ -149,7 +149,7 @@ def smoke_overrides(recipe: str, cfg: Any) -> list[str]:
             factor //= 2
         train = cfg.train_batch_size // factor
         micro = next(m for m in (4, 2, 1) if train % m == 0)
-        shrunk = {"overlong_buffer": cfg.overlong_buffer * 16 // cfg.sampling_max_tokens} if cfg.overlong_buffer else {}
+        shrunk = {"overlong_buffer": max(1, cfg.overlong_buffer * 16 // cfg.sampling_max_tokens)} if cfg.overlong_buffer else {}
         return _kv({**common, **data, **shrunk, "generator_device": "same", "n_grpo_steps": 1,
                     "rollout_batch_size": cfg.rollout_batch_size // factor, "train_batch_size": train,
                     "micro_batch_size": micro, "gradient_accumulation_steps": None, "sampling_max_tokens": 16,

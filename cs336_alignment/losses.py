@@ -295,19 +295,26 @@ def compute_gspo_loss(
 
 
 def kl_penalty(policy_log_probs: torch.Tensor, ref_log_probs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman, "Approximating
-    KL divergence", 2020), the penalty that keeps the policy near a frozen reference:
+    """Per-token KL penalty to a frozen reference from tokens sampled from pi (Schulman,
+    "Approximating KL divergence", 2020); its value estimates KL(pi || pi_ref):
 
     k1 = log pi - log pi_ref                               (unbiased; any sign, high variance)
-    k3 = (pi_ref / pi - 1) - log(pi_ref / pi)              (unbiased, >= 0, low variance; as in the GRPO
-                                                            paper, Shao et al., 2024, arXiv:2402.03300)
+    k3 = (pi_ref / pi - 1) - log(pi_ref / pi)              (unbiased, >= 0, low variance)
 
-    Differentiable in ``policy_log_probs``; ``ref_log_probs`` are constants.
+    What the gradient descends differs, because the tokens come from pi itself:
+
+    - "k1": the value k1 with the gradient sg[k1] * grad log pi (score-function form; the plain
+      grad k1 = grad log pi has expectation 0 under pi and would do nothing): in expectation
+      the gradient of KL(pi || pi_ref).
+    - "k3": grad k3 = (1 - pi_ref / pi) grad log pi, in expectation the gradient of
+      KL(pi_ref || pi), the reverse direction; as in the GRPO paper (Shao et al., 2024,
+      arXiv:2402.03300) and TRL / verl's low-variance KL loss.
 
     Args: policy_log_probs, ref_log_probs (B, T); estimator "k1" or "k3". Returns (B, T).
     """
     if estimator == "k1":
-        return policy_log_probs - ref_log_probs.detach()  # (B, T)
+        k1 = (policy_log_probs - ref_log_probs).detach()  # (B, T)
+        return k1 * (1.0 + policy_log_probs - policy_log_probs.detach())  # (B, T) value k1, gradient k1 * grad log pi
     if estimator == "k3":
         return k3_kl(ref_log_probs.detach(), policy_log_probs)  # (B, T) KL(pi || pi_ref): samples from pi
     raise ValueError(f"unknown kl_estimator {estimator!r}; expected one of {', '.join(KL_ESTIMATORS)}")

@@ -44,10 +44,11 @@ def grpo_config(out: Path, **kw: Any) -> GRPOConfig:
     kill test asks for one every step: the metrics do not depend on it). With dynamic sampling
     (each rank its share of every extra round; the decision the same on every rank), a KL
     penalty (each rank the reference log-probs of its share of the micro-batches) and an
-    easy-first curriculum (each rank scores its share of the questions, rank 0 writes the file)."""
+    easy-first curriculum (each rank scores its share of the 63 questions, the last one padded; rank 0
+    writes the file)."""
     base = dict(
         model="tiny", out=str(out), device="cpu", seed=3, n_grpo_steps=GRPO_STEPS, learning_rate=LR,
-        data={**ARITH, "reward": REWARD, "reward_in_process": True}, rollout_batch_size=16, group_size=4,
+        data={**ARITH, "n_task_train": 63, "reward": REWARD, "reward_in_process": True}, rollout_batch_size=16, group_size=4,
         train_batch_size=8, micro_batch_size=2, epochs_per_rollout_batch=2, loss_type="grpo_clip",
         length_normalization="token_mean", sampling_max_tokens=12, eval_every=2, n_eval_examples=5, final_eval_full=False,
         log_rollout_examples=0, control={"checkpoint_every": 0, "progress": False}, drop_all_equal_groups=True,

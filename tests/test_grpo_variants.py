@@ -118,6 +118,13 @@ def test_dynamic_sampling_rounds_and_top_up(tmp_path):
     kept, stats = dynamic_sampling(batch([1.0, 1.0, 0.0, 1.0], "a"), cfg, more=rounds.__getitem__)
     assert [r.response for r in kept] == ["a2", "a3", "a0", "a1"]
     assert stats == {"resample_rounds": 0, "groups_dropped": 0, "groups_short": 1}
+    # the decision reads the reward before the overlong penalty: two wrong answers of different lengths carry no signal
+    import dataclasses
+
+    penalised = batch([0.0, -0.5, 0.0, 1.0], "c")  # group c0: both wrong, the second one -0.5 for its length
+    penalised[1] = dataclasses.replace(penalised[1], overlong_penalty=-0.5)
+    kept, stats = dynamic_sampling(penalised, cfg, more=rounds.__getitem__)
+    assert [r.response for r in kept] == ["c2", "c3", "c0", "c1"] and stats["groups_short"] == 1
 
 
 def test_the_soft_overlong_penalty_lowers_the_reward_of_long_responses(tmp_path, plain):
@@ -187,6 +194,62 @@ def test_presets_expand_under_explicit_fields_and_the_run_shows_what_ran(tmp_pat
     study.write_text("model: tiny\npreset: dappo\n")
     with pytest.raises(ConfigError, match=r"study.yaml:2: field 'preset': unknown preset 'dappo'"):
         load_config(GRPOConfig, study)
+    study.write_text("model: tiny\npreset: [dapo]\n")  # not a name: one line too, no traceback
+    with pytest.raises(ConfigError, match=r"study.yaml:2: field 'preset': unknown preset \['dapo'\]"):
+        load_config(GRPOConfig, study)
+    # a study file's explicit fields win: the preset's values they replace are named in a warning, and a preset all of
+    # whose fields are replaced (or one never expanded: GRPOConfig(...) itself) is refused
+    study.write_text("model: tiny\npreset: dr_grpo\nuse_std_normalization: true\n")
+    with pytest.raises(ConfigError, match=r"preset 'dr_grpo' changes none of its fields"):
+        load_config(GRPOConfig, study, ["length_normalization=masked_mean"])
+    with pytest.raises(ValueError, match=r"preset 'dapo' changes none of its fields"):
+        GRPOConfig(preset="dapo")
+
+
+def test_a_preset_warns_about_the_fields_a_study_file_keeps(tmp_path, caplog):
+    study = tmp_path / "study.yaml"
+    study.write_text("model: tiny\npreset: dr_grpo\nuse_std_normalization: true\n")
+    with caplog.at_level("WARNING", logger="cs336_alignment"):
+        cfg = load_config(GRPOConfig, study)
+    assert (cfg.use_std_normalization, cfg.length_normalization) == (True, "masked_normalize")
+    assert "preset dr_grpo: use_std_normalization=True given explicitly instead of the preset's value" in caplog.text
+
+
+def test_knobs_that_cannot_work_are_refused_in_one_line(tmp_path):
+    from cs336_alignment.config import ConfigError
+
+    for fields, message in (
+        ({"reference_device": "bogus", "kl_coef": 0.1}, "reference_device must be"),
+        ({"drop_all_equal_groups": True, "group_size": 1, "use_std_normalization": False}, "needs group_size >= 2"),
+        ({"kl_coef": -0.1}, "kl_coef must be a finite number >= 0"),
+        ({"overlong_buffer": 12}, r"overlong_buffer must be in \[0, sampling_max_tokens = 12\)"),
+        ({"train_filter": {"min_pass": 0.8, "max_pass": 0.2}}, "train_filter needs 0 <= min_pass <= max_pass <= 1"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            config(tmp_path / "x", **fields)
+
+
+def test_a_given_pass_rate_file_that_does_not_match_is_refused_before_the_run(tmp_path):
+    from cs336_alignment.difficulty import PassRateFileError
+
+    given = tmp_path / "rates.jsonl"
+    given.write_text('{"format": "pass_rates", "version": 1, "questions": 1, "n": 8}\n'
+                     '{"index": 0, "question_sha": "000000000000", "n": 8, "correct": 2, "pass_rate": 0.25}\n')
+    with pytest.raises(PassRateFileError, match="rates.jsonl"):
+        train_grpo(config(tmp_path / "run", curriculum="easy_first", pass_rates=str(given)))
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+
+def test_a_run_begun_before_a_field_existed_resumes_with_its_default(tmp_path):
+    from cs336_alignment.config import to_dict
+    from cs336_alignment.recipes.loop import resume_config_changes
+
+    cfg = config(tmp_path / "x")
+    saved = to_dict(cfg)
+    del saved["kl_coef"], saved["train_filter"]  # as a config.yaml written before issue 24
+    assert resume_config_changes(saved, cfg) == ([], [])
+    accepted, refused = resume_config_changes(saved, config(tmp_path / "x", kl_coef=0.1))  # not its default: a change
+    assert [c.field for c in refused] == ["kl_coef"]
 
 
 def test_training_questions_filtered_and_ordered_by_pass_rate(tmp_path, monkeypatch):

@@ -498,8 +498,35 @@ def test_grpo_step_adds_the_kl_penalty_and_logs_the_kl_without_it():
     assert meta["kl_sum"].item() == pytest.approx(0.193147, abs=1e-6)  # the k3 sum, for the log
     loss, meta, grad = step(0.0)  # not in the loss: logged all the same
     assert loss.item() == 0.0 and meta["kl_sum"].item() == pytest.approx(0.193147, abs=1e-6) and not grad.any()
-    loss, _, grad = step(0.1, "k1")  # 0.1 * ln 2 / 2 = 0.0346574; d k1 / d log pi = 1 -> 0.1 / 2 = 0.05 per token
-    assert loss.item() == pytest.approx(0.0346574, abs=1e-6) and torch.allclose(grad, torch.tensor([[0.05, 0.05]]))
+    # k1: value 0.1 * ln 2 / 2 = 0.0346574; gradient sg[k1] * grad log pi: 0.1 * ln 2 / 2 = 0.0346574 on token 0, 0 on token 1
+    loss, _, grad = step(0.1, "k1")
+    assert loss.item() == pytest.approx(0.0346574, abs=1e-6)
+    assert torch.allclose(grad, torch.tensor([[0.0346574, 0.0]]), atol=1e-6)
     with pytest.raises(ValueError, match="needs ref_log_probs"):
         grpo_microbatch_train_step(torch.zeros(1, 2, requires_grad=True), mask, 1, "reinforce_with_baseline",
                                    advantages=zero, kl_coef=0.1)
+
+
+def test_the_kl_penalties_descend_the_kl_in_expectation():
+    """Exact expectations over a 4-token vocabulary, each token sampled with probability pi(a):
+    E_pi[grad penalty(a)] = sum_a pi(a) grad penalty(a), against autograd's gradient of the KL itself."""
+    from cs336_alignment.losses import kl_penalty
+
+    logits = torch.tensor([0.3, -0.2, 1.0, 0.1], requires_grad=True)
+    ref = torch.log_softmax(torch.tensor([0.0, 0.5, 0.2, -0.4]), dim=-1)  # (4,)
+
+    def expected_gradient(estimator):
+        lp = torch.log_softmax(logits, dim=-1)  # (4,) log pi of each token
+        per_token = kl_penalty(lp.view(1, 4), ref.view(1, 4), estimator).view(4)  # (4,) the penalty if token a was drawn
+        (grad,) = torch.autograd.grad((lp.exp().detach() * per_token).sum(), logits)
+        return grad
+
+    def kl_gradient(forward):
+        lp = torch.log_softmax(logits, dim=-1)  # (4,)
+        kl = (lp.exp() * (lp - ref)).sum() if forward else (ref.exp() * (ref - lp)).sum()
+        (grad,) = torch.autograd.grad(kl, logits)
+        return grad
+
+    assert torch.allclose(expected_gradient("k1"), kl_gradient(forward=True), atol=1e-6)  # KL(pi || pi_ref)
+    assert torch.allclose(expected_gradient("k3"), kl_gradient(forward=False), atol=1e-6)  # KL(pi_ref || pi), as GRPO
+    assert kl_gradient(forward=True).abs().max() > 1e-2  # a real gradient: a penalty doing nothing would fail above

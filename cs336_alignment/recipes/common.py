@@ -133,7 +133,20 @@ _RANGES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
     (("logprob_chunk_size",), lambda v: v is None or v >= 1, ">= 1, or null for the whole sequence at once"),
     (("kv_cache_memory_fraction",), lambda v: 0 < v < 1, "in (0, 1)"),
     (("gpu_memory_utilization",), lambda v: 0 < v <= 1, "in (0, 1]"),
+    (("device", "generator_device", "reference_device"), lambda v: _is_device(v),
+     '"auto", "same" (generator, reference: the policy\'s) or a torch device such as cpu, cuda, cuda:1'),
 )
+
+
+def _is_device(value: Any) -> bool:
+    """Whether a device field's value names a device: "auto", "same", or what torch.device reads."""
+    if value in ("auto", "same"):
+        return True
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return True
 
 
 def check_common_fields(cfg: Any) -> None:

@@ -89,6 +89,7 @@ __all__ = [
     "TrainFilter",
     "accumulate_gradients",
     "check_data_parallel",
+    "check_pass_rates_file",
     "dynamic_sampling",
     "extra_rounds",
     "load_reference",
@@ -258,7 +259,7 @@ class GRPOConfig:
         if not (math.isfinite(self.kl_coef) and self.kl_coef >= 0):
             problems.append(f"kl_coef must be a finite number >= 0 (0: no KL penalty), got {self.kl_coef}")
         if self.overlong_buffer is None:
-            self.overlong_buffer = self.sampling_max_tokens // 5
+            self.overlong_buffer = max(1, self.sampling_max_tokens // 5)
         if not 0 <= self.overlong_buffer < self.sampling_max_tokens:
             problems.append(f"overlong_buffer must be in [0, sampling_max_tokens = {self.sampling_max_tokens}): the "
                             f"penalty covers the last overlong_buffer tokens before the limit; got {self.overlong_buffer}")
@@ -266,6 +267,14 @@ class GRPOConfig:
             problems.append(f"overlong_penalty must be a finite number >= 0, got {self.overlong_penalty}")
         if self.max_resample_rounds < 0:
             problems.append(f"max_resample_rounds must be >= 0, got {self.max_resample_rounds}")
+        if self.drop_all_equal_groups and self.group_size < 2:
+            problems.append("drop_all_equal_groups needs group_size >= 2: a group of one response is always all equal")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        changes = {k: v for k, v in PRESETS[self.preset].items() if v is not None and v != defaults[k]}  # what it changes
+        if changes and not any(getattr(self, k) == v for k, v in changes.items()):
+            problems.append(f"preset {self.preset!r} changes none of its fields ({', '.join(PRESETS[self.preset])}): each "
+                            "is given explicitly (explicit fields win), or the preset was not expanded (config files, "
+                            "key=value and config.from_dict expand it; GRPOConfig(...) itself does not)")
         if self.pass_rate_samples < 1:
             problems.append(f"pass_rate_samples must be >= 1, got {self.pass_rate_samples}")
         for name in ("cliprange_low", "cliprange_high"):
@@ -436,6 +445,7 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     check_fits(cfg.model, data.template, data.train + data.val, new_tokens=cfg.sampling_max_tokens,
                new_tokens_field="sampling_max_tokens")  # an over-long prompt is refused now, not mid-run
     check_data_parallel(cfg, world_size())  # several processes: the batch must split evenly, refused now
+    check_pass_rates_file(cfg, data)  # a pass-rate file given: it matches the questions, or can be written
     with RunLoop(cfg, "GRPO") as loop:  # the run directory is locked until the end
         device, colocated, ctx = loop.device, cfg.generator_device == "same", loop.ctx
         gen_device = device if colocated or cfg.async_rollouts else resolve_device(cfg.generator_device)  # async: validation's
@@ -505,7 +515,8 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
                 rollouts, cfg, gap=gap.all_reduce(ctx), grader=grader, rollout_seconds=seconds["rollout"],
                 generation_seconds=batch.extra.get("generation_seconds", seconds["rollout"]),
                 old_logprob_seconds=seconds["old_logprob"], train_seconds=seconds["train"], wall_clock_train=loop.stop_clock(),
-                skipped_steps=loop.state.skipped_steps, ref_logprob_seconds=seconds["ref_logprob"] if reference else None,
+                skipped_steps=loop.state.skipped_steps,
+                ref_logprob_seconds=seconds["ref_logprob"] if reference is not None else None,
             ) | batch.extra  # async: the batch's staleness and weights version
             for step_stats in steps:
                 loop.state.optimizer_step += 1
@@ -551,6 +562,18 @@ def question_batches(
     return batch_of
 
 
+def check_pass_rates_file(cfg: GRPOConfig, data: LoadedData) -> None:
+    """Refuse (one line, exit 2), before the run directory exists, a ``pass_rates`` file given by
+    the user that does not match the training questions, or a path where it cannot be written."""
+    if not (cfg.scores_pass_rates and cfg.pass_rates):
+        return
+    path = Path(cfg.pass_rates)
+    if path.exists():
+        read_pass_rates(path, data.train, template=data.template)
+    else:
+        check_writable(path)
+
+
 def training_questions(
     cfg: GRPOConfig, data: LoadedData, *, generator: Generator, policy: torch.nn.Module, loop: RunLoop
 ) -> tuple[list[Example], list[Example] | None]:
@@ -570,7 +593,7 @@ def training_questions(
     def read_or_check() -> list[float] | None:  # rank 0: the file's rates, or None once the path is known writable
         if path.exists():
             loop.logger.info("pass rates read from %s (not re-scored)", path)
-            return read_pass_rates(path, data.train, template=data.template)
+            return read_pass_rates(path, data.train, template=data.template, n=cfg.pass_rate_samples, log=loop.logger)
         check_writable(path)
         return None
 
@@ -634,7 +657,8 @@ def dynamic_sampling(
     rollouts: Sequence[Rollout], cfg: GRPOConfig, *, more: Callable[[int], Sequence[Rollout]]
 ) -> tuple[list[Rollout], dict[str, int]]:
     """DAPO's dynamic sampling (Yu et al., 2025, arXiv:2503.14476): drop the groups whose rewards
-    are all equal (every advantage 0: no gradient signal, yet they dilute the batch) and fill the
+    (before the soft overlong penalty, which only tells responses apart by length) are all equal
+    (every advantage 0: no gradient signal, yet they dilute the batch) and fill the
     batch from extra rounds of questions, ``more(round)`` for round = 1, 2, ... (each scored,
     B * G rollouts), until B informative groups are kept or ``max_resample_rounds`` rounds ran.
 
@@ -647,8 +671,8 @@ def dynamic_sampling(
     kept: list[list[Rollout]] = []
     dropped: list[list[Rollout]] = []
 
-    def split(batch: Sequence[Rollout]) -> None:
-        equal = all_equal_groups(torch.tensor([r.reward for r in batch]), size).tolist()  # (B,)
+    def split(batch: Sequence[Rollout]) -> None:  # on the reward before any length penalty: DAPO filters on accuracy
+        equal = all_equal_groups(torch.tensor([r.reward - r.overlong_penalty for r in batch]), size).tolist()  # (B,)
         for g, same in enumerate(equal):
             (dropped if same else kept).append(list(batch[g * size:(g + 1) * size]))
 

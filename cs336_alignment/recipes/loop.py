@@ -180,13 +180,17 @@ def resume_config_changes(saved: dict[str, Any], cfg: Any) -> tuple[list[ConfigC
 
     Free fields are accepted; the number of steps is accepted when the learning rate does not
     depend on it (a constant schedule); every other field is refused (accepted with
-    ``control.allow_config_change``). ``control.resume`` itself is not a change.
+    ``control.allow_config_change``). ``control.resume`` itself is not a change, nor a field the
+    saved config lacks (added to the package since the run began) that holds its default.
     """
     old, new = _flatten(saved), _flatten(yaml.safe_load(dump_yaml(cfg)))  # both as YAML reads them
+    defaults = _flatten(yaml.safe_load(dump_yaml(type(cfg)())))  # a field added since the run began: its default ran
     constant_lr = getattr(cfg, "schedule", "constant") == "constant" and not getattr(cfg, "warmup_ratio", 0)
     accepted, refused = [], []
     for name in sorted(set(old) | set(new)):
         if name == "control.resume" or old.get(name) == new.get(name):
+            continue
+        if name not in old and new.get(name) == defaults.get(name):  # a run from before the field existed
             continue
         change = ConfigChange(name, old.get(name), new.get(name))
         free = name in FREE_FIELDS or (name in STEP_COUNT_FIELDS and constant_lr)
