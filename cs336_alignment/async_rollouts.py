@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .data import Example, format_prompts
-from .generation.process import GeneratorProcess
+from .generation.process import GeneratorProcess, Refill
 from .generation.types import Completion, GenerationResult, SamplingParams
 from .rollouts import RolloutBatch, rollouts_from_results
 
@@ -51,6 +51,9 @@ class AsyncRollouts:
         template: the prompt template.
         max_staleness: s >= 1; batch k is sampled with weights version max(0, k - s).
         total: the run's number of steps (no batch is asked for beyond it).
+        resample_rounds: dynamic sampling's ``max_resample_rounds`` (0: none): each batch is asked
+            for with its extra rounds (``batch_of(k, r)``, r = 1 .. resample_rounds), which the
+            generator process samples as it needs them, with the batch's weights (a :class:`Refill`).
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class AsyncRollouts:
         template: str,
         max_staleness: int,
         total: int,
+        resample_rounds: int = 0,
     ):
         if max_staleness < 1:
             raise ValueError(f"max_staleness must be >= 1, got {max_staleness}")
@@ -69,6 +73,8 @@ class AsyncRollouts:
         self.template = template
         self.max_staleness = max_staleness
         self.total = total
+        self.resample_rounds = resample_rounds
+        self._rounds: dict[tuple[int, int], list[GenerationResult]] = {}  # this step's extra rounds, sampled ahead
         self._asked: list[int | tuple[int, int]] = []  # batches (and extra rounds) asked for, not yet received, in order
         self._first = 0  # the step this session started at (start())
         self.restore_threads: int | None = None  # torch threads this process had before it shared the CPU with the child
@@ -94,10 +100,17 @@ class AsyncRollouts:
         this one. Its ``seconds`` are the wait (the generation not hidden behind training);
         ``extra`` holds its staleness (step - version), weights version and the generator's own seconds.
 
-        ``round`` > 0: an extra round of step ``step``'s questions (dynamic sampling), sampled by
-        the generator process with the trainer's current weights (version ``step``: staleness 0)
-        while the trainer waits; nothing of it is in flight at a checkpoint."""
+        ``round`` > 0: an extra round of step ``step``'s questions (dynamic sampling): the one the
+        generator process sampled with the batch (``resample_rounds``), else sampled now with the
+        trainer's current weights (version ``step``: staleness 0) while the trainer waits. Round
+        0's ``extra`` counts the rounds sampled ahead (``rounds_ahead``); nothing of a round is in
+        flight at a checkpoint."""
         if round:
+            if (step, round) in self._rounds:  # sampled with the batch: its seconds are in the batch's
+                questions, _ = self.batch_of(step, round)
+                results = self._rounds.pop((step, round))
+                return RolloutBatch(rollouts=rollouts_from_results(questions, format_prompts(self.template, list(questions)),
+                                                                   results), seconds=0.0, extra={"generation_seconds": 0.0})
             return self._extra_round(step, round)
         for batch in range(step, min(step + self.max_staleness + 1, self.total)):
             if batch not in self._asked and batch not in self._ready:  # (a first step after a resume: from this
@@ -107,9 +120,14 @@ class AsyncRollouts:
         waited = time.perf_counter() - t0
         questions, _ = self.batch_of(step)
         prompts = format_prompts(self.template, list(questions))
+        size = len(questions)
+        results, ahead = results[:size], results[size:]  # the batch, then its extra rounds
+        self._rounds = {(step, 1 + i // size): ahead[i:i + size] for i in range(0, len(ahead), size)}
         rollouts = rollouts_from_results(questions, prompts, results)
-        return RolloutBatch(rollouts=rollouts, seconds=waited,
-                            extra={"staleness": step - version, "weights_version": version, "generation_seconds": seconds})
+        extra = {"staleness": step - version, "weights_version": version, "generation_seconds": seconds}
+        if self.resample_rounds:
+            extra["rounds_ahead"] = len(self._rounds)
+        return RolloutBatch(rollouts=rollouts, seconds=waited, extra=extra)
 
     def _extra_round(self, step: int, round: int) -> RolloutBatch:
         questions, sampling = self.batch_of(step, round)
@@ -147,7 +165,12 @@ class AsyncRollouts:
     def _ask(self, batch: int, version: int | None = None) -> None:
         questions, sampling = self.batch_of(batch)
         version = self.version_of(batch) if version is None else version
-        self.process.request(batch, format_prompts(self.template, list(questions)), sampling, version=version)
+        refill = None
+        if self.resample_rounds:  # dynamic sampling: the extra rounds go with the batch, sampled as the child needs them
+            rounds = [self.batch_of(batch, r) for r in range(1, self.resample_rounds + 1)]
+            refill = Refill(ground_truths=[q.ground_truth for q in questions], wanted=len(questions), rounds=[
+                (format_prompts(self.template, list(qs)), [q.ground_truth for q in qs], s) for qs, s in rounds])
+        self.process.request(batch, format_prompts(self.template, list(questions)), sampling, version=version, refill=refill)
         self._asked.append(batch)
 
     def _receive_into_ready(self, batch: int) -> None:

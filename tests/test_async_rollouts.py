@@ -29,8 +29,8 @@ CLOCKS = ("time", "wall_clock", "wall_clock_train")
 
 def config(out: Path, **kw) -> GRPOConfig:
     """3 async GRPO steps of 4 questions x 4 responses, grpo_clip with the generator's log-probs as
-    pi_old, a checkpoint every step; with dynamic sampling (its extra rounds from the generator
-    process, at the trainer's current weights)."""
+    pi_old, a checkpoint every step; with dynamic sampling (its extra rounds graded and sampled in
+    the generator process, with the batch's weights)."""
     base = dict(
         model="tiny", out=str(out), device="cpu", seed=3, n_grpo_steps=3, learning_rate=1e-3, data=ARITH,
         rollout_batch_size=16, group_size=4, train_batch_size=16, micro_batch_size=4, loss_type="grpo_clip",
@@ -72,7 +72,8 @@ def test_each_batch_is_sampled_with_the_weights_of_the_step_before(reference):
     train = [r for r in read_jsonl(reference / "metrics.jsonl") if r["kind"] == "train"]
     # batch k with the weights after step max(0, k - 1): versions 0, 0, 1; staleness 0, 1, 1
     assert [(r["grpo_step"], r["weights_version"], r["staleness"]) for r in train] == [(0, 0, 0), (1, 0, 1), (2, 1, 1)]
-    assert any(r["resample_rounds"] for r in train)  # extra rounds came from the generator process
+    # dynamic sampling: the generator process sampled each batch's extra rounds with it, exactly those the trainer used
+    assert any(r["resample_rounds"] for r in train) and all(r["rounds_ahead"] == r["resample_rounds"] for r in train)
     assert all(r["frac_groups_all_equal"] == r["groups_short"] / 4 for r in train)  # only top-ups are all-equal
     assert all(r["generation_seconds"] > 0 and r["rollout_seconds"] >= 0 for r in train)
     # batch 0 came from the starting weights, which the policy still has: mu = pi (both fp32 on the CPU)
@@ -170,28 +171,48 @@ class FakeProcess:
     def push_weights(self, version, policy) -> None:
         self.pushed.append(version)
 
-    def request(self, batch, prompts, sampling, *, version) -> None:
+    def request(self, batch, prompts, sampling, *, version, refill=None) -> None:
         assert version <= self.pushed[-1], "asked for a version not pushed yet: the child would wait forever"
         self.requests.append((batch, version))
+        self.refills = getattr(self, "refills", {}) | {batch: refill}
 
     def result(self, batch):
         from cs336_alignment.generation import Completion, GenerationResult
 
         asked = dict(self.requests)
         done = [GenerationResult(prompt="p", prompt_token_ids=[1], completions=[Completion("x", [2], "eos", [-0.5])])]
+        refill = self.refills.get(batch)
+        if refill is not None:  # as a child whose first extra round filled the batch: that round's results follow
+            done += [GenerationResult(prompt=p, prompt_token_ids=[1], completions=[Completion("y", [3], "eos", [-0.5])])
+                     for p in refill.rounds[0][0]]
         return done, asked[batch], 0.25
 
     def close(self) -> None:
         self.closed = True
 
 
-def _pipeline(process, s, total):
+def _pipeline(process, s, total, resample_rounds=0):
     from cs336_alignment.async_rollouts import AsyncRollouts
     from cs336_alignment.data import Example
     from cs336_alignment.generation import SamplingParams
 
     return AsyncRollouts(process, batch_of=lambda k, r=0: ([Example(question=f"q{k}.{r}", ground_truth="1")], SamplingParams()),
-                         template="{question}", max_staleness=s, total=total)
+                         template="{question}", max_staleness=s, total=total, resample_rounds=resample_rounds)
+
+
+def test_the_extra_rounds_go_with_the_batch_and_come_back_with_it():
+    process = FakeProcess()
+    pipeline = _pipeline(process, 1, total=4, resample_rounds=2)
+    pipeline.start(0, policy=None)
+    first = pipeline.sample_rollouts(0)
+    refill = process.refills[0]  # batch 0 asked for with its 2 extra rounds, for the child to sample as it needs them
+    assert [prompts for prompts, _, _ in refill.rounds] == [["q0.1"], ["q0.2"]] and refill.wanted == 1
+    assert [r.prompt for r in first.rollouts] == ["q0.0"] and first.extra["rounds_ahead"] == 1
+    asked = list(process.requests)
+    ahead = pipeline.sample_rollouts(0, 1)  # sampled with the batch: nothing asked, nothing waited for
+    assert process.requests == asked and ahead.seconds == 0.0 and [r.response for r in ahead.rollouts] == ["y"]
+    late = pipeline.sample_rollouts(0, 2)  # a round the child did not sample: asked for now, with the current weights
+    assert process.requests[-1] == ((0, 2), 0) and [r.prompt for r in late.rollouts] == ["q0.2"]
 
 
 def test_an_extra_round_is_sampled_with_the_current_weights_and_never_left_in_flight():

@@ -16,6 +16,11 @@ parent-death signal, and a check between batches elsewhere), so that a parent ki
 leaves no orphan. A child that dies makes the parent's next call raise :class:`GeneratorDied` (one
 line); an exception in the child reaches the parent with its traceback.
 
+With a :class:`Refill` (and a ``reward`` factory at construction) a request carries DAPO's dynamic
+sampling to the child: after the batch it grades the responses and samples further rounds of
+questions, with the same weights, until enough groups have rewards that differ; their results come
+back after the batch's, in the same message, so the trainer never waits for them.
+
 Glossary: none; weights are named tensors, results :class:`~cs336_alignment.generation.types.GenerationResult`.
 """
 
@@ -29,7 +34,8 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,6 +46,7 @@ from .types import GenerationResult, SamplingParams
 __all__ = [
     "GeneratorDied",
     "GeneratorProcess",
+    "Refill",
 ]
 
 _POLL_S = 1.0  # how often a waiting side checks that the other is still there
@@ -49,6 +56,18 @@ class GeneratorDied(UserError, RuntimeError):
     """The generator process ended while the run needed it (killed, out of memory, ...)."""
 
     exit_code = 1  # a failure mid-run: --resume continues from the last checkpoint
+
+
+@dataclass
+class Refill:
+    """Dynamic sampling in the child for one request: after its prompts, the extra ``rounds``
+    (each the prompts of as many questions, their ground truths and sampling) in order, until
+    ``wanted`` groups (one prompt's completions) have rewards that are not all equal, or the
+    rounds run out. The results of every round sampled follow the request's, in order."""
+
+    ground_truths: list[Any]  # of the request's prompts, in order
+    rounds: list[tuple[list[str], list[Any], SamplingParams]]  # each extra round: prompts, ground truths, sampling
+    wanted: int  # groups with unequal rewards wanted
 
 
 class GeneratorProcess:
@@ -62,6 +81,8 @@ class GeneratorProcess:
         max_num_seqs, kv_cache_memory_fraction: the engine's sizes.
         max_pending_weights: weight versions that may wait in the queue before a push blocks.
         threads: torch threads in the child (None: torch's default).
+        reward: a picklable factory of the reward function, called in the child (needed by a
+            :class:`Refill`); e.g. ``functools.partial(recipes.common.data_reward, cfg.data)``.
     """
 
     def __init__(
@@ -75,6 +96,7 @@ class GeneratorProcess:
         kv_cache_memory_fraction: float = 0.3,
         max_pending_weights: int = 2,
         threads: int | None = None,
+        reward: Callable[[], Callable[[str, Any], dict[str, float]]] | None = None,
     ):
         mp = torch.multiprocessing.get_context("spawn")
         self._requests = mp.Queue()
@@ -87,7 +109,7 @@ class GeneratorProcess:
         self._process = mp.Process(
             target=_serve, name="cs336-generator", daemon=True,
             args=(model_config, tokenizer, str(device), dtype, max_num_seqs, kv_cache_memory_fraction, threads,
-                  self._requests, self._weights, self._results, self._stop, os.getpid()),
+                  self._requests, self._weights, self._results, self._stop, os.getpid(), reward),
         )
         with _stop_signals_ignored():  # inherited from birth: a Ctrl-C or SIGTERM while the child imports is the parent's
             self._process.start()
@@ -104,10 +126,13 @@ class GeneratorProcess:
 
         self._put(self._weights, (version, _pack(full_weights(policy), self._dtype)))
 
-    def request(self, batch: int, prompts: Sequence[str], sampling: SamplingParams, *, version: int) -> None:
+    def request(
+        self, batch: Any, prompts: Sequence[str], sampling: SamplingParams, *, version: int, refill: Refill | None = None
+    ) -> None:
         """Ask for ``sampling.n`` completions of each prompt, sampled with weights ``version`` (the
-        child waits for that version's push); results come back in request order."""
-        self._put(self._requests, (batch, list(prompts), sampling, version))
+        child waits for that version's push); results come back in request order. With ``refill``,
+        the results of the extra rounds the child sampled follow those of ``prompts``."""
+        self._put(self._requests, (batch, list(prompts), sampling, version, refill))
 
     def result(self, batch: int) -> tuple[list[GenerationResult], int, float]:
         """The results of the oldest request, which must be ``batch``: (results, the weights version
@@ -174,6 +199,7 @@ class GeneratorProcess:
 def _serve(
     model_config: Any, tokenizer: Any, device: str, dtype: torch.dtype, max_num_seqs: int, kv_cache_memory_fraction: float,
     threads: int | None, requests: Any, weights: Any, results: Any, stop: Any, parent: int,
+    reward: Callable[[], Callable[[str, Any], dict[str, float]]] | None = None,
 ) -> None:
     """The child's loop: build the engine, then answer requests in order until told to stop."""
     for signum in (signal.SIGINT, signal.SIGTERM):  # sent to the whole process group (Ctrl-C, SLURM): the parent decides
@@ -191,12 +217,13 @@ def _serve(
             model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
         engine = NativeEngine(model, tokenizer, device=device, dtype=dtype, copy_weights=False, max_num_seqs=max_num_seqs,
                               kv_cache_memory_fraction=kv_cache_memory_fraction)
+        reward_fn = reward() if reward is not None else None
         version = -1
         while True:
             message = _get(requests, parent)
             if message is None or stop.is_set():
                 return
-            batch, prompts, sampling, wanted = message
+            batch, prompts, sampling, wanted, refill = message
             fault_point("generator", batch)  # the kill tests: the child dies before sampling this batch
             while version < wanted:  # versions arrive in order; apply each up to the one asked for
                 version, packed = _get(weights, parent)
@@ -206,9 +233,36 @@ def _serve(
                 raise RuntimeError(f"batch {batch} asks for weights version {wanted}, but version {version} is loaded")
             t0 = time.perf_counter()
             out = engine.generate(prompts, sampling)
+            if refill is not None:
+                out = out + _refilled(engine, out, refill, reward_fn)
             results.put(("ok", batch, version, out, time.perf_counter() - t0))
     except BaseException:  # noqa: BLE001 - the parent raises it, with this traceback
         results.put(("error", traceback.format_exc()))
+
+
+def _refilled(engine: Any, first: list[GenerationResult], refill: Refill, reward_fn: Any) -> list[GenerationResult]:
+    """The results of the extra rounds dynamic sampling takes after ``first``: round after round
+    until ``refill.wanted`` groups have rewards that are not all equal (the decision the trainer's
+    :func:`~cs336_alignment.recipes.grpo.dynamic_sampling` takes on the same rewards)."""
+    if reward_fn is None:
+        raise RuntimeError("a Refill needs the generator process to be made with a reward factory")
+    from ..rewards import score_pairs
+
+    def informative(out: list[GenerationResult], truths: list[Any]) -> int:
+        texts = [c.text for r in out for c in r.completions]
+        scores = score_pairs(reward_fn, texts, [t for r, t in zip(out, truths) for _ in r.completions])
+        rewards = iter(float(s["reward"]) for s in scores)
+        groups = [[next(rewards) for _ in r.completions] for r in out]
+        return sum(max(g) != min(g) for g in groups if g)
+
+    found, extra = informative(first, refill.ground_truths), []
+    for prompts, truths, sampling in refill.rounds:
+        if found >= refill.wanted:
+            break
+        out = engine.generate(prompts, sampling)
+        found += informative(out, truths)
+        extra += out
+    return extra
 
 
 def _get(q: Any, parent: int) -> Any:

@@ -36,6 +36,7 @@ __all__ = [
     "check_sft_batching",
     "check_sft_world_size",
     "clip_and_step",
+    "data_reward",
     "load_data",
     "load_policy_and_generator",
     "lr_at",
@@ -91,6 +92,14 @@ def reward_for(reward: str, prompt: str, task: Any = None, *, field: str = "data
     if task is not None:
         return task.reward_fn
     return resolve_reward_fn("question_only" if prompt == "question_only" else "r1_zero")
+
+
+def data_reward(cfg: DataConfig) -> RewardFn:
+    """The reward :func:`load_data` gives ``cfg`` (a module-level function of a picklable config:
+    a spawned process, such as the generator process grading for dynamic sampling, rebuilds the
+    reward from it with ``functools.partial(data_reward, cfg)``)."""
+    task = make_task(cfg.train.removeprefix("task:"), **cfg.task_knobs) if cfg.train.startswith("task:") else None
+    return reward_for(cfg.reward, cfg.prompt, task, in_process=cfg.reward_in_process)
 
 
 def load_data(cfg: DataConfig, seed: int) -> LoadedData:

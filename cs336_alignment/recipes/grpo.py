@@ -17,6 +17,7 @@ T positions after the one-token shift.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -74,6 +75,7 @@ from .common import (
     check_common_fields,
     check_fits,
     clip_and_step,
+    data_reward,
     load_data,
     load_policy_and_generator,
     step_seed,
@@ -403,9 +405,10 @@ def start_async_rollouts(
     threads = max(1, torch.get_num_threads() // 2) if device.type == "cpu" else None
     process = GeneratorProcess(policy.config, tokenizer, device=device, max_num_seqs=cfg.max_num_seqs,
                                kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,
-                               max_pending_weights=cfg.max_staleness + 1, threads=threads)
+                               max_pending_weights=cfg.max_staleness + 1, threads=threads,
+                               reward=functools.partial(data_reward, cfg.data))  # dynamic sampling grades in the child
     pipeline = AsyncRollouts(process, batch_of=batch_of, template=template, max_staleness=cfg.max_staleness,
-                             total=cfg.n_grpo_steps)
+                             total=cfg.n_grpo_steps, resample_rounds=cfg.max_resample_rounds if cfg.drop_all_equal_groups else 0)
     if threads is not None and next(policy.parameters()).device.type == "cpu":  # the cores are shared: half each
         pipeline.restore_threads = torch.get_num_threads()
         torch.set_num_threads(max(1, torch.get_num_threads() - threads))
@@ -640,8 +643,9 @@ def extra_rounds(
     ctx: DistContext = ONE,
 ) -> Callable[[int], list[Rollout]]:
     """``more(round)`` for :func:`dynamic_sampling`: step ``step``'s extra round of questions from
-    ``source``, scored and gathered like the first (the same rollouts on every rank, so every
-    rank takes the same decision); its seconds join ``batch``'s."""
+    ``source`` (async: the round the generator process sampled with the batch), scored and
+    gathered like the first (the same rollouts on every rank, so every rank takes the same
+    decision); its seconds join ``batch``'s."""
 
     def more(round: int) -> list[Rollout]:
         extra = source.sample_rollouts(step, round)
