@@ -406,7 +406,7 @@ def start_async_rollouts(
     process = GeneratorProcess(policy.config, tokenizer, device=device, max_num_seqs=cfg.max_num_seqs,
                                kv_cache_memory_fraction=cfg.kv_cache_memory_fraction,
                                max_pending_weights=cfg.max_staleness + 1, threads=threads,
-                               reward=functools.partial(data_reward, cfg.data))  # dynamic sampling grades in the child
+                               reward=functools.partial(data_reward, cfg.data) if cfg.drop_all_equal_groups else None)
     pipeline = AsyncRollouts(process, batch_of=batch_of, template=template, max_staleness=cfg.max_staleness,
                              total=cfg.n_grpo_steps, resample_rounds=cfg.max_resample_rounds if cfg.drop_all_equal_groups else 0)
     if threads is not None and next(policy.parameters()).device.type == "cpu":  # the cores are shared: half each
