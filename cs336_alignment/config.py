@@ -231,6 +231,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_WARNED: set[str] = set()  # the preset warnings given in this process (a config is often built more than once)
+
+
 def from_dict(
     cls: type[T],
     data: Mapping[str, Any],
@@ -254,10 +257,11 @@ def from_dict(
             raise ConfigError(f"{_where(source, lines, _prefix + ('preset',))}: unknown preset {name!r} "
                               f"(known: {', '.join(presets)})")
         overridden = [f"{k}={data[k]!r}" for k, v in presets[name].items() if k in data and data[k] != v and v is not None]
-        if overridden:  # what a study file states wins; say so, since it may leave the preset half applied
-            logging.getLogger("cs336_alignment").warning(
-                "preset %s: %s given explicitly instead of the preset's value%s", name, ", ".join(overridden),
-                "s" if len(overridden) > 1 else "")
+        message = (f"preset {name}: {', '.join(overridden)} given explicitly instead of the preset's "
+                   f"value{'s' if len(overridden) > 1 else ''}")
+        if overridden and message not in _WARNED:  # what a study file states wins: say so once, it may half apply the preset
+            _WARNED.add(message)
+            logging.getLogger("cs336_alignment").warning(message)
         data = {**presets[name], **data}
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}

@@ -314,3 +314,31 @@ def test_the_generator_process_is_born_ignoring_stop_signals_and_leaves_when_its
     with pytest.raises(SystemExit):
         process._die_with_parent(12345)  # a child whose parent is already gone when it starts
     assert exits == [0, 0]
+
+
+@pytest.mark.parametrize("rewards, sampled", [
+    ([[1, 0], [0, 1]], 0),  # both groups differ after the batch: no extra round
+    ([[1, 1], [0, 1], [1, 0], [0, 0]], 1),  # one informative group in the batch, one in round 1: full, round 2 not sampled
+    ([[0, 0], [1, 1], [0, 0], [1, 1], [0, 0], [0, 0]], 2),  # never full: every round sampled
+])
+def test_the_generator_process_samples_extra_rounds_until_the_batch_is_full(rewards, sampled):
+    from cs336_alignment.generation import Completion, GenerationResult, SamplingParams
+    from cs336_alignment.generation.process import Refill, _refilled
+
+    groups = iter(rewards)  # each prompt's group: the rewards of its 2 responses, in the order they are sampled
+
+    class Engine:
+        calls = 0
+
+        def generate(self, prompts, sampling):
+            self.calls += 1
+            return [GenerationResult(prompt=p, prompt_token_ids=[1], completions=[
+                Completion(text=str(r), token_ids=[2], finish_reason="eos", logprobs=[0.0]) for r in next(groups)])
+                for p in prompts]
+
+    engine = Engine()
+    first = engine.generate(["a", "b"], None)
+    rounds = [([f"r{i}a", f"r{i}b"], ["t", "t"], SamplingParams()) for i in (1, 2)]
+    extra = _refilled(engine, first, Refill(ground_truths=["t", "t"], rounds=rounds, wanted=2),
+                      lambda text, truth: {"reward": float(text)})
+    assert engine.calls == 1 + sampled and [r.prompt for r in extra] == [p for prompts, _, _ in rounds[:sampled] for p in prompts]

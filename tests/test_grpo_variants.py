@@ -206,13 +206,19 @@ def test_presets_expand_under_explicit_fields_and_the_run_shows_what_ran(tmp_pat
         GRPOConfig(preset="dapo")
 
 
-def test_a_preset_warns_about_the_fields_a_study_file_keeps(tmp_path, caplog):
+def test_a_preset_warns_about_the_fields_a_study_file_keeps(tmp_path, caplog, monkeypatch):
+    from cs336_alignment import config as config_module
+
+    monkeypatch.setattr(config_module, "_WARNED", set())  # each warning is given once per process
     study = tmp_path / "study.yaml"
     study.write_text("model: tiny\npreset: dr_grpo\nuse_std_normalization: true\n")
     with caplog.at_level("WARNING", logger="cs336_alignment"):
         cfg = load_config(GRPOConfig, study)
     assert (cfg.use_std_normalization, cfg.length_normalization) == (True, "masked_normalize")
     assert "preset dr_grpo: use_std_normalization=True given explicitly instead of the preset's value" in caplog.text
+    caplog.clear()
+    load_config(GRPOConfig, study)
+    assert "preset dr_grpo" not in caplog.text  # once per process: a config built again (smoke, resume) says it once
 
 
 def test_knobs_that_cannot_work_are_refused_in_one_line(tmp_path):
@@ -220,6 +226,7 @@ def test_knobs_that_cannot_work_are_refused_in_one_line(tmp_path):
 
     for fields, message in (
         ({"reference_device": "bogus", "kl_coef": 0.1}, "reference_device must be"),
+        ({"device": "same"}, "device must be \"auto\" or a torch device"),  # "same" is the generator's and reference's
         ({"drop_all_equal_groups": True, "group_size": 1, "use_std_normalization": False}, "needs group_size >= 2"),
         ({"kl_coef": -0.1}, "kl_coef must be a finite number >= 0"),
         ({"overlong_buffer": 12}, r"overlong_buffer must be in \[0, sampling_max_tokens = 12\)"),

@@ -246,14 +246,14 @@ def _refilled(engine: Any, first: list[GenerationResult], refill: Refill, reward
     :func:`~cs336_alignment.recipes.grpo.dynamic_sampling` takes on the same rewards)."""
     if reward_fn is None:
         raise RuntimeError("a Refill needs the generator process to be made with a reward factory")
+    from ..advantages import all_equal_groups
     from ..rewards import score_pairs
 
-    def informative(out: list[GenerationResult], truths: list[Any]) -> int:
+    def informative(out: list[GenerationResult], truths: list[Any]) -> int:  # groups whose rewards differ
         texts = [c.text for r in out for c in r.completions]
         scores = score_pairs(reward_fn, texts, [t for r, t in zip(out, truths) for _ in r.completions])
-        rewards = iter(float(s["reward"]) for s in scores)
-        groups = [[next(rewards) for _ in r.completions] for r in out]
-        return sum(max(g) != min(g) for g in groups if g)
+        rewards = torch.tensor([float(s["reward"]) for s in scores], dtype=torch.float32)  # (B*G,) as the trainer reads them
+        return int((~all_equal_groups(rewards, len(out[0].completions))).sum()) if out else 0
 
     found, extra = informative(first, refill.ground_truths), []
     for prompts, truths, sampling in refill.rounds:

@@ -142,8 +142,9 @@ _RANGES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
     (("logprob_chunk_size",), lambda v: v is None or v >= 1, ">= 1, or null for the whole sequence at once"),
     (("kv_cache_memory_fraction",), lambda v: 0 < v < 1, "in (0, 1)"),
     (("gpu_memory_utilization",), lambda v: 0 < v <= 1, "in (0, 1]"),
-    (("device", "generator_device", "reference_device"), lambda v: _is_device(v),
-     '"auto", "same" (generator, reference: the policy\'s) or a torch device such as cpu, cuda, cuda:1'),
+    (("device",), lambda v: v != "same" and _is_device(v), '"auto" or a torch device such as cpu, cuda, cuda:1'),
+    (("generator_device", "reference_device"), lambda v: _is_device(v),
+     '"same" (the policy\'s), "auto" or a torch device such as cpu, cuda, cuda:1'),
 )
 
 

@@ -272,7 +272,10 @@ class GRPOConfig:
         if self.drop_all_equal_groups and self.group_size < 2:
             problems.append("drop_all_equal_groups needs group_size >= 2: a group of one response is always all equal")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        changes = {k: v for k, v in PRESETS[self.preset].items() if v is not None and v != defaults[k]}  # what it changes
+        preset = PRESETS.get(self.preset)
+        if preset is None:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        changes = {k: v for k, v in preset.items() if v is not None and v != defaults[k]}  # what it changes
         if changes and not any(getattr(self, k) == v for k, v in changes.items()):
             problems.append(f"preset {self.preset!r} changes none of its fields ({', '.join(PRESETS[self.preset])}): each "
                             "is given explicitly (explicit fields win), or the preset was not expanded (config files, "
@@ -573,7 +576,7 @@ def check_pass_rates_file(cfg: GRPOConfig, data: LoadedData) -> None:
     path = Path(cfg.pass_rates)
     if path.exists():
         read_pass_rates(path, data.train, template=data.template)
-    else:
+    elif path.parent.exists():  # a folder still to be made is tried when the file is written
         check_writable(path)
 
 
