@@ -232,12 +232,22 @@ def compute_grpo_clip_loss(
     """
     high = cliprange if cliprange_high is None else cliprange_high
     ratio = torch.exp(policy_log_probs - old_log_probs)  # (B, T)
+    return _clipped_surrogate(ratio, advantages, low=cliprange, high=high)  # (B, T)
+
+
+def _clipped_surrogate(
+    ratio: torch.Tensor, advantages: torch.Tensor, *, low: float, high: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """-min(ratio * A, clip(ratio, 1 - low, 1 + high) * A), and where the clipped term was taken
+    (at the upper bound when A > 0, the lower when A < 0), all detached but the loss.
+
+    Args: ratio (B, T) per token or (B, 1) per sequence; advantages (B, 1). Returns tensors shaped as ``ratio``.
+    """
     unclipped = ratio * advantages  # (B, T)
-    clipped = torch.clamp(ratio, 1.0 - cliprange, 1.0 + high) * advantages  # (B, T)
-    loss = -torch.minimum(unclipped, clipped)  # (B, T)
-    taken = (clipped < unclipped).detach()  # (B, T)
-    return loss, {"clipped": taken, "clipped_high": taken & (advantages > 0), "clipped_low": taken & (advantages < 0),
-                  "ratio": ratio.detach()}
+    clipped = torch.clamp(ratio, 1.0 - low, 1.0 + high) * advantages  # (B, T)
+    taken = (clipped < unclipped).detach()  # (B, T) the token (sequence) gets no gradient
+    return -torch.minimum(unclipped, clipped), {"clipped": taken, "clipped_high": taken & (advantages > 0),
+                                                "clipped_low": taken & (advantages < 0), "ratio": ratio.detach()}
 
 
 def compute_grpo_no_clip_loss(
@@ -285,13 +295,8 @@ def compute_gspo_loss(
     mask = response_mask.bool()  # (B, T)
     lengths = mask.sum(dim=-1, keepdim=True).clamp(min=1)  # (B, 1) an empty response counts as 1: s = 1
     log_ratio = _masked(policy_log_probs - old_log_probs, mask).sum(dim=-1, keepdim=True) / lengths  # (B, 1)
-    ratio = torch.exp(log_ratio)  # (B, 1)
-    unclipped = ratio * advantages  # (B, 1)
-    clipped = torch.clamp(ratio, 1.0 - cliprange, 1.0 + high) * advantages  # (B, 1)
-    loss = -torch.minimum(unclipped, clipped).expand_as(policy_log_probs)  # (B, 1) -> (B, T)
-    taken = (clipped < unclipped).detach().expand_as(mask)  # (B, T)
-    return loss, {"clipped": taken, "clipped_high": taken & (advantages > 0), "clipped_low": taken & (advantages < 0),
-                  "ratio": ratio.detach().expand_as(policy_log_probs)}
+    loss, meta = _clipped_surrogate(torch.exp(log_ratio), advantages, low=cliprange, high=high)  # (B, 1) per sequence
+    return loss.expand_as(policy_log_probs), {k: v.expand_as(policy_log_probs) for k, v in meta.items()}  # (B, T) each
 
 
 def kl_penalty(policy_log_probs: torch.Tensor, ref_log_probs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
