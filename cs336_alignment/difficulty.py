@@ -54,7 +54,7 @@ from typing import Any, TypeVar
 
 from .data import DataError, Example, format_prompt, format_prompts
 from .generation.types import Generator, SamplingParams
-from .rewards import RewardFn, score_pairs
+from .rewards import RewardFn, is_correct, score_pairs
 from .run_dir import atomic_write_text
 
 __all__ = [
@@ -64,6 +64,7 @@ __all__ = [
     "check_writable",
     "curriculum_batch",
     "curriculum_order",
+    "existing_pass_rates",
     "filter_by_pass_rate",
     "is_correct",
     "load_or_score_pass_rates",
@@ -93,13 +94,6 @@ class PassRateFileError(DataError):
 # ---------------------------------------------------------------------------------------
 # Scoring
 # ---------------------------------------------------------------------------------------
-
-
-def is_correct(reward: Mapping[str, float]) -> bool:
-    """Whether one graded response counts as correct: ``answer_reward > 0``, or ``reward > 0``
-    for a reward without an ``answer_reward`` key (a user's reward function)."""
-    value = reward["answer_reward"] if "answer_reward" in reward else reward.get("reward", 0.0)
-    return float(value) > 0
 
 
 def score_pass_rates(
@@ -317,6 +311,22 @@ def check_writable(path: str | Path) -> None:
         ) from None
 
 
+def existing_pass_rates(
+    path: str | Path, examples: Sequence[Example], *, template: str, n: int, log: logging.Logger | None = None
+) -> list[float] | None:
+    """The first half of :func:`load_or_score_pass_rates`: the rates of the file at ``path`` when it
+    exists (checked as :func:`read_pass_rates` does), else None once ``path`` is known writable
+    (:func:`check_writable`). With several processes the scoring between the halves runs on every
+    rank, so a recipe calls this on rank 0 and writes with :func:`write_pass_rates` there."""
+    path, log = Path(path), log or logger
+    if path.exists():
+        rates = read_pass_rates(path, examples, template=template, n=n, log=log)
+        log.info("pass rates of %d questions read from %s (not re-scored)", len(rates), path)
+        return rates
+    check_writable(path)
+    return None
+
+
 def load_or_score_pass_rates(
     path: str | Path,
     examples: Sequence[Example],
@@ -337,11 +347,9 @@ def load_or_score_pass_rates(
     rank (``distributed.on_main``): the others get the rates from there.
     """
     path, log = Path(path), log or logger
-    if path.exists():
-        rates = read_pass_rates(path, examples, template=template, n=n, log=log)
-        log.info("pass rates of %d questions read from %s (not re-scored)", len(rates), path)
+    rates = existing_pass_rates(path, examples, template=template, n=n, log=log)
+    if rates is not None:
         return rates
-    check_writable(path)
     rates = [float(r) for r in score()]
     write_pass_rates(path, examples, rates, template=template, n=n, scored_with=scored_with)
     log.info("pass rates of %d questions written to %s", len(rates), path)

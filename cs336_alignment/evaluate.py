@@ -32,7 +32,7 @@ import torch
 
 from .generation.types import GenerationResult, Generator, SamplingParams
 from .logprobs import get_response_log_probs
-from .rewards import grade_answer, score_pairs
+from .rewards import grade_answer, is_correct, score_pairs
 from .rewards.extract import last_boxed_content, r1_zero_answer
 from .rewards.normalize import hendrycks_normalize
 from .run_dir import atomic_write_text
@@ -207,11 +207,6 @@ class _Correct:
 _CORRECT = _Correct()
 
 
-def _is_correct(record: GenerationRecord) -> bool:
-    """The notion of correct of ``answer_accuracy``: answer_reward (else reward) > 0."""
-    return record.reward.get("answer_reward", record.reward.get("reward", 0.0)) > 0
-
-
 def _normalized(answer: str) -> str:
     """``hendrycks_normalize(answer)``, or ``answer`` itself should it fail: a metric never stops an evaluation."""
     try:
@@ -230,7 +225,7 @@ def _question_majority(samples: Sequence[GenerationRecord], graded: dict[tuple[s
     grader is only asked when the answer is open: some correct votes, and at least as many
     wrong ones.
     """
-    correct = [_is_correct(r) for r in samples]
+    correct = [is_correct(r.reward) for r in samples]
     raw: dict[str, str] = {}  # normalised answer -> its first raw answer
     keys: list[Any] = []
     for record, ok in zip(samples, correct):
@@ -287,7 +282,7 @@ def sampling_metrics(records: Sequence[GenerationRecord]) -> dict[str, Any]:
     if k < 2:
         return {}
     questions = [sorted(samples, key=lambda r: r.sample_index) for samples in by_prompt.values()]
-    counts = [(len(samples), sum(_is_correct(r) for r in samples)) for samples in questions]
+    counts = [(len(samples), sum(is_correct(r.reward) for r in samples)) for samples in questions]
     metrics: dict[str, Any] = {"n_samples": k}
     for j in range(1, k + 1):
         metrics[f"pass@{j}"] = sum(pass_at_k(n, c, j) for n, c in counts) / len(counts)

@@ -36,6 +36,7 @@ from ..difficulty import (
     check_writable,
     curriculum_batch,
     curriculum_order,
+    existing_pass_rates,
     filter_by_pass_rate,
     pass_rate_stats,
     read_pass_rates,
@@ -596,14 +597,8 @@ def training_questions(
     ctx = loop.ctx
     path = Path(cfg.pass_rates) if cfg.pass_rates else Path(cfg.out) / "pass_rates.jsonl"
 
-    def read_or_check() -> list[float] | None:  # rank 0: the file's rates, or None once the path is known writable
-        if path.exists():
-            loop.logger.info("pass rates read from %s (not re-scored)", path)
-            return read_pass_rates(path, data.train, template=data.template, n=cfg.pass_rate_samples, log=loop.logger)
-        check_writable(path)
-        return None
-
-    rates = on_main(read_or_check, ctx)
+    rates = on_main(lambda: existing_pass_rates(path, data.train, template=data.template, n=cfg.pass_rate_samples,
+                                                log=loop.logger), ctx)  # rank 0: the file's, or None once it can be written
     if rates is None:
         mine, n_real = padded_share(data.train, ctx)  # each rank its share of the questions (the last padded)
         policy.eval()

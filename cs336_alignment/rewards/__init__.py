@@ -60,6 +60,7 @@ __all__ = [
     "grade_response",
     "grader_failures",
     "grading_stats",
+    "is_correct",
     "question_only_lenient_reward_fn",
     "question_only_reward_fn",
     "r1_zero_lenient_reward_fn",
@@ -73,6 +74,13 @@ __all__ = [
 
 
 RewardFn = Callable[[str, Any], dict[str, float]]
+
+
+def is_correct(reward: Any) -> bool:
+    """Whether one graded response counts as correct: ``answer_reward > 0``, or ``reward > 0``
+    for a reward without an ``answer_reward`` key (a user's reward function)."""
+    value = reward["answer_reward"] if "answer_reward" in reward else reward.get("reward", 0.0)
+    return float(value) > 0
 
 
 def _mode(fast: bool, mode: Mode | None) -> Mode:
